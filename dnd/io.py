@@ -1,0 +1,55 @@
+"""Small file helpers shared by every stage: atomic writes and content hashes.
+
+A run can be killed at any moment, so every file another run may read is written to a
+temporary sibling and renamed into place (rename is atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented, key-sorted JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable object, independent of dict order.
+
+    Used as cache keys: same inputs -> same key across runs and machines.
+    """
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def bytes_hash(data: bytes, length: int = 16) -> str:
+    """Hex digest of raw bytes (e.g. an image's pixels), for content-addressed caches."""
+    return hashlib.sha256(data).hexdigest()[:length]

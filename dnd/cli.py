@@ -1,0 +1,119 @@
+"""Command line: ``dnd describe`` and helpers. ``main(argv)`` is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from dnd.config import STAGES, ConfigError, RunConfig, load_config, merge_overrides
+from dnd.stages.crop import CropConfig
+
+log = logging.getLogger("dnd")
+
+_D = RunConfig.__dataclass_fields__
+_C = CropConfig()
+
+# flag -> (config key, type, help). Flags default to None so a --config file's values are
+# only overridden by flags actually given.
+DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model", "model", str, "target network: a torchvision name (resnet50, vit_b_16, ...), "
+     "timm:<name>, efficientnet-lite0 or toyworld-cnn. `dnd models` lists them."),
+    ("--weights", "weights", str, "DEFAULT (the model's pretrained weights), none (random "
+     "init), a torchvision weights name, or a .safetensors/.pt state-dict path "
+     f"(default {_D['weights'].default})"),
+    ("--layer", "layer", str, "layer to describe, by module name (e.g. layer4, fc); "
+     "`dnd layers --model M` lists them"),
+    ("--units", "units", str, "units to describe: all, 7, 0-99 or 0,5,10-12 "
+     f"(default {_D['units'].default})"),
+    ("--summary", "summary", str, "how a unit's spatial map becomes one number per image: "
+     f"mean or max (default {_D['summary'].default})"),
+    ("--stop-after", "stop_after", str, f"last stage to run: {', '.join(STAGES)} "
+     f"(default {_D['stop_after'].default})"),
+    ("--batch-size", "batch_size", int, f"images per forward pass "
+     f"(default {_D['batch_size'].default})"),
+    ("--workers", "workers", int, "image-loading worker processes, 0 = in the main process "
+     f"(default {_D['workers'].default})"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps "
+     f"(default {_D['device'].default})"),
+    ("--chunk-units", "chunk_units", int, "units processed and saved together; bounds "
+     f"memory and the work a crash can lose (default {_D['chunk_units'].default})"),
+    ("--top-n", "crop.top_n", int, f"top probe images per unit (default {_C.top_n})"),
+    ("--top-k", "crop.top_k", int, "activating images kept after re-scoring originals and "
+     f"crops (default {_C.top_k})"),
+    ("--max-crops", "crop.max_crops", int, "attention crops per top image, 0 = none "
+     f"(default {_C.max_crops})"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dnd", description="Describe-and-Dissect: plain-language "
+                                "descriptions of the units of vision networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("describe", help="describe units of a layer",
+                       description="Describe units of a layer. Re-running the same command "
+                       "continues where it stopped.")
+    d.add_argument("--config", help="YAML config file; flags given override its values")
+    d.add_argument("--run-dir", required=True,
+                   help="run directory for the config, activations, unit records and "
+                   "labels.csv (created if absent; a re-run resumes)")
+    d.add_argument("--probe", action="append", default=None, metavar="SPEC",
+                   help="probing set; repeat to concatenate. A folder of images (recursive), "
+                   "cifar10:PATH, cifar100:PATH (torchvision layout or .npz), PATH.npz, or "
+                   "toyworld:N")
+    for flag, key, typ, help_ in DESCRIBE_FLAGS:
+        d.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("models", help="list the model names --model accepts")
+    la = sub.add_parser("layers", help="list the layer names of a model")
+    la.add_argument("--model", required=True, help="model name, as for describe")
+    return p
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from dnd.pipeline import describe
+
+    overrides = {key: getattr(args, key) for _, key, _, _ in DESCRIBE_FLAGS
+                 if getattr(args, key) is not None}
+    if args.probe:
+        overrides["probe"] = args.probe
+    if args.config:
+        config = load_config(args.config, overrides)
+    else:
+        config = RunConfig.from_dict(merge_overrides({}, overrides))
+    result = describe(config, args.run_dir, progress=not args.quiet)
+    msg = (f"{len(result.units)} unit(s) of {config.layer}: {len(result.done_now)} done now, "
+           f"{len(result.units) - len(result.done_now)} already done")
+    if config.stop_after == "activations":
+        msg = f"activations of {result.activations.n_units} units of {config.layer}"
+    if result.n_unreadable:
+        msg += f"; {result.n_unreadable} unreadable image(s) skipped"
+    print(f"{msg}. Run directory: {result.run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dnd`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "describe":
+            return _describe(args)
+        from dnd.target import load_target, model_names
+
+        if args.command == "models":
+            print("\n".join(model_names() + ["timm:<any timm model name>"]))
+        elif args.command == "layers":
+            print("\n".join(load_target(args.model, weights="none").layer_names()))
+        return 0
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"dnd: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Typed run configuration: YAML in, validated dataclasses, resolved YAML saved in the run.
+
+A config never holds secrets: API keys are read from the environment by the backends that
+need them and are not config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnd.stages.crop import CropConfig
+
+STAGES = ("activations", "crops")  # in pipeline order; later stages arrive with their issue
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a `dnd describe` run."""
+
+    model: str
+    layer: str
+    probe: list[str]
+    weights: str = "DEFAULT"      # DEFAULT | none | weights-enum name | path to state dict
+    units: str = "all"            # "all", "0-99", "3,7,10-12"
+    summary: str = "mean"         # spatial mean or max of each unit's map
+    stop_after: str = "crops"
+    batch_size: int = 64
+    workers: int = 0              # image-loading processes
+    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
+    chunk_units: int = 256        # units processed (and saved) together
+    crop: CropConfig = field(default_factory=CropConfig)
+
+    def __post_init__(self) -> None:
+        if self.summary not in ("mean", "max"):
+            raise ConfigError(f"summary must be 'mean' or 'max', got {self.summary!r}")
+        if self.stop_after not in STAGES:
+            raise ConfigError(f"stop_after must be one of {', '.join(STAGES)}, "
+                              f"got {self.stop_after!r}")
+        for name in ("batch_size", "chunk_units"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if not self.probe:
+            raise ConfigError("probe is empty: give at least one probing set")
+        parse_units(self.units, None)  # syntax check now, range check once the layer is known
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Build from plain data, rejecting unknown keys and wrong types with clear errors."""
+        return _build(cls, d, "")
+
+    def results_key(self) -> dict[str, Any]:
+        """The settings that change results; a run directory never mixes two of these."""
+        d = self.to_dict()
+        for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units"):
+            d.pop(k)
+        d["crop"].pop("batch_size")
+        return d
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config and apply ``overrides`` (dotted keys like ``crop.top_n``)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    return RunConfig.from_dict(merge_overrides(data, overrides or {}))
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``data`` with dotted-key ``overrides`` set (``crop.top_n`` -> data[crop][top_n])."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    from dnd.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _build(cls, d: Any, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys: {', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key(s): {', '.join(prefix + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_units(spec: str, n_units: int | None) -> list[int]:
+    """Parse ``all``, ``7``, ``0-99`` or ``0,5,10-12`` into sorted unit ids.
+
+    With ``n_units`` given, ids outside ``0..n_units-1`` raise a :class:`ConfigError` naming
+    the valid range. ``all`` needs ``n_units``.
+    """
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n_units)) if n_units is not None else []
+    units: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                units.update(range(lo, hi + 1))
+            else:
+                units.add(int(part))
+        except ValueError:
+            raise ConfigError(f"bad unit spec {spec!r}: use 'all', '7', '0-99' or "
+                              "'0,5,10-12'") from None
+    if n_units is not None:
+        bad = sorted(u for u in units if not 0 <= u < n_units)
+        if bad:
+            raise ConfigError(f"unit id(s) {bad[:5]} out of range: this layer has {n_units} "
+                              f"units, valid ids are 0-{n_units - 1}")
+    return sorted(units)

@@ -1,0 +1,264 @@
+"""Step 1 of DnD: attention crops of each unit's top images, re-scored by the target.
+
+For each unit: take its top-N probe images, turn the unit's spatial activation map on each
+into at most ``max_crops`` boxes (min-max normalise to [0, 255], Otsu threshold, bounding
+boxes of the external contours, IoU rules), add the crops to the originals, re-score all
+of them with the target and keep the unit's top-K: the "activating images".
+
+The map is laid over the exact region the network saw (the centre crop), and boxes are
+mapped back to original-image pixels, so crops come from the full-resolution photo.
+Work is batched across units: one forward pass per unique top image gives the maps of
+every unit that needs it, and all crops of all units are re-scored in shared batches.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from dnd.activations import iter_batches
+from dnd.probe import ProbeSet
+from dnd.target import Target, capture, split_output
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, end exclusive
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Settings of Step 1 (ALGORITHM.md numbers as defaults)."""
+
+    top_n: int = 10            # top probe images per unit
+    top_k: int = 10            # activating images kept after re-scoring
+    max_crops: int = 4         # crops per image
+    iou_between: float = 0.5   # keep a box only if IoU with every kept box <= this
+    iou_image: float = 0.8     # ... and IoU with the whole image < this
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("top_n", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"crop.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_crops < 0:
+            raise ValueError(f"crop.max_crops must be >= 0, got {self.max_crops}")
+        for name in ("iou_between", "iou_image"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"crop.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One image shown to later stages: a probe image or a crop of one.
+
+    ``box`` is None for the whole image; otherwise original-image pixels.
+    ``activation`` is the unit's summary activation on it (float32 forward pass).
+    """
+
+    index: int
+    image_id: str
+    box: Box | None
+    activation: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "image": self.image_id,
+                "box": list(self.box) if self.box else None, "activation": self.activation}
+
+
+@dataclass(frozen=True)
+class UnitCrops:
+    """Step 1 output for one unit: top images, their crops, and the top-K activating images."""
+
+    layer: str
+    unit: int
+    top: list[Evidence]
+    crops: list[Evidence]
+    activating: list[Evidence]
+
+    def to_dict(self) -> dict:
+        return {"top_images": [e.to_dict() for e in self.top],
+                "crops": [e.to_dict() for e in self.crops],
+                "activating_images": [e.to_dict() for e in self.activating]}
+
+
+# ---------------------------------------------------------------------------------------
+# Boxes from one activation map
+# ---------------------------------------------------------------------------------------
+
+def normalize_map(act_map: np.ndarray, size: int) -> np.ndarray | None:
+    """Upsample an [h, w] map to [size, size] (bilinear) and min-max scale to uint8 0..255.
+
+    Returns None for a constant map (no region stands out). Min-max scaling replaces the
+    reference code's overflow-wrapping cast, which scrambles large activations.
+    """
+    t = torch.as_tensor(np.asarray(act_map, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    up = up.numpy()
+    lo, hi = float(up.min()), float(up.max())
+    if not hi > lo:
+        return None
+    return np.round((up - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def otsu_threshold(img: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image: pixels > t are foreground (as cv2.THRESH_OTSU)."""
+    hist = np.bincount(img.ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    omega = np.cumsum(p)                     # weight of class "<= t"
+    mu = np.cumsum(p * np.arange(256))       # its first moment
+    mu_t = mu[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu_t * omega - mu) ** 2 / (omega * (1.0 - omega))
+    between = np.nan_to_num(between, nan=-1.0, posinf=-1.0)
+    return int(np.argmax(between))
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes with exclusive ends."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def select_boxes(boxes: Sequence[Box], size: tuple[int, int], *, max_crops: int = 4,
+                 iou_between: float = 0.5, iou_image: float = 0.8) -> list[Box]:
+    """Apply the keep rules to boxes given largest first; returns at most ``max_crops``."""
+    whole = (0, 0, size[0], size[1])
+    kept: list[Box] = []
+    for b in boxes:
+        if len(kept) >= max_crops:
+            break
+        if box_iou(b, whole) >= iou_image:
+            continue
+        if all(box_iou(b, k) <= iou_between for k in kept):
+            kept.append(b)
+    return kept
+
+
+def attention_boxes(act_map: np.ndarray, size: int, *, max_crops: int = 4,
+                    iou_between: float = 0.5, iou_image: float = 0.8) -> list[Box]:
+    """Crop boxes (view pixels) from one unit's [h, w] map over a [size, size] view.
+
+    Otsu-binarise the normalised map, fill holes and label 8-connected components: their
+    bounding boxes are those of the external contours. Largest region first.
+    """
+    img = normalize_map(act_map, size)
+    if img is None:
+        return []
+    mask = ndimage.binary_fill_holes(img > otsu_threshold(img))
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    slices = ndimage.find_objects(labels)
+    order = sorted(range(n), key=lambda k: (-areas[k], slices[k][0].start, slices[k][1].start))
+    boxes = [(slices[k][1].start, slices[k][0].start, slices[k][1].stop, slices[k][0].stop)
+             for k in order]
+    return select_boxes(boxes, (size, size), max_crops=max_crops, iou_between=iou_between,
+                        iou_image=iou_image)
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+class CropStage:
+    """Attention crops and re-scoring for many units of one layer at once."""
+
+    def __init__(self, target: Target, config: CropConfig | None = None):
+        self.target = target
+        self.config = config or CropConfig()
+
+    @torch.no_grad()
+    def __call__(self, probe: ProbeSet, layer: str, units: Sequence[int],
+                 top_indices: np.ndarray, *, summary: str = "mean", workers: int = 0,
+                 progress: bool = True) -> dict[int, UnitCrops]:
+        """Step 1 for ``units``; ``top_indices`` [len(units), >= top_n] from the activations.
+
+        Returns unit -> :class:`UnitCrops`.
+        """
+        cfg = self.config
+        tops = {int(u): [int(i) for i in row[:cfg.top_n]] for u, row in zip(units, top_indices)}
+        # 1. One forward pass per unique top image: fp32 scores and maps for every unit.
+        scores, boxes = self._maps_and_boxes(probe, layer, tops, summary, workers, progress)
+        # 2. Re-score all crops of all units in shared batches.
+        crop_scores = self._score_crops(probe, layer, boxes, summary, progress)
+        # 3. Per unit: originals + crops, highest activation first, keep top-K.
+        out = {}
+        for u, idx in tops.items():
+            top = [Evidence(i, probe.ids[i], None, scores[(u, i)]) for i in idx]
+            crops = [Evidence(i, probe.ids[i], b, crop_scores[(u, i, b)])
+                     for i in idx for b in boxes.get((u, i), [])]
+            pool = sorted(top + crops, key=lambda e: (-e.activation, e.index, e.box or ()))
+            out[u] = UnitCrops(layer, u, top, crops, pool[:cfg.top_k])
+        return out
+
+    def _maps_and_boxes(self, probe, layer, tops, summary, workers, progress):
+        cfg, target = self.config, self.target
+        need: dict[int, list[int]] = defaultdict(list)  # image -> units that need its map
+        for u, idx in tops.items():
+            for i in idx:
+                need[i].append(u)
+        images = sorted(need)
+        scores: dict[tuple[int, int], float] = {}
+        boxes: dict[tuple[int, int], list] = {}
+        module = {layer: target.layer(layer)}
+        desc = "attention maps" if progress else None
+        with capture(target.module, module) as outs:
+            for batch in iter_batches(probe, target, images, cfg.batch_size, workers, desc):
+                target.module(batch.pixels.to(target.device))
+                s, maps = split_output(outs[layer], summary, target.num_prefix_tokens)
+                s = s.float().cpu()
+                for b, (i, geom) in enumerate(zip(batch.indices, batch.geoms)):
+                    for u in need[i]:
+                        scores[(u, i)] = float(s[b, u])
+                        if maps is None or cfg.max_crops == 0 or geom is None:
+                            continue
+                        view_boxes = attention_boxes(
+                            maps[b, u].float().cpu().numpy(), target.preprocess.crop,
+                            max_crops=cfg.max_crops, iou_between=cfg.iou_between,
+                            iou_image=cfg.iou_image)
+                        boxes[(u, i)] = [geom.box_to_original(vb) for vb in view_boxes]
+        return scores, boxes
+
+    def _score_crops(self, probe, layer, boxes, summary, progress):
+        """Summary activation of unit u on each of its crops: (u, image, box) -> float."""
+        cfg, target = self.config, self.target
+        jobs = [(u, i, b) for (u, i), bs in sorted(boxes.items()) for b in bs]
+        by_image: dict[int, list] = defaultdict(list)
+        for job in jobs:
+            by_image[job[1]].append(job)
+        out: dict = {}
+        pending: list = []  # (job, tensor)
+
+        def flush():
+            x = torch.stack([t for _, t in pending]).to(target.device)
+            target.module(x)
+            s, _ = split_output(outs[layer], summary, target.num_prefix_tokens)
+            s = s.float().cpu()
+            for row, (job, _) in enumerate(pending):
+                out[job] = float(s[row, job[0]])
+            pending.clear()
+
+        module = {layer: target.layer(layer)}
+        with capture(target.module, module) as outs:
+            it = sorted(by_image)
+            if progress and it:
+                from tqdm.auto import tqdm
+                it = tqdm(it, desc="re-scoring crops", unit="image", leave=False)
+            for i in it:
+                image = probe.load(i)
+                for job in by_image[i]:
+                    pending.append((job, target.preprocess(image.crop(job[2]))))
+                    if len(pending) == cfg.batch_size:
+                        flush()
+            if pending:
+                flush()
+        return out

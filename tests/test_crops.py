@@ -1,0 +1,121 @@
+"""Step 1 on a hand-weighted network with known answers: top images and crop boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import colour_target
+
+from dnd.activations import compute_activations
+from dnd.probe import open_probe
+from dnd.stages.crop import (
+    CropConfig,
+    CropStage,
+    attention_boxes,
+    box_iou,
+    normalize_map,
+    otsu_threshold,
+    select_boxes,
+)
+
+
+def _close(a, b, tol=3):
+    return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+@pytest.fixture
+def step1(colour_probe, tmp_path):
+    folder, red, green = colour_probe
+    target, probe = colour_target(), open_probe(str(folder))
+    acts = compute_activations(target, probe, ["pool"], tmp_path / "acts", progress=False)["pool"]
+    idx, _ = acts.top_images([0, 1], 6)
+    out = CropStage(target, CropConfig(top_n=6, top_k=10))(probe, "pool", [0, 1], idx,
+                                                           progress=False)
+    return out, red, green, probe
+
+
+def test_top_images_are_exactly_the_pattern_images(step1):
+    out, red, _, probe = step1
+    assert {e.index for e in out[0].top} == set(red)
+    assert all(e.activation > 0 for e in out[0].top)
+
+
+def test_crop_box_matches_the_pattern_in_original_pixels(step1):
+    out, red, _, _ = step1
+    for i, box in red.items():
+        crops = [c.box for c in out[0].crops if c.index == i]
+        assert len(crops) == 1, (i, crops)
+        assert _close(crops[0], box), (i, crops[0], box)
+
+
+def test_two_separated_blobs_give_two_crops(step1):
+    out, _, (green_idx, green_boxes), _ = step1
+    crops = sorted(c.box for c in out[1].crops if c.index == green_idx)
+    assert len(crops) == 2
+    for got, want in zip(crops, sorted(green_boxes)):
+        assert _close(got, want), (got, want)
+
+
+def test_tight_crops_outscore_originals_and_lead_the_activating_images(step1):
+    out, _, _, _ = step1
+    act = out[0].activating
+    assert len(act) == 10
+    assert act[0].box is not None  # the crop fills the view with red: higher mean activation
+    assert [e.activation for e in act] == sorted((e.activation for e in act), reverse=True)
+    crops_by_image = {c.index: c.activation for c in out[0].crops}
+    top_by_image = {t.index: t.activation for t in out[0].top}
+    assert all(crops_by_image[i] > top_by_image[i] for i in crops_by_image)
+
+
+def test_fc_layer_has_no_crops(colour_probe, tmp_path):
+    folder, _, _ = colour_probe
+    target, probe = colour_target(), open_probe(str(folder))
+    acts = compute_activations(target, probe, ["fc"], tmp_path / "a", progress=False)["fc"]
+    idx, _ = acts.top_images([0], 5)
+    out = CropStage(target, CropConfig(top_n=5, top_k=3))(probe, "fc", [0], idx, progress=False)
+    assert out[0].crops == [] and len(out[0].activating) == 3
+
+
+def test_otsu_matches_brute_force():
+    rng = np.random.default_rng(1)
+    img = np.concatenate([rng.normal(60, 10, 500), rng.normal(190, 15, 300)])
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    best, best_t = -1, None
+    for t in range(255):
+        lo, hi = img[img <= t].astype(float), img[img > t].astype(float)
+        if len(lo) == 0 or len(hi) == 0:
+            continue
+        var = len(lo) * len(hi) * (lo.mean() - hi.mean()) ** 2
+        if var > best:
+            best, best_t = var, t
+    assert otsu_threshold(img) == best_t
+
+
+def test_normalize_map_is_min_max_not_wrapped():
+    m = np.array([[1000.0, 2000.0], [3000.0, 4000.0]])
+    img = normalize_map(m, 2)
+    assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+    assert normalize_map(np.full((3, 3), 7.0), 8) is None
+
+
+def test_iou_rules():
+    size = (100, 100)
+    big = (0, 0, 95, 95)          # IoU with the image 0.9025 >= 0.8: dropped
+    a = (10, 10, 50, 50)
+    overlap = (12, 12, 52, 52)    # IoU with a ~0.82 > 0.5: dropped
+    side = (30, 10, 70, 50)       # IoU with a = 0.333 <= 0.5: kept
+    far = [(60, 60, 70, 70), (80, 80, 90, 90), (0, 80, 10, 90)]
+    assert box_iou(a, overlap) > 0.5 and box_iou(a, side) == pytest.approx(1 / 3)
+    kept = select_boxes([big, a, overlap, side, *far], size)
+    assert kept == [a, side, far[0], far[1]]  # at most 4 crops
+    assert select_boxes([a, side], size, max_crops=1) == [a]
+    assert select_boxes([big], size, iou_image=0.95) == [big]
+
+
+def test_attention_boxes_largest_first_and_holes_filled():
+    m = np.zeros((32, 32))
+    m[2:10, 2:10] = 1.0            # small blob
+    m[14:30, 14:30] = 1.0          # big blob with a hole: one external contour
+    m[20:24, 20:24] = 0.0
+    boxes = attention_boxes(m, 32)
+    assert boxes[0] == (14, 14, 30, 30) and boxes[1] == (2, 2, 10, 10)

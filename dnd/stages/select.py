@@ -1,0 +1,227 @@
+"""Step 3 of DnD, points 2-5: choose the unit's description among its candidate concepts.
+
+Pure numpy: the caller has already generated images for every candidate, run them through
+the target network (``gen_acts``) and computed CLIP image similarities (``sim``).
+
+Generated-image layout used throughout: D_gen is the concatenation of the candidates'
+images in candidate order, so ``gen_acts[0]`` covers columns ``0 .. len(gen_acts[0]) - 1``
+of ``sim``, ``gen_acts[1]`` the next ones, and so on. ``gen_acts`` may be a [C, Q] array or
+a list of C 1-D arrays of different lengths (a candidate with fewer images).
+
+Tie rules (all deterministic):
+- equal activations share the average of their ranks (``rankdata(-acts, "average")``);
+- the overall top-k of D_gen takes exactly min(k, n_generated) images, ties at the cut
+  going to the lower generated-image index (stable sort);
+- equal rank scores get consecutive positions in candidate order (stable sort);
+- equal final scores are ordered by position, i.e. the better rank score first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from dnd.metrics import cosine_matrix
+from dnd.registry import Registry
+
+# name -> fn(ranks of one candidate's images [n_c], beta) -> score; lower is better.
+RANK_SCORES = Registry("rank score")
+
+
+@RANK_SCORES.register("topk_squared")
+def topk_squared(ranks: np.ndarray, beta: int) -> float:
+    """Mean squared rank of the candidate's ``beta`` best-ranked images (DnD default)."""
+    return float(np.mean(np.sort(ranks)[:beta] ** 2))
+
+
+@RANK_SCORES.register("mean")
+def mean_rank(ranks: np.ndarray, beta: int) -> float:
+    """Plain mean rank of all the candidate's images (``beta`` unused)."""
+    return float(np.mean(ranks))
+
+
+@RANK_SCORES.register("squared_mean")
+def squared_mean_rank(ranks: np.ndarray, beta: int) -> float:
+    """Mean squared rank of all the candidate's images (``beta`` unused)."""
+    return float(np.mean(ranks**2))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Everything needed to see why a label won. Per-image fields have length
+    n_generated (D_gen order, see module docstring); per-candidate fields length C."""
+
+    candidates: tuple[str, ...]
+    rank_score_name: str
+    beta: int
+    k: int
+    image_candidate: tuple[int, ...]  # [n_generated] candidate index owning each image
+    activations: tuple[float, ...]  # [n_generated] unit's summary activation
+    ranks: tuple[float, ...]  # [n_generated] 1 = highest activation, ties averaged
+    top_k: tuple[int, ...]  # generated-image indices in the overall top-k, best first
+    rank_scores: tuple[float, ...]  # [C] lower is better
+    positions: tuple[int, ...]  # [C] 0 = best rank score
+    weights: tuple[float, ...]  # [C] image-product weight, -1 if no image in top_k
+    final_scores: tuple[float, ...]  # [C] (C - position) x weight
+    order: tuple[int, ...]  # candidate indices, best final score first
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """All candidates, best first: labels[0] is the description, [1:3] Labels 2-3."""
+        return tuple(self.candidates[i] for i in self.order)
+
+    @property
+    def label(self) -> str:
+        return self.candidates[self.order[0]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists, floats, ints, strs), plus the derived ``labels``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["labels"] = list(self.labels)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selection:
+        """Inverse of ``to_dict`` (the derived ``labels`` entry is ignored)."""
+        return cls(
+            **{
+                f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
+                for f in dataclasses.fields(cls)
+            }
+        )
+
+
+def select_concept(
+    candidates: Sequence[str],
+    gen_acts: np.ndarray | Sequence[np.ndarray],
+    sim: np.ndarray,
+    *,
+    k: int = 10,
+    beta: int = 5,
+    rank_score: str = "topk_squared",
+) -> Selection:
+    """Score every candidate concept of one unit and order them, best first.
+
+    candidates: C >= 1 concept strings. gen_acts: per candidate, the unit's activations on
+    its generated images ([C, Q] or C ragged 1-D arrays, each non-empty). sim [K, n_gen]:
+    CLIP image-space cosine similarity of the unit's K activating images to every generated
+    image. k: size of the overall top-k of D_gen used by the weight (paper: k = K = 10).
+    beta: images per candidate used by "topk_squared". rank_score: a ``RANK_SCORES`` name.
+    Ties (activations, top-k cut, rank scores, final scores): see the module docstring.
+    """
+    score_fn = RANK_SCORES.get(rank_score)
+    if k < 1 or beta < 1:
+        raise ValueError(f"k and beta must be >= 1, got k={k}, beta={beta}")
+    acts, owner = _flatten(candidates, gen_acts)
+    sim = np.asarray(sim, dtype=np.float64)
+    if sim.ndim != 2 or sim.shape[0] == 0 or sim.shape[1] != acts.size:
+        raise ValueError(f"sim must have shape [K >= 1, {acts.size}], got {sim.shape}")
+    n_cand = len(candidates)
+
+    # 1. Rank all of D_gen by activation.
+    ranks = rank_images(acts)
+    # 2. Rank score per candidate and its position in the rank-score order.
+    rank_scores = np.array([score_fn(ranks[owner == c], beta) for c in range(n_cand)])
+    positions = np.empty(n_cand, dtype=int)
+    positions[np.argsort(rank_scores, kind="stable")] = np.arange(n_cand)
+    # 3. Image-product weight from the candidate's images in the overall top-k.
+    top = np.argsort(-acts, kind="stable")[:k]
+    weights = _image_product_weights(sim, owner, top, n_cand)
+    # 4. Final score; order by it, position breaking ties.
+    final = (n_cand - positions) * weights
+    order = np.lexsort((positions, -final))
+
+    return Selection(
+        candidates=tuple(candidates),
+        rank_score_name=rank_score,
+        beta=beta,
+        k=k,
+        image_candidate=tuple(owner.tolist()),
+        activations=tuple(acts.tolist()),
+        ranks=tuple(ranks.tolist()),
+        top_k=tuple(top.tolist()),
+        rank_scores=tuple(rank_scores.tolist()),
+        positions=tuple(positions.tolist()),
+        weights=tuple(weights.tolist()),
+        final_scores=tuple(final.tolist()),
+        order=tuple(order.tolist()),
+    )
+
+
+def rank_images(acts: np.ndarray) -> np.ndarray:
+    """Ranks [n] of activations [n]: 1 = highest; tied activations share their mean rank."""
+    return rankdata(-np.asarray(acts, dtype=np.float64), method="average")
+
+
+def deduplicate_labels(
+    order: Sequence[int],
+    text_sim: np.ndarray,
+    *,
+    max_labels: int = 3,
+    threshold: float = 0.81,
+) -> tuple[int, ...]:
+    """Multiple labels for polysemantic units: walk candidates best first (``order``, e.g.
+    ``Selection.order``) and keep up to ``max_labels``, skipping one whose text similarity
+    (``text_sim`` [C, C], candidate-indexed) to an already kept label exceeds ``threshold``.
+    Returns the kept candidate indices, best first.
+    """
+    text_sim = np.asarray(text_sim, dtype=np.float64)
+    if text_sim.ndim != 2 or text_sim.shape[0] != text_sim.shape[1]:
+        raise ValueError(f"text_sim must be a square [C, C] matrix, got {text_sim.shape}")
+    kept: list[int] = []
+    for c in order:
+        if len(kept) == max_labels:
+            break
+        if all(text_sim[c, j] <= threshold for j in kept):
+            kept.append(int(c))
+    return tuple(kept)
+
+
+def interpretability_score(embeddings: np.ndarray) -> float:
+    """Mean pairwise cosine similarity of the unit's top activating images' embeddings
+    [K >= 2, d] (off-diagonal mean). Low values flag descriptions not to trust."""
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] < 2:
+        raise ValueError(f"need embeddings [K >= 2, d], got shape {emb.shape}")
+    sims = cosine_matrix(emb, emb)
+    n = sims.shape[0]
+    # The diagonal is all ones (self-similarity); drop it from the mean.
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
+def _flatten(
+    candidates: Sequence[str], gen_acts: np.ndarray | Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-candidate activations -> (acts [n_gen], owner candidate [n_gen])."""
+    if len(candidates) == 0:
+        raise ValueError("need at least one candidate concept")
+    if len(gen_acts) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidates but {len(gen_acts)} activation rows")
+    rows = [np.asarray(row, dtype=np.float64) for row in gen_acts]
+    for c, row in enumerate(rows):
+        if row.ndim != 1 or row.size == 0:
+            raise ValueError(f"candidate {c}: need a non-empty 1-D activation array")
+        if not np.isfinite(row).all():
+            raise ValueError(f"candidate {c}: activations must be finite")
+    owner = np.repeat(np.arange(len(rows)), [row.size for row in rows])
+    return np.concatenate(rows), owner
+
+
+def _image_product_weights(
+    sim: np.ndarray, owner: np.ndarray, top: np.ndarray, n_cand: int
+) -> np.ndarray:
+    """Per candidate: mean of sim[:, its images in ``top``]; -1 when it has none there."""
+    weights = np.full(n_cand, -1.0)
+    for c in range(n_cand):
+        cols = top[owner[top] == c]
+        if cols.size:
+            weights[c] = sim[:, cols].mean()
+    return weights

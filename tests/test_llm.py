@@ -1,0 +1,332 @@
+"""Chat backends and the reply cache, against a fake local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import pytest
+from fake_openai import FakeOpenAI, Reply
+
+from dnd.backends.llm import (
+    LLMS,
+    CachedChat,
+    ChatRequest,
+    LLMError,
+    OpenAIChat,
+    OpenAIChatConfig,
+    TransformersChat,
+    TransformersChatConfig,
+    clean_reply,
+)
+from dnd.cache import JsonCache
+from dnd.io import stable_hash
+
+# Set before the tiny-model test imports transformers: nothing may reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SECRET = "sk-test-0123456789-very-secret"
+USER = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+
+def make_llm(server: FakeOpenAI, **settings) -> OpenAIChat:
+    defaults = dict(model="fake-model", base_url=server.base_url, max_retries=3,
+                    backoff_base=0.01, backoff_max=1.0, timeout=5.0)
+    return OpenAIChat(OpenAIChatConfig(**{**defaults, **settings}))
+
+
+def fail_first(k: int, failure: Reply, then: str = "fine"):
+    """A script that answers ``failure`` to the first ``k`` requests, then ``then``."""
+    return lambda body, n: failure if n <= k else Reply(content=then)
+
+
+# ------------------------------------------------------------------- retries
+
+
+def test_transient_errors_are_retried_until_success():
+    with FakeOpenAI(fail_first(2, Reply(status=500))) as server:
+        assert make_llm(server).complete(USER, temperature=0.0) == "fine"
+        assert server.count == 3
+
+
+@pytest.mark.parametrize("headers", [{"Retry-After": "0.25"}, {"retry-after-ms": "250"}])
+def test_retry_after_header_is_honoured(headers):
+    with FakeOpenAI(fail_first(1, Reply(status=429, headers=headers))) as server:
+        llm = make_llm(server, backoff_base=0.0)  # the header is the only source of waiting
+        start = time.perf_counter()
+        assert llm.complete(USER, temperature=0.0) == "fine"
+        assert time.perf_counter() - start >= 0.25
+        assert server.count == 2
+
+
+def test_persistent_failure_raises_with_reason_after_bounded_tries():
+    with FakeOpenAI(lambda body, n: Reply(status=503)) as server:
+        with pytest.raises(LLMError, match=r"after 3 tries.*HTTP 503"):
+            make_llm(server, max_retries=2).complete(USER, temperature=0.0)
+        assert server.count == 3
+
+
+def test_client_errors_are_not_retried():
+    with FakeOpenAI(lambda body, n: Reply(status=400)) as server:
+        with pytest.raises(LLMError, match="HTTP 400"):
+            make_llm(server).complete(USER, temperature=0.0)
+        assert server.count == 1
+
+
+def test_timeout_is_retried():
+    with FakeOpenAI(fail_first(1, Reply(content="late", delay=1.0))) as server:
+        assert make_llm(server, timeout=0.2).complete(USER, temperature=0.0) == "fine"
+        assert server.count == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [Reply(raw=b'{"choices": [ cut off'), Reply(raw=b"<html>bad gateway</html>"),
+     Reply(content=""), Reply(content="  \n "), Reply(content=None),
+     Reply(raw=b'{"id": "x", "choices": []}')],
+    ids=["truncated-json", "html", "empty", "blank", "null", "no-choices"],
+)
+def test_malformed_or_empty_replies_are_retried(bad):
+    with FakeOpenAI(fail_first(1, bad)) as server:
+        assert make_llm(server).complete(USER, temperature=0.0) == "fine"
+        assert server.count == 2
+
+
+def test_complete_many_returns_failures_in_place():
+    def script(body, n):
+        text = body["messages"][-1]["content"]
+        return Reply(status=400) if text == "bad" else Reply(content=text.upper())
+
+    with FakeOpenAI(script) as server:
+        requests = [ChatRequest(({"role": "user", "content": t},)) for t in ["a", "bad", "c"]]
+        out = make_llm(server).complete_many(requests)
+    assert out[0] == "A" and out[2] == "C"
+    assert isinstance(out[1], LLMError) and "HTTP 400" in str(out[1])
+
+
+def test_replies_are_cleaned():
+    with FakeOpenAI(lambda body, n: Reply(content="  ```\nred circle\n```  ")) as server:
+        assert make_llm(server).complete(USER, temperature=0.0) == "red circle"
+    assert clean_reply(None) == ""
+    assert clean_reply("  dogs \n") == "dogs"
+
+
+def test_request_carries_model_temperature_and_messages():
+    with FakeOpenAI() as server:
+        make_llm(server, max_tokens=7).complete(USER, temperature=0.3)
+        body = server.requests[0]
+    assert body["model"] == "fake-model" and body["temperature"] == 0.3
+    assert body["messages"] == USER and body["max_tokens"] == 7
+    assert server.auth_headers[0] == f"Bearer {SECRET}"
+
+
+# --------------------------------------------------------------- concurrency
+
+
+def test_concurrency_is_bounded_and_used():
+    with FakeOpenAI(lambda body, n: Reply(content=f"r{n}", delay=0.2)) as server:
+        llm = make_llm(server, max_concurrency=4)
+        requests = [ChatRequest(({"role": "user", "content": f"q{i}"},)) for i in range(8)]
+        start = time.perf_counter()
+        out = llm.complete_many(requests)
+        elapsed = time.perf_counter() - start
+    assert all(isinstance(r, str) for r in out)
+    assert server.max_in_flight == 4
+    assert elapsed < 1.0  # two waves of 0.2 s, not eight
+
+
+# ------------------------------------------------------------------ API key
+
+
+def test_api_key_never_exposed(tmp_path):
+    with FakeOpenAI() as server:
+        llm = make_llm(server)
+        cached = CachedChat(llm, JsonCache(tmp_path))
+        cached.complete(USER, temperature=0.0)
+        shown = [repr(llm), str(llm), repr(llm.config), json.dumps(llm.config.to_dict()),
+                 json.dumps(llm.cache_identity), repr(cached)]
+    assert not any(SECRET in s for s in shown)
+    assert not any(SECRET in p.read_text() for p in tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_missing_key_is_a_clear_error(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("OPENAI_API_KEY", value)
+    with pytest.raises(LLMError, match="OPENAI_API_KEY"):
+        OpenAIChat(OpenAIChatConfig(model="m"))
+
+
+def test_key_variable_name_is_a_setting(monkeypatch):
+    monkeypatch.delenv("LOCAL_LLM_KEY", raising=False)
+    with pytest.raises(LLMError, match="LOCAL_LLM_KEY"):
+        LLMS.create("openai", model="m", api_key_env="LOCAL_LLM_KEY")
+    monkeypatch.setenv("LOCAL_LLM_KEY", "anything")
+    assert isinstance(LLMS.create("openai", model="m", api_key_env="LOCAL_LLM_KEY"), OpenAIChat)
+
+
+def test_registry_names():
+    assert {"openai", "transformers"} <= set(LLMS.names())
+
+
+# --------------------------------------------------------------------- cache
+
+
+def test_cache_hit_means_no_requests(tmp_path):
+    requests = [
+        ChatRequest(tuple(USER), 0.3, "p.v1", sample=0),
+        ChatRequest(tuple(USER), 0.3, "p.v1", sample=1),  # a repeat: its own entry
+        ChatRequest(tuple(USER), 0.3, "p.v1", sample=0),  # a duplicate: sent once
+        ChatRequest(tuple(USER), 0.3, "p.v2", sample=0),  # another prompt version
+    ]
+    with FakeOpenAI(lambda body, n: Reply(content=f"reply {n}")) as server:
+        first = CachedChat(make_llm(server), JsonCache(tmp_path)).complete_many(requests)
+        assert server.count == 3
+        again = CachedChat(make_llm(server), JsonCache(tmp_path))
+        assert again.complete_many(requests) == first
+        assert server.count == 3 and again.hits == 3 and again.misses == 0
+    assert first[0] == first[2] and len({first[0], first[1], first[3]}) == 3
+
+
+def test_cache_key_depends_on_model(tmp_path):
+    request = ChatRequest(tuple(USER), 0.0, "p.v1")
+    with FakeOpenAI() as server:
+        a = CachedChat(make_llm(server, model="a"), JsonCache(tmp_path))
+        b = CachedChat(make_llm(server, model="b"), JsonCache(tmp_path))
+        assert a.key(request) != b.key(request)
+        a.complete_many([request])
+        b.complete_many([request])
+        assert server.count == 2
+
+
+def test_failures_are_not_cached(tmp_path):
+    with FakeOpenAI(fail_first(1, Reply(status=400))) as server:
+        cached = CachedChat(make_llm(server), JsonCache(tmp_path))
+        request = ChatRequest(tuple(USER))
+        assert isinstance(cached.complete_many([request])[0], LLMError)
+        assert cached.complete_many([request]) == ["fine"]
+        assert server.count == 2
+
+
+class Interrupted(BaseException):
+    """Stands in for a kill (KeyboardInterrupt) in the middle of a run."""
+
+
+def test_interrupted_run_keeps_finished_chunks(tmp_path):
+    class DiesOnSecondChunk:
+        """Passes requests to the fake server, but the run is killed at the second chunk."""
+
+        cache_identity = {"backend": "dies"}
+
+        def __init__(self, llm):
+            self.llm, self.calls = llm, 0
+
+        def complete_many(self, requests):
+            self.calls += 1
+            if self.calls == 2:
+                raise Interrupted
+            return self.llm.complete_many(requests)
+
+    requests = [ChatRequest(({"role": "user", "content": f"q{i}"},)) for i in range(4)]
+    with FakeOpenAI() as server:
+        dying = DiesOnSecondChunk(make_llm(server))
+        with pytest.raises(Interrupted):
+            CachedChat(dying, JsonCache(tmp_path), chunk_size=2).complete_many(requests)
+        assert server.count == 2
+        dying.calls = 10  # the re-run is not killed
+        again = CachedChat(dying, JsonCache(tmp_path), chunk_size=2)
+        assert again.complete_many(requests) == ["q0", "q1", "q2", "q3"]
+        assert again.hits == 2 and server.count == 4
+
+
+def test_json_cache_round_trip_and_damage(tmp_path):
+    cache = JsonCache(tmp_path)
+    key = stable_hash("question")
+    assert cache.get(key) is None
+    cache.put(key, {"reply": "answer"})
+    assert cache.get(key) == {"reply": "answer"}
+    path = cache.path(key)
+    assert path.parent.name == key[:2]
+    path.write_text(path.read_text()[:10])  # cut short, as by a full disk
+    assert cache.get(key) is None
+    path.write_bytes(b"\xff\xfe\x00")  # not even text
+    assert cache.get(key) is None
+    path.write_text(json.dumps({"key": "someoneelse", "value": 1}))
+    assert cache.get(key) is None
+    cache.put(key, [1, 2])  # a damaged entry is simply overwritten
+    assert cache.get(key) == [1, 2]
+    with pytest.raises(ValueError):
+        cache.path("../etc/passwd")
+    with pytest.raises(ValueError):
+        cache.put(key, None)
+
+
+# -------------------------------------------------------------- transformers
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model():
+    """A random-weight Llama and a word-level tokenizer with a chat template, built offline."""
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant", ":", "\n"]
+    words += [f"w{i}" for i in range(55)] + ["hello", "caption", "concept"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n "
+        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    # No special tokens in replies, so every reply has exactly max_new_tokens words.
+    model.generation_config.suppress_tokens = [0, 1, 2, 3]
+    return model, tokenizer
+
+
+def test_transformers_chat_batches_deterministically(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    chat = TransformersChat(TransformersChatConfig(model="tiny", max_new_tokens=4, batch_size=2),
+                            model=model, tokenizer=tokenizer)
+    system = {"role": "system", "content": "concept"}
+    requests = [ChatRequest((system, {"role": "user", "content": text}), temperature=t)
+                for text in ["hello", "caption w1 w2 w3 w4", "w7"] for t in (0.0, 0.7)]
+    out = chat.complete_many(requests)
+    assert all(isinstance(r, str) and len(r.split()) == 4 for r in out), out
+    assert chat.complete_many(requests) == out  # greedy and seeded sampling both repeat
+    # Left padding in a batch must not change a greedy reply.
+    assert chat.complete(requests[2].messages, temperature=0.0) == out[2]
+    assert "tiny" in repr(chat) and chat.cache_identity["backend"] == "transformers"
+
+
+def test_transformers_chat_folds_system_into_user_when_template_refuses_it(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}" + tokenizer.chat_template
+    )
+    chat = TransformersChat(TransformersChatConfig(model="tiny", max_new_tokens=2),
+                            model=model, tokenizer=strict)
+    system, user = {"role": "system", "content": "concept"}, {"role": "user", "content": "w1"}
+    assert chat._render((system, user)) == strict.apply_chat_template(
+        [{"role": "user", "content": "concept\n\nw1"}], tokenize=False, add_generation_prompt=True)
+    assert len(chat.complete([system, user], temperature=0.0).split()) == 2

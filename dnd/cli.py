@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dnd.config import STAGES, ConfigError, RunConfig, load_config, merge_overrides
+from dnd.config import STAGES, ConfigError, RunConfig, load_config, preset_names
 from dnd.stages.crop import CropConfig
 
 log = logging.getLogger("dnd")
@@ -44,6 +44,26 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      f"crops (default {_C.top_k})"),
     ("--max-crops", "crop.max_crops", int, "attention crops per top image, 0 = none "
      f"(default {_C.max_crops})"),
+    ("--captioner", "captioner.name", str, "image-to-text backend: blip, blip2, chat (a "
+     "vision chat model over an OpenAI-compatible API) or toyworld (default blip)"),
+    ("--summarizer", "summarizer", str, "llm (Steps 2.2-2.4 with the --llm backend) or "
+     "consensus (shared caption phrases, no LLM) (default llm)"),
+    ("--llm", "llm.name", str, "chat backend: openai (any OpenAI-compatible server) or "
+     "transformers (a local chat model) (default openai)"),
+    ("--llm-model", "llm.options.model", str, "chat model name or path "
+     "(default gpt-4o-mini for openai)"),
+    ("--base-url", "llm.options.base_url", str, "OpenAI-compatible server URL, e.g. "
+     "http://localhost:8000/v1 for vLLM (default: api.openai.com). The key is read from "
+     "OPENAI_API_KEY, never from a flag"),
+    ("--generator", "generator.name", str, "text-to-image backend: diffusers or toyworld "
+     "(default diffusers)"),
+    ("--steps", "generator.options.steps", int, "diffusion steps (default 50)"),
+    ("--encoder", "encoder.name", str, "image-text encoder for similarities: open_clip, "
+     "hf_clip or toyworld (default open_clip)"),
+    ("--images-per-concept", "score.images_per_concept", int, "images generated per "
+     "candidate concept (default 10)"),
+    ("--seed", "score.seed", int, "seed of generated image j of every concept is seed + j "
+     "(default 0)"),
 ]
 
 
@@ -55,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("describe", help="describe units of a layer",
                        description="Describe units of a layer. Re-running the same command "
                        "continues where it stopped.")
-    d.add_argument("--config", help="YAML config file; flags given override its values")
+    d.add_argument("--preset", choices=preset_names(), help="start from a shipped config: "
+                   "paper (ResNet-50 layer4, BLIP, GPT, SD v1-5, CLIP ViT-B/16) or toyworld "
+                   "(fully offline); --config and flags override it")
+    d.add_argument("--config", help="YAML config file (keys as in a run's config.yaml); "
+                   "flags given override its values")
     d.add_argument("--run-dir", required=True,
                    help="run directory for the config, activations, unit records and "
                    "labels.csv (created if absent; a re-run resumes)")
@@ -80,10 +104,7 @@ def _describe(args: argparse.Namespace) -> int:
                  if getattr(args, key) is not None}
     if args.probe:
         overrides["probe"] = args.probe
-    if args.config:
-        config = load_config(args.config, overrides)
-    else:
-        config = RunConfig.from_dict(merge_overrides({}, overrides))
+    config = load_config(args.config, overrides, preset=args.preset)
     result = describe(config, args.run_dir, progress=not args.quiet)
     msg = (f"{len(result.units)} unit(s) of {config.layer}: {len(result.done_now)} done now, "
            f"{len(result.units) - len(result.done_now)} already done")
@@ -92,6 +113,10 @@ def _describe(args: argparse.Namespace) -> int:
     if result.n_unreadable:
         msg += f"; {result.n_unreadable} unreadable image(s) skipped"
     print(f"{msg}. Run directory: {result.run_dir}")
+    if result.failed:
+        print(f"{len(result.failed)} unit(s) failed, e.g. unit {next(iter(result.failed))}: "
+              f"{next(iter(result.failed.values()))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,12 +16,27 @@ from typing import Any
 import yaml
 
 from dnd.stages.crop import CropConfig
+from dnd.stages.score import ScoreConfig
+from dnd.stages.summarize import SummarizeConfig
 
-STAGES = ("activations", "crops")  # in pipeline order; later stages arrive with their issue
+# In pipeline order. A unit record's "stage" is the last stage it finished.
+STAGES = ("activations", "crops", "captions", "candidates", "labels")
+SUMMARIZERS = ("llm", "consensus")
+# Backend options that change speed, never results: ignored when comparing run configs.
+SPEED_OPTIONS = frozenset({"batch_size", "device", "max_concurrency", "timeout", "max_retries",
+                           "backoff_base", "backoff_max"})
 
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """A swappable model: its registry ``name`` and the ``options`` its factory takes."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -34,12 +49,19 @@ class RunConfig:
     weights: str = "DEFAULT"      # DEFAULT | none | weights-enum name | path to state dict
     units: str = "all"            # "all", "0-99", "3,7,10-12"
     summary: str = "mean"         # spatial mean or max of each unit's map
-    stop_after: str = "crops"
+    stop_after: str = "labels"
     batch_size: int = 64
     workers: int = 0              # image-loading processes
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     chunk_units: int = 256        # units processed (and saved) together
     crop: CropConfig = field(default_factory=CropConfig)
+    captioner: BackendConfig = field(default_factory=lambda: BackendConfig("blip"))
+    summarizer: str = "llm"       # llm | consensus (offline, no LLM)
+    llm: BackendConfig = field(default_factory=lambda: BackendConfig("openai"))
+    summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
+    generator: BackendConfig = field(default_factory=lambda: BackendConfig("diffusers"))
+    encoder: BackendConfig = field(default_factory=lambda: BackendConfig("open_clip"))
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
         if self.summary not in ("mean", "max"):
@@ -54,6 +76,9 @@ class RunConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not self.probe:
             raise ConfigError("probe is empty: give at least one probing set")
+        if self.summarizer not in SUMMARIZERS:
+            raise ConfigError(f"summarizer must be one of {', '.join(SUMMARIZERS)}, "
+                              f"got {self.summarizer!r}")
         parse_units(self.units, None)  # syntax check now, range check once the layer is known
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,28 +95,66 @@ class RunConfig:
         for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units"):
             d.pop(k)
         d["crop"].pop("batch_size")
+        d["score"].pop("batch_size")
+        for backend in ("captioner", "llm", "generator", "encoder"):
+            d[backend]["options"] = {k: v for k, v in d[backend]["options"].items()
+                                     if k not in SPEED_OPTIONS}
+        if d["summarizer"] == "consensus":
+            d.pop("llm")
         return d
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config and apply ``overrides`` (dotted keys like ``crop.top_n``)."""
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> RunConfig:
+    """Resolve a config: ``preset`` < YAML file at ``path`` < ``overrides``.
+
+    ``overrides`` use dotted keys (``crop.top_n``, ``llm.options.model``).
+    """
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}; choose one of "
+                              f"{', '.join(preset_names())}")
+        data = _read_yaml(PRESETS_DIR / f"{preset}.yaml")
+    if path is not None:
+        data = _deep_merge(data, _read_yaml(Path(path)))
     return RunConfig.from_dict(merge_overrides(data, overrides or {}))
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(
+            out.get(k), dict) else v
+    return out
 
 
 def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Copy of ``data`` with dotted-key ``overrides`` set (``crop.top_n`` -> data[crop][top_n])."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    out = _deep_merge({}, data)
     for key, value in overrides.items():
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
         node[leaf] = value
     return out
 
@@ -128,6 +191,10 @@ def _coerce(tp, value, key: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     origin = typing.get_origin(tp)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if isinstance(value, str):
             value = [value]

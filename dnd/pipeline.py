@@ -1,8 +1,10 @@
 """The DnD pipeline over all requested units of a layer, resumable through the run store.
 
-Stages so far: activations (one pass over the probing set) and crops (Step 1). Units are
-processed in chunks; each finished unit's record is written at once, so a crash loses at
-most the chunk in flight and a re-run continues where it stopped.
+Stages: activations (one pass over the probing set), crops (Step 1), captions (Step 2.1),
+candidates (Steps 2.2-2.4), labels (Step 3). Units go through in chunks; within a chunk each
+stage runs for all its units at once (batched, deduplicated), and every unit's record is
+written as soon as a stage finishes, so a crash loses at most one stage of one chunk and a
+re-run continues where it stopped. Every model is loaded once, before the heavy work.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dnd.activations import LayerActivations, compute_activations
-from dnd.config import RunConfig, parse_units
+from dnd.config import STAGES, BackendConfig, RunConfig, parse_units
 from dnd.probe import ProbeSet, open_probe
 from dnd.stages.crop import CropStage
 from dnd.store import RunStore
@@ -25,13 +28,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run did: where, which units, how many were new, and the activations used."""
+    """What a run did: where, which units, which were advanced now, which failed."""
 
     run_dir: Path
     units: list[int]
     done_now: list[int]
+    failed: dict[int, str]
     activations: LayerActivations
     n_unreadable: int
+
+
+@dataclass
+class Models:
+    """The models of Steps 2-3, loaded once per run and shared by the stages."""
+
+    captioner: Any = None
+    llm: Any = None
+    generator: Any = None
+    encoder: Any = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,45 +55,188 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _needs(config: RunConfig, stage: str) -> bool:
+    return STAGES.index(config.stop_after) >= STAGES.index(stage)
+
+
+def _create(registry, backend: BackendConfig, **extra):
+    try:
+        return registry.create(backend.name, **{**backend.options, **extra})
+    except TypeError as e:  # an option the factory does not take
+        raise ValueError(f"{registry.kind} {backend.name!r}: bad option ({e})") from None
+
+
+def load_models(config: RunConfig, device: torch.device) -> Models:
+    """Build the backends the requested stages need; the cheap checks (API keys) go first."""
+    m = Models()
+    if not _needs(config, "captions"):
+        return m
+    from dnd.backends import registered
+
+    caps, llms, gens, encs = registered()
+    if _needs(config, "candidates") and config.summarizer == "llm":
+        m.llm = _create(llms, config.llm)  # a missing API key fails here, before any model
+    if config.captioner.name == "chat":
+        from dnd.backends.caption import ChatCaptioner
+        opts = dict(config.captioner.options)
+        llm = _create(llms, BackendConfig(opts.pop("llm", "openai"), opts.pop("llm_options", {})))
+        # No reply cache here: the caption stage already caches by image pixels.
+        m.captioner = ChatCaptioner(llm, **opts)
+    else:
+        m.captioner = _create(caps, config.captioner, **_device_opt(caps, config.captioner,
+                                                                    device))
+    if _needs(config, "labels"):
+        m.generator = _create(gens, config.generator, **_device_opt(gens, config.generator,
+                                                                    device))
+        m.encoder = _create(encs, config.encoder, **_device_opt(encs, config.encoder, device))
+    return m
+
+
+def _device_opt(registry, backend: BackendConfig, device: torch.device) -> dict:
+    """Pass the run's device to a backend whose factory takes one, unless options name one."""
+    import inspect
+
+    params = inspect.signature(registry.get(backend.name)).parameters
+    takes = "device" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return {"device": str(device)} if takes and "device" not in backend.options else {}
+
+
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
-             probe: ProbeSet | None = None, progress: bool = True) -> RunResult:
+             probe: ProbeSet | None = None, models: Models | None = None,
+             progress: bool = True) -> RunResult:
     """Run the pipeline up to ``config.stop_after`` for ``config.units`` of ``config.layer``.
 
-    ``target`` and ``probe`` may be passed in (Python API, tests); otherwise they are built
-    from the config. Every check of the input happens before the pass over the probing set.
+    ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
+    are built from the config. Every input check happens before the pass over the probe.
     """
-    # 1. Check everything cheap first: run dir, model, layer, unit range, probing set.
+    # 1. Cheap checks first: run dir, model, layer, unit range, probing set, API keys.
     store = RunStore(run_dir)
     store.check(config)
+    device = resolve_device(config.device)
     target = target or load_target(config.model, config.weights)
-    target.to(resolve_device(config.device))
+    target.to(device)
     target.layer(config.layer)
     units = parse_units(config.units, num_units(target, config.layer))
     probe = probe or open_probe(config.probe)
-    store.save_config(config)
     if probe.skipped:
         log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
                     len(probe.skipped), probe.skipped[0][0])
+    models = models or load_models(config, device)
+    store.save_config(config)
     # 2. One pass over the probing set (or a matching cached one).
     acts = compute_activations(target, probe, [config.layer], store.activations_dir,
                                summary=config.summary, batch_size=config.batch_size,
                                workers=config.workers, progress=progress)[config.layer]
     n_bad = int((~acts.valid).sum())
     if config.stop_after == "activations":
-        return RunResult(store.root, units, [], acts, n_bad)
-    # 3. Step 1 for units not finished by an earlier run, chunk by chunk.
-    todo = [u for u in units if not store.unit_done(config.layer, u, "crops")]
+        return RunResult(store.root, units, [], {}, acts, n_bad)
+    # 3. The per-unit stages, chunk by chunk, for units not finished by an earlier run.
+    runner = _StageRunner(config, store, target, probe, acts, models, progress)
+    todo = [u for u in units if not store.unit_done(config.layer, u, config.stop_after)]
     log.info("%d of %d units to do (%d already done)", len(todo), len(units),
              len(units) - len(todo))
-    stage = CropStage(target, config.crop)
+    failed: dict[int, str] = {}
     for start in range(0, len(todo), config.chunk_units):
-        chunk = todo[start:start + config.chunk_units]
-        top_idx, _ = acts.top_images(chunk, config.crop.top_n)
-        results = stage(probe, config.layer, chunk, top_idx, summary=config.summary,
-                        workers=config.workers, progress=progress)
-        for u in chunk:
-            store.write_unit(config.layer, u, {
-                "layer": config.layer, "unit": u, "stage": "crops", "model": target.name,
-                "weights": target.weights_id, **results[u].to_dict()})
+        failed.update(runner.run_chunk(todo[start:start + config.chunk_units]))
     store.write_labels(config.layer)
-    return RunResult(store.root, units, todo, acts, n_bad)
+    return RunResult(store.root, units, todo, failed, acts, n_bad)
+
+
+class _StageRunner:
+    """Runs the per-unit stages for one chunk, reading and writing unit records."""
+
+    def __init__(self, config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
+                 acts: LayerActivations, models: Models, progress: bool):
+        self.config, self.store, self.target, self.probe = config, store, target, probe
+        self.acts, self.models, self.progress = acts, models, progress
+        self.layer = config.layer
+        self.llm = None
+        if models.llm is not None:  # every reply cached in the run: a re-run pays nothing
+            from dnd.backends.llm import CachedChat
+            from dnd.cache import JsonCache
+            self.llm = CachedChat(models.llm, JsonCache(store.root / "cache" / "llm"))
+
+    def run_chunk(self, chunk: list[int]) -> dict[int, str]:
+        """Advance every unit of ``chunk`` to ``stop_after``; returns unit -> failure."""
+        recs = {u: self.store.read_unit(self.layer, u) for u in chunk}
+        for stage in STAGES[1:STAGES.index(self.config.stop_after) + 1]:
+            due = [u for u, r in recs.items() if _due(r, stage)]
+            if not due:
+                continue
+            log.info("%s: %d unit(s)", stage, len(due))
+            results = getattr(self, f"_{stage}")(due, recs)
+            for u in due:
+                rec = dict(recs[u] or {})
+                rec.update(results[u])
+                rec.update({"layer": self.layer, "unit": u})
+                if "error" in results[u]:
+                    rec["failed_at"] = stage
+                else:
+                    rec["stage"] = stage
+                    rec.pop("error", None)
+                    rec.pop("failed_at", None)
+                recs[u] = rec
+                self.store.write_unit(self.layer, u, rec)
+        return {u: r["error"] for u, r in recs.items() if r and "error" in r}
+
+    # -- one method per stage: (units, records) -> unit -> fields to add ---------------------
+
+    def _crops(self, units, recs):
+        cfg = self.config
+        top_idx, _ = self.acts.top_images(units, cfg.crop.top_n)
+        out = CropStage(self.target, cfg.crop)(self.probe, self.layer, units, top_idx,
+                                               summary=cfg.summary, workers=cfg.workers,
+                                               progress=self.progress)
+        return {u: {"model": self.target.name, "weights": self.target.weights_id,
+                    **out[u].to_dict()} for u in units}
+
+    def _images(self, rec) -> list:
+        from dnd.stages.caption import evidence_image
+
+        return [evidence_image(self.probe, e) for e in rec["activating_images"]]
+
+    def _captions(self, units, recs):
+        from dnd.cache import JsonCache
+        from dnd.stages.caption import CaptionStage
+
+        stage = CaptionStage(self.models.captioner, JsonCache(self.store.root / "cache" /
+                                                              "captions"))
+        caps = stage({u: self._images(recs[u]) for u in units})
+        return {u: {"captions": caps[u], "captioner": self.models.captioner.identity}
+                for u in units}
+
+    def _candidates(self, units, recs):
+        from dnd.stages.summarize import ConsensusSummarizer, Summarizer
+
+        if self.config.summarizer == "consensus":
+            enc = self.models.encoder
+            summ = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None)
+        else:
+            summ = Summarizer(self.llm, self.config.summarize)
+        cands = summ.summarize({u: recs[u]["captions"] for u in units})
+        out = {}
+        for u in units:
+            c = cands[u]
+            out[u] = {"candidates": c.to_dict()}
+            if not c.ok:
+                out[u]["error"] = f"candidates: {c.error}"
+        return out
+
+    def _labels(self, units, recs):
+        from dnd.stages.score import ScoreStage, UnitInput
+
+        stage = ScoreStage(self.target, self.layer, self.config.summary, self.models.generator,
+                           self.models.encoder, self.store.root / "cache" / "generated",
+                           self.config.score)
+        inputs = [UnitInput(u, recs[u]["candidates"]["concepts"], self._images(recs[u]))
+                  for u in units]
+        return stage(inputs)
+
+
+def _due(rec: dict | None, stage: str) -> bool:
+    """A unit is due for ``stage`` when it finished the previous one and has not failed."""
+    if rec is None:
+        return stage == "crops"
+    if "error" in rec:
+        return False
+    return STAGES.index(rec.get("stage", "activations")) == STAGES.index(stage) - 1

@@ -21,7 +21,7 @@ from dnd.target import Preprocess, hook_count, split_output
 
 def _config(folder, **kw):
     base = {"model": "colournet", "layer": "pool", "probe": [str(folder)], "units": "0-2",
-            "crop": {"top_n": 6}}
+            "crop": {"top_n": 6}, "stop_after": "crops"}
     base.update(kw)
     return RunConfig.from_dict(base)
 
@@ -224,7 +224,8 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
 def test_cli_describe_end_to_end(colour_probe, tmp_path, capsys):
     folder, _, _ = colour_probe
     argv = ["describe", "--model", "resnet18", "--weights", "none", "--layer", "layer4",
-            "--probe", str(folder), "--units", "0-2", "--top-n", "3", "--run-dir",
+            "--probe", str(folder), "--units", "0-2", "--top-n", "3", "--stop-after", "crops",
+            "--run-dir",
             str(tmp_path / "r"), "-q"]
     assert main(argv) == 0
     assert "3 done now" in capsys.readouterr().out

@@ -1,0 +1,194 @@
+"""Step 3: regenerate images for every candidate concept and keep the one the unit prefers.
+
+For all units of a chunk at once:
+1. one generation request per (concept prompt, seed), deduplicated across units (many units
+   share concepts such as "dog"); previously generated images come from the feature cache;
+2. the target network runs once per new generated image and keeps the summary activation
+   of every unit of the layer; the image-text encoder embeds it once;
+3. per unit, :func:`dnd.stages.select.select_concept` ranks the candidates, labels are
+   de-duplicated by text similarity, and the interpretability score is computed.
+
+The feature cache (``<cache>/<key>.npz`` + a JPEG thumbnail for reports) is keyed by the
+generator identity, prompt and seed plus the target, layer and summary: a resumed run scores
+exactly the numbers an uninterrupted one would, without generating again.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dnd.backends.base import CannotRender, Generator, GenRequest, ImageTextEncoder, run_batched
+from dnd.io import atomic_write_bytes, stable_hash
+from dnd.stages.select import deduplicate_labels, interpretability_score, select_concept
+from dnd.target import Target, capture, split_output
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of Step 3 (ALGORITHM.md numbers as defaults)."""
+
+    images_per_concept: int = 10         # Q
+    prompt_template: str = "a realistic photo of {concept}"
+    seed: int = 0                        # image j of every concept uses seed + j
+    gen_image_size: int = 0              # >0: downsize generated images first (reference: 32)
+    rank_score: str = "topk_squared"     # topk_squared | mean | squared_mean
+    beta: int = 5
+    max_labels: int = 3
+    dedup_threshold: float = 0.81        # CLIP text similarity above which a label repeats
+    batch_size: int = 64                 # target / encoder batch
+
+    def __post_init__(self) -> None:
+        if "{concept}" not in self.prompt_template:
+            raise ValueError("score.prompt_template must contain {concept}, got "
+                             f"{self.prompt_template!r}")
+        for name in ("images_per_concept", "beta", "max_labels", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"score.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gen_image_size < 0:
+            raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
+
+
+@dataclass(frozen=True)
+class UnitInput:
+    """What Step 3 needs of one unit: its candidates and its activating images."""
+
+    unit: int
+    candidates: Sequence[str]
+    activating: Sequence[Image.Image]
+
+
+class ScoreStage:
+    """Generate, score and select for many units of one layer."""
+
+    def __init__(self, target: Target, layer: str, summary: str, generator: Generator,
+                 encoder: ImageTextEncoder, cache_dir: str | Path,
+                 config: ScoreConfig | None = None):
+        self.target, self.layer, self.summary = target, layer, summary
+        self.generator, self.encoder = generator, encoder
+        self.cache_dir = Path(cache_dir)
+        self.config = config or ScoreConfig()
+
+    def prompt(self, concept: str) -> str:
+        return self.config.prompt_template.format(concept=concept)
+
+    def request_key(self, req: GenRequest) -> str:
+        """Cache key of one generated image's features (see module docstring)."""
+        return stable_hash({"generator": self.generator.identity, "prompt": req.prompt,
+                            "seed": req.seed, "target": self.target.identity(),
+                            "layer": self.layer, "summary": self.summary,
+                            "encoder": self.encoder.identity,
+                            "size": self.config.gen_image_size})
+
+    def __call__(self, units: Sequence[UnitInput]) -> dict[int, dict[str, Any]]:
+        """unit -> result dict (labels, selection, generated image keys, ...)."""
+        cfg = self.config
+        # 1. Requests of every (unit, concept), deduplicated.
+        reqs = {c: [GenRequest(self.prompt(c), cfg.seed + j)
+                    for j in range(cfg.images_per_concept)]
+                for u in units for c in u.candidates}
+        feats = self._features([r for rs in reqs.values() for r in rs])
+        # 2. Embeddings of the activating images of all units, in one batched call.
+        act_emb = self.encoder.encode_images([im for u in units for im in u.activating])
+        text_emb = self.encoder.encode_texts(sorted(reqs))
+        text_row = {c: i for i, c in enumerate(sorted(reqs))}
+        out: dict[int, dict[str, Any]] = {}
+        start = 0
+        for u in units:
+            emb = act_emb[start:start + len(u.activating)]
+            start += len(u.activating)
+            out[u.unit] = self._select(u, reqs, feats, emb, text_emb, text_row)
+        return out
+
+    def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> dict[str, Any]:
+        cfg = self.config
+        kept = [c for c in u.candidates
+                if all(not isinstance(feats[self.request_key(r)], Exception) for r in reqs[c])]
+        dropped = {c: str(feats[self.request_key(reqs[c][0])]) for c in u.candidates
+                   if c not in kept}
+        if not kept:
+            return {"error": "no candidate could be rendered: " + "; ".join(
+                f"{c}: {e}" for c, e in dropped.items()), "dropped": dropped}
+        keys = {c: [self.request_key(r) for r in reqs[c]] for c in kept}
+        gen_acts = [np.array([feats[k]["acts"][u.unit] for k in keys[c]]) for c in kept]
+        gen_emb = np.stack([feats[k]["emb"] for c in kept for k in keys[c]])
+        sel = select_concept(kept, gen_acts, emb @ gen_emb.T, k=len(u.activating),
+                             beta=cfg.beta, rank_score=cfg.rank_score)
+        t = text_emb[[text_row[c] for c in kept]]
+        labels_idx = deduplicate_labels(sel.order, t @ t.T, max_labels=cfg.max_labels,
+                                        threshold=cfg.dedup_threshold)
+        return {
+            "labels": [kept[i] for i in labels_idx],
+            "selection": sel.to_dict(),
+            "generated": {c: keys[c] for c in kept},
+            "prompts": {c: self.prompt(c) for c in kept},
+            "dropped": dropped,
+            "interpretability": interpretability_score(emb) if len(emb) >= 2 else None,
+        }
+
+    # -- generated images -> cached features ----------------------------------------------
+
+    def _features(self, requests: Sequence[GenRequest]) -> dict[str, Any]:
+        """key -> {"acts": [n_units] float32, "emb": [d] float32} or the CannotRender."""
+        unique = {self.request_key(r): r for r in requests}
+        feats: dict[str, Any] = {k: self._load(k) for k in unique}
+        todo = [k for k, f in feats.items() if f is None]
+        if not todo:
+            return feats
+        images = self.generator.generate([unique[k] for k in todo])
+        ok = [(k, im) for k, im in zip(todo, images) if not isinstance(im, Exception)]
+        for k, im in zip(todo, images):
+            if isinstance(im, CannotRender):
+                feats[k] = im
+            elif isinstance(im, Exception):
+                raise im
+        if ok:
+            pics = [self._resize(im) for _, im in ok]
+            acts = self._target_acts(pics)
+            embs = self.encoder.encode_images(pics)
+            for (k, im), a, e in zip(ok, acts, embs):
+                feats[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
+                self._save(k, feats[k], im)
+        return feats
+
+    def _resize(self, im: Image.Image) -> Image.Image:
+        s = self.config.gen_image_size
+        return im.convert("RGB").resize((s, s), Image.BILINEAR) if s else im.convert("RGB")
+
+    @torch.no_grad()
+    def _target_acts(self, images: list[Image.Image]) -> list[np.ndarray]:
+        target, module = self.target, {self.layer: self.target.layer(self.layer)}
+
+        def run(batch: list[Image.Image]) -> list[np.ndarray]:
+            x = torch.stack([target.preprocess(im) for im in batch]).to(target.device)
+            with capture(target.module, module) as outs:
+                target.module(x)
+            s, _ = split_output(outs[self.layer], self.summary, target.num_prefix_tokens)
+            return list(s.float().cpu().numpy())
+
+        return run_batched(run, images, self.config.batch_size, "scoring generated images")
+
+    def _load(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.cache_dir / f"{key}.npz"
+        try:
+            with np.load(path) as z:
+                return {"acts": z["acts"], "emb": z["emb"]}
+        except (FileNotFoundError, ValueError, OSError, KeyError):
+            return None  # absent or a partial write: recompute
+
+    def _save(self, key: str, feat: Mapping[str, np.ndarray], image: Image.Image) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, acts=feat["acts"], emb=feat["emb"])
+        atomic_write_bytes(self.cache_dir / f"{key}.npz", buf.getvalue())
+        thumb = image.convert("RGB")
+        thumb.thumbnail((128, 128))
+        jbuf = io.BytesIO()
+        thumb.save(jbuf, format="JPEG", quality=85)
+        atomic_write_bytes(self.cache_dir / f"{key}.jpg", jbuf.getvalue())

@@ -1,0 +1,105 @@
+"""Step 3 end to end on the hand-weighted colour network with a colour 'generator'."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import colour_target
+from PIL import Image
+
+from dnd.backends.base import CannotRender
+from dnd.stages.score import ScoreConfig, ScoreStage, UnitInput
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+class ColourGenerator:
+    """Paints a square of the colour named in the prompt on grey; seed moves the square."""
+
+    identity = {"backend": "colour-painter"}
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            self.calls += 1
+            name = next((c for c in COLOURS if c in r.prompt), None)
+            if name is None:
+                out.append(CannotRender(f"no colour in {r.prompt!r}"))
+                continue
+            img = np.full((64, 64, 3), 128, np.uint8)
+            rng = np.random.default_rng(r.seed)
+            x, y = rng.integers(0, 40, size=2)
+            size = 8 + r.seed % 16
+            img[y:y + size, x:x + size] = COLOURS[name]
+            out.append(Image.fromarray(img))
+        return out
+
+
+class MeanColourEncoder:
+    """Embeds images by their mean RGB minus grey, texts by the colour they name."""
+
+    identity = {"backend": "mean-colour"}
+
+    def encode_images(self, images):
+        v = np.stack([np.asarray(im, np.float32).reshape(-1, 3).mean(0) - 100 for im in images])
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def encode_texts(self, texts):
+        v = np.array([[1.0 if c in t else 0.05 for c in COLOURS] for t in texts])
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _red_images(n=4):
+    ims = []
+    for i in range(n):
+        img = np.full((64, 64, 3), 128, np.uint8)
+        img[10 + i:30 + i, 10:30] = (255, 0, 0)
+        ims.append(Image.fromarray(img))
+    return ims
+
+
+def test_red_unit_picks_red_and_cache_makes_reruns_free(tmp_path):
+    gen = ColourGenerator()
+    stage = ScoreStage(colour_target(), "pool", "mean", gen, MeanColourEncoder(), tmp_path,
+                       ScoreConfig(images_per_concept=4, beta=2))
+    units = [UnitInput(0, ["blue", "red square", "green", "banana"], _red_images()),
+             UnitInput(2, ["blue", "green"], _red_images(2))]
+    out = stage(units)
+    r = out[0]
+    assert r["labels"][0] == "red square"
+    assert r["dropped"] == {"banana": "no colour in 'a realistic photo of banana'"}
+    sel = r["selection"]
+    assert sel["candidates"] == ["blue", "red square", "green"]
+    # The red images hold the 4 best ranks (the others give exactly 0 on unit 0).
+    red = [i for i, c in enumerate(sel["image_candidate"]) if c == 1]
+    assert sorted(sel["ranks"][i] for i in red) == [1, 2, 3, 4]
+    assert sel["positions"][1] == 0 and sel["weights"][1] > 0
+    # Unit 2 (blue detector) prefers blue.
+    assert out[2]["labels"][0] == "blue"
+    # 4 concepts x 4 seeds, "blue"/"green" shared by both units: 16 requests, not 24.
+    assert gen.calls == 16
+    again = ScoreStage(colour_target(), "pool", "mean", gen, MeanColourEncoder(), tmp_path,
+                       ScoreConfig(images_per_concept=4, beta=2))(units)
+    assert gen.calls == 16 + 4  # only the unrenderable "banana" is asked again
+    assert again[0]["selection"] == sel
+    assert len(list(tmp_path.glob("*.jpg"))) == 12  # thumbnails of the renderable images
+
+
+def test_labels_deduplicated_by_text_similarity(tmp_path):
+    stage = ScoreStage(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
+                       tmp_path, ScoreConfig(images_per_concept=3, beta=2))
+    out = stage([UnitInput(0, ["red", "red square", "blue", "green"], _red_images())])[0]
+    # "red" and "red square" embed identically (similarity 1 > 0.81): only one is kept.
+    assert len([label for label in out["labels"] if "red" in label]) == 1
+    assert len(out["labels"]) == 3
+    assert out["interpretability"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_unit_with_only_unrenderable_candidates_fails_with_reason(tmp_path):
+    stage = ScoreStage(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
+                       tmp_path, ScoreConfig(images_per_concept=2))
+    out = stage([UnitInput(1, ["banana"], _red_images(2))])[1]
+    assert "no candidate could be rendered" in out["error"]

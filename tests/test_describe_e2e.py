@@ -1,0 +1,82 @@
+"""The whole pipeline offline with tiny random-weight real models: BLIP, an LLM behind the
+local fake chat server, Stable Diffusion and open_clip, on the hand-weighted colour CNN."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+
+import pytest
+from conftest import colour_target
+from fake_openai import FakeOpenAI, Reply
+from tiny_blip import tiny_blip
+from tiny_models import tiny_open_clip, tiny_sd_pipeline
+
+from dnd.backends.caption import TransformersCaptioner
+from dnd.backends.encode import OpenClipEncoder
+from dnd.backends.generate import DiffusersGenerator
+from dnd.backends.llm import OpenAIChat, OpenAIChatConfig
+from dnd.config import RunConfig
+from dnd.pipeline import Models, describe
+
+CONCEPTS = ["red squares", "stripes", "blue water", "green leaves", "checkerboard"]
+
+
+def script(body, n):
+    """Concept requests cycle through five concepts (a random BLIP repeats one caption, so
+    the replies cannot depend on the captions); simplify requests get a short label."""
+    text = body["messages"][-1]["content"]
+    if "Descriptions:" in text:
+        return Reply(content=CONCEPTS[n % len(CONCEPTS)])
+    return Reply(content=f"object {zlib.crc32(text.encode()) % 97}")  # simplified captions
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-e2e-sentinel-0123456789")
+    blip, proc = tiny_blip(tmp_path, "a red square blue circle on green background".split())
+    with FakeOpenAI(script) as server:
+        yield server, Models(
+            captioner=TransformersCaptioner("tiny-blip", model=blip, processor=proc,
+                                            max_new_tokens=6, min_length=6),
+            llm=OpenAIChat(OpenAIChatConfig(model="fake", base_url=server.base_url,
+                                            max_retries=0)),
+            generator=DiffusersGenerator("tiny-sd", pipe=tiny_sd_pipeline(tmp_path), steps=2,
+                                         height=32, width=32, batch_size=8),
+            encoder=OpenClipEncoder(components=tiny_open_clip(tmp_path)),
+        )
+
+
+def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_path, models):
+    server, m = models
+    folder, _, _ = colour_probe
+    config = RunConfig.from_dict({
+        "model": "colournet", "layer": "pool", "probe": [str(folder)], "units": "0-2",
+        "crop": {"top_n": 3, "top_k": 4}, "summarize": {"num_samples": 5},
+        "score": {"images_per_concept": 2, "beta": 1}})
+    run = tmp_path / "run"
+    result = describe(config, run, target=colour_target(), models=m, progress=False)
+    assert result.failed == {} and result.done_now == [0, 1, 2]
+    for u in range(3):
+        rec = json.loads((run / "units" / "pool" / f"{u}.json").read_text())
+        assert rec["stage"] == "labels"
+        # Units 0 and 1 have crops (3 originals + crops, top 4); unit 2 never fires: 3.
+        assert len(rec["captions"]) == len(rec["activating_images"]) == (4 if u < 2 else 3)
+        assert all(len(c.split()) >= 3 for c in rec["captions"])
+        assert set(rec["candidates"]["concepts"]) <= set(CONCEPTS)
+        assert len(rec["labels"]) == 3 and rec["labels"][0] == rec["selection"]["labels"][0]
+        sel = rec["selection"]
+        assert len(sel["ranks"]) == 2 * len(sel["candidates"])
+        assert all(len(v) == 2 for v in rec["generated"].values())
+    rows = list(csv.reader(open(run / "labels.csv")))
+    assert rows[0] == ["Neuron ID", "Label 1", "Label 2", "Label 3"] and len(rows) == 4
+    assert all(len([x for x in r[1:] if x]) == 3 for r in rows[1:])
+    # Nothing is paid twice: a re-run asks the LLM nothing and finishes at once.
+    sent = len(server.requests)
+    again = describe(config, run, target=colour_target(), models=m, progress=False)
+    assert again.done_now == [] and len(server.requests) == sent
+    # The API key appears nowhere in the run directory.
+    for p in run.rglob("*"):
+        if p.is_file():
+            assert b"sk-e2e-sentinel" not in p.read_bytes(), p

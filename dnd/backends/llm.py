@@ -304,9 +304,11 @@ class TransformersChatConfig:
     ``model`` is a hub id or local path of a causal LM whose tokenizer has a chat
     template. Temperature 0 decodes greedily; above 0 it samples (no top-k/top-p, like
     the OpenAI API), seeded from ``seed`` and the batch's requests so runs repeat.
+    ``gguf_file`` names a GGUF checkpoint inside ``model`` (a folder), dequantised on load.
     """
 
     model: str
+    gguf_file: str | None = None
     device: str = "cpu"
     dtype: str = "auto"
     max_new_tokens: int = 32
@@ -341,11 +343,15 @@ class TransformersChat:
 
         self.config = config
         self._torch = torch
+        gguf = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(config.model)
+            tokenizer = AutoTokenizer.from_pretrained(config.model, **gguf)
+            if len(tokenizer) < 10:  # offline loads can return an empty tokenizer silently
+                raise ValueError(f"tokenizer of {config.model!r} loaded with only "
+                                 f"{len(tokenizer)} tokens: the model files are missing")
         if model is None:
             dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
-            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **gguf)
             model.to(config.device)
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {config.model!r} has no chat template")

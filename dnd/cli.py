@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "toyworld:N")
     for flag, key, typ, help_ in DESCRIBE_FLAGS:
         d.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+    d.add_argument("--retry-failed", action="store_true",
+                   help="redo units that failed in an earlier run (from the failed stage)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the model names --model accepts")
@@ -105,7 +107,8 @@ def _describe(args: argparse.Namespace) -> int:
     if args.probe:
         overrides["probe"] = args.probe
     config = load_config(args.config, overrides, preset=args.preset)
-    result = describe(config, args.run_dir, progress=not args.quiet)
+    result = describe(config, args.run_dir, progress=not args.quiet,
+                      retry_failed=args.retry_failed)
     msg = (f"{len(result.units)} unit(s) of {config.layer}: {len(result.done_now)} done now, "
            f"{len(result.units) - len(result.done_now)} already done")
     if config.stop_after == "activations":

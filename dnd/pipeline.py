@@ -103,11 +103,13 @@ def _device_opt(registry, backend: BackendConfig, device: torch.device) -> dict:
 
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
              probe: ProbeSet | None = None, models: Models | None = None,
-             progress: bool = True) -> RunResult:
+             progress: bool = True, retry_failed: bool = False) -> RunResult:
     """Run the pipeline up to ``config.stop_after`` for ``config.units`` of ``config.layer``.
 
     ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
     are built from the config. Every input check happens before the pass over the probe.
+    Units that failed in an earlier run are left alone unless ``retry_failed``: then they
+    are redone from the stage that failed.
     """
     # 1. Cheap checks first: run dir, model, layer, unit range, probing set, API keys.
     store = RunStore(run_dir)
@@ -131,6 +133,13 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     if config.stop_after == "activations":
         return RunResult(store.root, units, [], {}, acts, n_bad)
     # 3. The per-unit stages, chunk by chunk, for units not finished by an earlier run.
+    if retry_failed:
+        for u in units:
+            rec = store.read_unit(config.layer, u)
+            if rec is not None and "error" in rec:
+                rec.pop("error")
+                rec.pop("failed_at", None)
+                store.write_unit(config.layer, u, rec)
     runner = _StageRunner(config, store, target, probe, acts, models, progress)
     todo = [u for u in units if not store.unit_done(config.layer, u, config.stop_after)]
     log.info("%d of %d units to do (%d already done)", len(todo), len(units),
@@ -139,7 +148,8 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     for start in range(0, len(todo), config.chunk_units):
         failed.update(runner.run_chunk(todo[start:start + config.chunk_units]))
     store.write_labels(config.layer)
-    return RunResult(store.root, units, todo, failed, acts, n_bad)
+    return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
+                     n_bad)
 
 
 class _StageRunner:

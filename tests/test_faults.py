@@ -1,0 +1,89 @@
+"""Failures stay contained: a unit whose LLM calls fail is recorded as failed with the
+reason, the others finish, and --retry-failed redoes only the failed ones."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import colour_target
+
+from dnd.backends.llm import LLMError
+from dnd.cli import main
+from dnd.config import RunConfig
+from dnd.pipeline import Models, describe
+
+
+class ColourCaptioner:
+    identity = {"backend": "colour-words"}
+
+    def caption(self, images):
+        """'a <colour> thing' for the strongest channel at the image centre."""
+        words = ("red", "green", "blue")
+        centre = [im.getpixel((im.width // 2, im.height // 2)) for im in images]
+        return [f"a {words[max(range(3), key=px.__getitem__)]} thing" for px in centre]
+
+
+class FlakyLLM:
+    """Answers with the first word it sees after 'a '; fails every request that mentions
+    ``bad_word`` while ``broken`` is set."""
+
+    cache_identity = {"backend": "flaky"}
+
+    def __init__(self, bad_word):
+        self.bad_word, self.broken, self.calls = bad_word, True, 0
+
+    def complete(self, messages, *, temperature, sample=0):
+        raise NotImplementedError
+
+    def complete_many(self, requests):
+        out = []
+        for r in requests:
+            self.calls += 1
+            text = r.messages[-1]["content"]
+            if self.broken and self.bad_word in text:
+                out.append(LLMError("gave up after 3 tries; last error: HTTP 503"))
+            else:
+                out.append("green thing" if "green" in text else "grey thing")
+        return out
+
+
+def test_failed_unit_is_recorded_and_retried_alone(colour_probe, tmp_path):
+    folder, _, _ = colour_probe
+    llm = FlakyLLM("green")
+    models = Models(captioner=ColourCaptioner(), llm=llm)
+    config = RunConfig.from_dict({"model": "colournet", "layer": "pool", "probe": [str(folder)],
+                                  "units": "0-1", "stop_after": "candidates",
+                                  "crop": {"top_n": 3}, "summarize": {"num_samples": 2}})
+    run = tmp_path / "run"
+    res = describe(config, run, target=colour_target(), models=models, progress=False)
+    assert list(res.failed) == [1] and "HTTP 503" in res.failed[1]
+    assert res.done_now == [0]
+    rec1 = json.loads((run / "units/pool/1.json").read_text())
+    assert rec1["failed_at"] == "candidates" and rec1["stage"] == "captions"
+    # A plain re-run leaves the failed unit alone (and says so).
+    calls = llm.calls
+    again = describe(config, run, target=colour_target(), models=models, progress=False)
+    assert list(again.failed) == [1] and llm.calls == calls
+    # --retry-failed redoes only unit 1, from the failed stage.
+    llm.broken = False
+    fixed = describe(config, run, target=colour_target(), models=models, progress=False,
+                     retry_failed=True)
+    assert fixed.failed == {} and fixed.done_now == [1]
+    rec1 = json.loads((run / "units/pool/1.json").read_text())
+    assert rec1["stage"] == "candidates" and "error" not in rec1
+    assert rec1["candidates"]["concepts"][0] == "green thing"
+
+
+def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeypatch):
+    folder, _, _ = colour_probe
+    import dnd.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_models",
+                        lambda config, device: Models(captioner=ColourCaptioner(),
+                                                      llm=FlakyLLM("green")))
+    monkeypatch.setattr(pipeline, "load_target", lambda name, weights: colour_target())
+    argv = ["describe", "--model", "colournet", "--layer", "pool", "--probe", str(folder),
+            "--units", "0-1", "--stop-after", "candidates", "--run-dir", str(tmp_path / "r"),
+            "-q"]
+    assert main(argv) == 1
+    assert "1 unit(s) failed, e.g. unit 1" in capsys.readouterr().err

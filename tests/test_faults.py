@@ -87,3 +87,24 @@ def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeyp
             "-q"]
     assert main(argv) == 1
     assert "1 unit(s) failed, e.g. unit 1" in capsys.readouterr().err
+
+
+def test_missing_api_key_and_unknown_backend_fail_before_the_pass(colour_probe, tmp_path,
+                                                                   monkeypatch):
+    import pytest
+    from test_pipeline import CountingProbe
+
+    from dnd.probe import open_probe
+
+    folder, _, _ = colour_probe
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    probe = CountingProbe(open_probe(str(folder)))
+    base = {"model": "colournet", "layer": "pool", "probe": [str(folder)], "units": "0"}
+    with pytest.raises(Exception, match="OPENAI_API_KEY"):
+        describe(RunConfig.from_dict(base), tmp_path / "a", target=colour_target(),
+                 probe=probe, progress=False)
+    with pytest.raises(KeyError, match="unknown captioner 'bllip'; did you mean: blip"):
+        describe(RunConfig.from_dict({**base, "captioner": {"name": "bllip"},
+                                      "summarizer": "consensus"}),
+                 tmp_path / "b", target=colour_target(), probe=probe, progress=False)
+    assert probe.loads == 0 and not (tmp_path / "a").exists()

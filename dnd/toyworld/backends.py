@@ -1,0 +1,61 @@
+"""The toy world's models behind the pipeline's backend protocols.
+
+- generator ``toyworld``: the grounded scene renderer (text it cannot ground -> CannotRender)
+- encoder ``toyworld``: the tiny CLIP trained on the world's captions
+- captioner ``toyworld``: the tiny BLIP trained on the world's captions and crop captions
+
+All run offline on CPU from the weights committed under ``dnd/toyworld/weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+
+from dnd.backends.base import CAPTIONERS, ENCODERS, GENERATORS, CannotRender, GenRequest
+
+
+class ToyWorldGenerator:
+    """Text-to-image by rendering: one scene per (prompt, seed) that contains the concept."""
+
+    def __init__(self, size: int = 64):
+        from dnd.toyworld.generator import ToyRenderer
+
+        self.renderer = ToyRenderer(size=size)
+        self.identity = {"backend": "toyworld", "size": size}
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[Image.Image | Exception]:
+        from dnd.toyworld.generator import CannotRender as ToyCannotRender
+
+        out: list[Image.Image | Exception] = []
+        for r in requests:
+            try:
+                out.append(self.renderer.generate(r.prompt, 1, r.seed)[0])
+            except ToyCannotRender as e:
+                out.append(e if isinstance(e, CannotRender) else CannotRender(str(e)))
+        return out
+
+
+@GENERATORS.register("toyworld")
+def _toy_generator(size: int = 64) -> ToyWorldGenerator:
+    return ToyWorldGenerator(size=size)
+
+
+@ENCODERS.register("toyworld")
+def _toy_encoder(device: str | None = None, batch_size: int = 256):
+    from dnd.backends.encode import HFClipEncoder
+    from dnd.toyworld.clip import CLIP_DIR, load_toy_clip
+
+    model, processor = load_toy_clip()
+    enc = HFClipEncoder(str(CLIP_DIR), device=device, batch_size=batch_size,
+                        components=(model, processor.image_processor, processor.tokenizer))
+    enc.identity = {**enc.identity, "model": "toyworld-clip"}  # not a machine-specific path
+    return enc
+
+
+@CAPTIONERS.register("toyworld")
+def _toy_captioner(device: str = "cpu", **kw):
+    from dnd.toyworld.blip import toy_captioner
+
+    return toy_captioner(device=device, **kw)

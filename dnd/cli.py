@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dnd.backends.llm import LLMError
 from dnd.config import STAGES, ConfigError, RunConfig, load_config, preset_names
 from dnd.stages.crop import CropConfig
 
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "layers":
             print("\n".join(load_target(args.model, weights="none").layer_names()))
         return 0
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, LLMError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"dnd: error: {msg}", file=sys.stderr)
         return 2

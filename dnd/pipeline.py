@@ -66,22 +66,30 @@ def _create(registry, backend: BackendConfig, **extra):
         raise ValueError(f"{registry.kind} {backend.name!r}: bad option ({e})") from None
 
 
-def load_models(config: RunConfig, device: torch.device) -> Models:
-    """Build the backends the requested stages need; the cheap checks (API keys) go first."""
-    m = Models()
+def load_llm(config: RunConfig):
+    """The summariser's chat backend, or None. Cheap: a missing API key fails here."""
+    if not (_needs(config, "candidates") and config.summarizer == "llm"):
+        return None
+    from dnd.backends.llm import LLMS
+
+    return _create(LLMS, config.llm)
+
+
+def load_models(config: RunConfig, device: torch.device, llm: Any = None) -> Models:
+    """Build the backends the requested stages need (``llm`` from :func:`load_llm`)."""
+    m = Models(llm=llm)
     if not _needs(config, "captions"):
         return m
     from dnd.backends import registered
 
     caps, llms, gens, encs = registered()
-    if _needs(config, "candidates") and config.summarizer == "llm":
-        m.llm = _create(llms, config.llm)  # a missing API key fails here, before any model
     if config.captioner.name == "chat":
         from dnd.backends.caption import ChatCaptioner
         opts = dict(config.captioner.options)
-        llm = _create(llms, BackendConfig(opts.pop("llm", "openai"), opts.pop("llm_options", {})))
+        chat = _create(llms, BackendConfig(opts.pop("llm", "openai"), opts.pop("llm_options",
+                                                                              {})))
         # No reply cache here: the caption stage already caches by image pixels.
-        m.captioner = ChatCaptioner(llm, **opts)
+        m.captioner = ChatCaptioner(chat, **opts)
     else:
         m.captioner = _create(caps, config.captioner, **_device_opt(caps, config.captioner,
                                                                     device))
@@ -111,9 +119,10 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     Units that failed in an earlier run are left alone unless ``retry_failed``: then they
     are redone from the stage that failed.
     """
-    # 1. Cheap checks first: run dir, model, layer, unit range, probing set, API keys.
+    # 1. Cheap checks first: run dir, API key, model, layer, unit range, probing set.
     store = RunStore(run_dir)
     store.check(config)
+    llm = load_llm(config) if models is None else None
     device = resolve_device(config.device)
     target = target or load_target(config.model, config.weights)
     target.to(device)
@@ -123,7 +132,7 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     if probe.skipped:
         log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
                     len(probe.skipped), probe.skipped[0][0])
-    models = models or load_models(config, device)
+    models = models or load_models(config, device, llm)
     store.save_config(config)
     # 2. One pass over the probing set (or a matching cached one).
     acts = compute_activations(target, probe, [config.layer], store.activations_dir,

@@ -78,9 +78,9 @@ def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeyp
     folder, _, _ = colour_probe
     import dnd.pipeline as pipeline
 
+    monkeypatch.setattr(pipeline, "load_llm", lambda config: FlakyLLM("green"))
     monkeypatch.setattr(pipeline, "load_models",
-                        lambda config, device: Models(captioner=ColourCaptioner(),
-                                                      llm=FlakyLLM("green")))
+                        lambda config, device, llm: Models(captioner=ColourCaptioner(), llm=llm))
     monkeypatch.setattr(pipeline, "load_target", lambda name, weights: colour_target())
     argv = ["describe", "--model", "colournet", "--layer", "pool", "--probe", str(folder),
             "--units", "0-1", "--stop-after", "candidates", "--run-dir", str(tmp_path / "r"),
@@ -108,3 +108,18 @@ def test_missing_api_key_and_unknown_backend_fail_before_the_pass(colour_probe, 
                                       "summarizer": "consensus"}),
                  tmp_path / "b", target=colour_target(), probe=probe, progress=False)
     assert probe.loads == 0 and not (tmp_path / "a").exists()
+
+
+def test_paper_preset_without_key_fails_before_loading_the_target(tmp_path, monkeypatch,
+                                                                   capsys):
+    import dnd.pipeline as pipeline
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    def no_target(*a, **k):
+        raise AssertionError("the target must not load before the API key check")
+
+    monkeypatch.setattr(pipeline, "load_target", no_target)
+    assert main(["describe", "--preset", "paper", "--probe", str(tmp_path), "--run-dir",
+                 str(tmp_path / "r"), "-q"]) == 2
+    assert "OPENAI_API_KEY" in capsys.readouterr().err

@@ -88,3 +88,20 @@ def test_chat_captioner_sends_images_inline(monkeypatch):
     parts = body["messages"][-1]["content"]
     assert parts[0]["type"] == "text" and "Caption" in parts[0]["text"]
     assert parts[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+
+
+def test_blip2_returns_only_new_tokens_and_is_batch_independent(tmp_path):
+    from tiny_blip import tiny_blip2
+
+    words = "a red square on green background blue circle".split()
+    model, proc = tiny_blip2(tmp_path, words)
+    # A random model mostly repeats BOS; forbid special tokens so it must emit words.
+    model.language_model.generation_config.suppress_tokens = list(range(6))
+    cap = TransformersCaptioner("tiny-blip2", kind="blip2", model=model, processor=proc,
+                                max_new_tokens=5, min_length=1)
+    both = cap.caption([RED, BLUE])
+    assert both == [cap.caption([RED])[0], cap.caption([BLUE])[0]]
+    for c in both:
+        assert "<image>" not in c and 0 < len(c.split()) <= 5
+        assert set(c.split()) <= set(words) | {"[UNK]", "[MASK]"}
+    assert cap.identity["backend"] == "blip2"

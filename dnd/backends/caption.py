@@ -82,6 +82,13 @@ class TransformersCaptioner:
         inputs = self.processor(**kwargs).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         out = self.model.generate(**inputs, **self.gen_kwargs)
+        if self.identity["backend"] == "blip2" and not self.model.config.text_config \
+                .is_encoder_decoder:
+            # A decoder-only language model returns its prompt too: the processor's input ids
+            # or, without text, the query-token placeholders plus BOS that generate() builds.
+            n_prompt = (inputs["input_ids"].shape[1] if "input_ids" in inputs
+                        else self.model.config.num_query_tokens + 1)
+            out = out[:, n_prompt:]
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         if self.prompt:  # conditional captions start with the prompt; keep only the rest
             texts = [t[len(self.prompt):] if t.startswith(self.prompt) else t for t in texts]

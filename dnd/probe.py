@@ -9,7 +9,8 @@ spec string (see :func:`open_probe`):
                             ``.npz`` with ``images`` [N, 32, 32, 3] uint8 (and ``labels``)
 - ``PATH.npz``              the same npz layout, CIFAR-10 class names assumed if ``classes``
                             is absent
-- ``toyworld:N``            N rendered toy-world scenes (seeds 0..N-1)
+- ``toyworld:N``            N rendered toy-world scenes (seeds from TOY_PROBE_START on,
+                            disjoint from the seeds the toy models were trained on)
 
 Several specs are concatenated in order. Files that are not images are skipped at listing
 time; images that fail to decode are found during the activation pass. Both are counted and
@@ -149,11 +150,14 @@ def _open_cifar(kind: str, path: Path) -> ArrayProbe:
                       source=str(path))
 
 
+TOY_PROBE_START = 2_000_000  # toy training uses seeds < 1e6, held-out evaluation 1e6..2e6
+
+
 @dataclass
 class ToyWorldProbe(ProbeSet):
     """N toy-world scenes rendered from seeds ``offset .. offset+N-1``."""
 
-    offset: int = 0
+    offset: int = TOY_PROBE_START
 
     def load(self, i: int) -> Image.Image:
         from dnd.toyworld.render import render_scene

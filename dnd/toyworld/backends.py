@@ -26,14 +26,12 @@ class ToyWorldGenerator:
         self.identity = {"backend": "toyworld", "size": size}
 
     def generate(self, requests: Sequence[GenRequest]) -> list[Image.Image | Exception]:
-        from dnd.toyworld.generator import CannotRender as ToyCannotRender
-
         out: list[Image.Image | Exception] = []
         for r in requests:
             try:
                 out.append(self.renderer.generate(r.prompt, 1, r.seed)[0])
-            except ToyCannotRender as e:
-                out.append(e if isinstance(e, CannotRender) else CannotRender(str(e)))
+            except CannotRender as e:  # returned in place: the other requests go on
+                out.append(e)
         return out
 
 

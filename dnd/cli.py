@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dnd", description="Describe-and-Dissect: plain-language "
                                 "descriptions of the units of vision networks.")
     sub = p.add_subparsers(dest="command", required=True)
+    from dnd.evaluation.cli import add_cli
+
+    add_cli(sub)  # `dnd tables` and `dnd evaluate ...`
 
     d = sub.add_parser("describe", help="describe units of a layer",
                        description="Describe units of a layer. Re-running the same command "
@@ -93,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--retry-failed", action="store_true",
                    help="redo units that failed in an earlier run (from the failed stage)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the offline toy world, judged "
+                          "against ground truth",
+                          description="Describe the toy CNN's final layer and hidden units "
+                          "with the toyworld preset (offline, CPU, a few minutes) and print "
+                          "how often the labels name the ground-truth concept.")
+    demo.add_argument("--run-dir", default="runs/demo",
+                      help="where the run directories and agreement table go "
+                      "(default runs/demo; re-running resumes)")
+    demo.add_argument("--probe-size", type=int, default=2000,
+                      help="number of rendered probing scenes (default 2000)")
+    demo.add_argument("--hidden-layer", default="conv4",
+                      help="hidden layer to describe besides fc (default conv4)")
+    demo.add_argument("--hidden-units", default="0-31",
+                      help="units of the hidden layer (default 0-31)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("models", help="list the model names --model accepts")
     la = sub.add_parser("layers", help="list the layer names of a model")
@@ -129,8 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "func"):  # subcommands that carry their own handler
+            return args.func(args)
         if args.command == "describe":
             return _describe(args)
+        if args.command == "demo":
+            from dnd.toyworld.demo import run_demo
+
+            run_demo(args.run_dir, n_probe=args.probe_size, hidden_layer=args.hidden_layer,
+                     hidden_units=args.hidden_units, progress=not args.quiet)
+            return 0
         from dnd.target import load_target, model_names
 
         if args.command == "models":
@@ -138,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "layers":
             print("\n".join(load_target(args.model, weights="none").layer_names()))
         return 0
-    except (ConfigError, ValueError, KeyError, FileNotFoundError, LLMError) as e:
+    except (ConfigError, ValueError, KeyError, OSError, ImportError, LLMError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"dnd: error: {msg}", file=sys.stderr)
         return 2

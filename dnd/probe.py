@@ -111,7 +111,9 @@ class ArrayProbe(ProbeSet):
     def fingerprint(self) -> str:
         p = Path(self.source)
         stat = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else []
-        return stable_hash({"kind": "array", "source": str(self.source), "n": len(self),
+        # Resolved, so a relative and an absolute path to the same file share a cache entry.
+        source = str(p.resolve()) if p.exists() else str(self.source)
+        return stable_hash({"kind": "array", "source": source, "n": len(self),
                             "shape": list(self.images.shape), "stat": stat})
 
 

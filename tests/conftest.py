@@ -19,7 +19,7 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 class ColourNet(nn.Module):
     """Unit 0 of ``detect``/``pool`` fires only on pure red pixels, unit 1 on pure green,
-    unit 2 on pure green; grey backgrounds give exactly zero.
+    unit 2 on pure blue; grey backgrounds give exactly zero.
 
     Inputs are raw RGB in [0, 1] (preprocess mean 0, std 1). ``pool`` averages 4x4 cells,
     so its maps are 16x16 on a 64x64 view and must be upsampled to find boxes.

@@ -1,0 +1,247 @@
+"""``dnd tables``: regenerate the evaluation tables defined in ``eval/tables.yaml``.
+
+Each table becomes ``<out_dir>/<name>.md`` stating the command that regenerates it, the
+models, embedders and data used, and the numbers. A table whose data files are missing
+under ``data_root``, or whose models cannot be loaded here, is written as
+"not run: needs ...", never filled with guesses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnd.evaluation.classifier_search import run_classifier_search
+from dnd.evaluation.embedders import CachedEmbedder, TextEmbedder, create_embedder
+from dnd.evaluation.final_layer import (
+    constant_labels,
+    final_layer_similarity,
+    model_class_names,
+)
+from dnd.evaluation.labels import UnitLabels, read_labels
+from dnd.evaluation.milan import milan_scores, read_annotations
+from dnd.io import atomic_write_text
+from dnd.registry import unknown_name_message
+
+log = logging.getLogger(__name__)
+
+# eval/ sits at the repository root next to dnd/ (tables are a repository artefact).
+DEFAULT_DEFINITIONS = Path(__file__).resolve().parents[2] / "eval" / "tables.yaml"
+DEFAULT_CACHE_DIR = Path("runs") / "eval-cache"
+
+
+class NotRun(Exception):
+    """A table cannot be computed on this machine; the message says what it needs."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of ``eval/tables.yaml`` (see the comment at its top for the keys).
+
+    ``data``: role -> path under the data root, or (milan labels) layer -> path.
+    ``options``: the kind's own settings (labels, baselines, layer, probe_kind, threshold).
+    """
+
+    name: str
+    kind: str
+    title: str
+    models: tuple[str, ...]
+    embedders: tuple[str, ...]
+    command: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, d: Mapping[str, Any]) -> TableSpec:
+        d = dict(d)
+        missing = {"kind", "title", "models", "embedders", "command"} - set(d)
+        if missing:
+            raise ValueError(f"table {name!r}: missing key(s) {', '.join(sorted(missing))}")
+        if d["kind"] not in RUNNERS:
+            raise ValueError(f"table {name!r}: "
+                             + unknown_name_message("table kind", d["kind"], list(RUNNERS)))
+        return cls(name=name, kind=d.pop("kind"), title=" ".join(d.pop("title").split()),
+                   models=tuple(d.pop("models")), embedders=tuple(d.pop("embedders")),
+                   command=" ".join(d.pop("command").split()), data=d.pop("data", None) or {},
+                   options=d)
+
+    def data_files(self) -> list[str]:
+        """Every data path the table needs, relative to the data root."""
+        return [p for v in self.data.values()
+                for p in (v.values() if isinstance(v, Mapping) else [v])]
+
+
+def load_tables(path: str | Path = DEFAULT_DEFINITIONS) -> dict[str, TableSpec]:
+    """Table name -> :class:`TableSpec`, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table definitions not found: {path} (dnd tables runs from "
+                                f"a checkout of the repository, which holds eval/)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {name: TableSpec.from_dict(name, d) for name, d in raw.items()}
+
+
+def run_tables(names: Sequence[str] | None = None, out_dir: str | Path = "results",
+               data_root: str | Path | None = None, *,
+               definitions: str | Path = DEFAULT_DEFINITIONS,
+               cache_dir: str | Path = DEFAULT_CACHE_DIR,
+               embedders: Mapping[str, TextEmbedder] | None = None,
+               progress: bool = True) -> dict[str, Path]:
+    """Regenerate tables ``names`` (default: all) into ``out_dir/<name>.md``.
+
+    ``data_root``: folder holding the tables' data files (None: none available).
+    ``cache_dir``: activation cache (keep it out of ``out_dir``). ``embedders``: already
+    loaded embedders by name, shared across tables (others are loaded once, on first use).
+    Returns name -> written file.
+    """
+    specs = load_tables(definitions)
+    for n in names or []:
+        if n not in specs:
+            raise KeyError(unknown_name_message("table", n, list(specs)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = {name: CachedEmbedder(e) for name, e in (embedders or {}).items()}
+    written = {}
+    for spec in (specs[n] for n in (names or specs)):
+        try:
+            body, status = _run_one(spec, data_root, loaded, Path(cache_dir), progress), "run"
+        except NotRun as e:
+            body, status = [f"**not run: needs {e}**"], "not run"
+        log.info("table %s: %s", spec.name, status)
+        written[spec.name] = atomic_write_text(
+            out_dir / f"{spec.name}.md", "\n".join(_header(spec, out_dir, data_root) + body)
+            + "\n")
+    return written
+
+
+def _run_one(spec: TableSpec, data_root: str | Path | None, loaded: dict[str, TextEmbedder],
+             cache_dir: Path, progress: bool) -> list[str]:
+    """1. check data files, 2. load embedders (once per name), 3. run the table's kind."""
+    # Absolute, so the activation cache key (which includes the probe's path) does not
+    # depend on the working directory.
+    root = Path(data_root).resolve() if data_root is not None else None
+    missing = [p for p in spec.data_files() if root is None or not (root / p).exists()]
+    if missing:
+        where = f"under {data_root}" if root is not None else "(no --data-root given)"
+        raise NotRun(f"data {', '.join(missing)} {where}")
+    for name in spec.embedders:
+        if name not in loaded:
+            try:
+                loaded[name] = CachedEmbedder(create_embedder(name))
+            except (OSError, ImportError) as e:
+                raise NotRun(f"model: text embedder {name} ({_first_line(e)})") from e
+    resolve = _resolver(root)
+    try:
+        return RUNNERS[spec.kind](spec, resolve, [loaded[n] for n in spec.embedders],
+                                  cache_dir, progress)
+    except (OSError, ImportError) as e:
+        raise NotRun(f"model: {', '.join(spec.models)} ({_first_line(e)})") from e
+
+
+def _resolver(root: Path | None) -> Callable[[Any], Any]:
+    def resolve(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: resolve(x) for k, x in v.items()}
+        return root / v
+    return resolve
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _header(spec: TableSpec, out_dir: Path, data_root: str | Path | None) -> list[str]:
+    cmd = f"dnd tables --only {spec.name}"
+    if out_dir != Path("results"):
+        cmd += f" --out {out_dir}"
+    if data_root is not None:
+        cmd += f" --data-root {data_root}"
+    user_cmd = spec.command.replace("DATA", str(data_root) if data_root is not None else "DATA")
+    data = [f"`{p}`" for p in spec.data_files()] or ["none (class names only)"]
+    return [f"# {spec.name}", "", spec.title, "",
+            f"Regenerate: `{cmd}`", "",
+            f"- Models: {', '.join(spec.models)}",
+            f"- Text embedders: {', '.join(spec.embedders)}",
+            f"- Data (under the data root): {', '.join(data)}",
+            f"- With your own descriptions: `{user_cmd}`", ""]
+
+
+def _method_labels(spec: TableSpec, resolve: Callable[[Any], Any],
+                   layer: str | None = None) -> tuple[str, list[UnitLabels]]:
+    """(row name, labels): the model's class names, or the table's labels file."""
+    if spec.options.get("labels") == "class_names":
+        names = model_class_names(spec.models[0])
+        return "class names", [UnitLabels(layer, i, (n,)) for i, n in enumerate(names)]
+    return "labels file", read_labels(resolve(spec.data["labels"]), layer)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _final_layer(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
+    class_names = model_class_names(spec.models[0])
+    method, labels = _method_labels(spec, resolve)
+    sources = [(method, labels)] + [(f'constant "{b}" (baseline)',
+                                     constant_labels([u.unit for u in labels], b))
+                                    for b in spec.options.get("baselines", [])]
+    rows = []
+    for src, lab in sources:
+        res = final_layer_similarity(lab, class_names, embedders)
+        rows += [[src, s.embedder, _fmt(s.mean), f"[{_fmt(s.low)}, {_fmt(s.high)}]",
+                  len(res.units)] for s in res.scores]
+    return ["Mean cosine similarity of each unit's label to its class name (95% bootstrap CI "
+            "over units, 1000 resamples, seed 0).", ""] + _md_table(
+        ["labels", "embedder", "mean cosine", "95% CI", "units"], rows)
+
+
+def _classifier_search(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
+    layer = spec.options["layer"]
+    _, labels = _method_labels(spec, resolve, layer)
+    probe = f"{spec.options['probe_kind']}:{resolve(spec.data['probe'])}"
+    res = run_classifier_search(labels, spec.models[0], layer, probe, embedders, cache_dir,
+                                progress=progress)
+    rows = [[c, ", ".join(map(str, u)), "; ".join(dict.fromkeys(d)), _fmt(s), _fmt(a)]
+            for c, u, d, s, a in zip(res.class_names, res.units, res.descriptions,
+                                     res.similarity, res.per_class)]
+    rows.append(["**mean**", "", "", "", f"**{_fmt(res.mean_auroc)}**"])
+    return [f"One-vs-rest AUROC of the unit of layer `{layer}` whose description is closest "
+            f"to each class name (text similarity: mean cosine over the embedders), scored by "
+            f"its summary activation (spatial mean; fc outputs as they are) on "
+            f"{res.n_images} images; tied units are averaged.", ""] + _md_table(
+        ["class", "unit(s)", "description", "text similarity", "AUROC"], rows)
+
+
+def _milan(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
+    annotations = read_annotations(resolve(spec.data["annotations"]))
+    descriptions = {(layer, u.unit): u.description
+                    for layer, path in resolve(spec.data["labels"]).items()
+                    for u in read_labels(path, layer)}
+    threshold = float(spec.options.get("threshold", 0.81))
+    rows = []
+    for emb in embedders:
+        res = milan_scores(descriptions, annotations, emb, name="DnD", threshold=threshold)
+        rows += [[s.name, emb.name, _fmt(s.mean_all), _fmt(s.mean_reliable), len(res.units),
+                  int(res.reliable.sum())] for s in (res.method, res.baseline)]
+    return [f"Mean similarity of a description to the unit's annotations; reliable units "
+            f"have two annotations with similarity > {threshold}. The constant is the best "
+            f"of a fixed list of generic labels.", ""] + _md_table(
+        ["description", "embedder", "all units", "reliable units", "units", "reliable"], rows)
+
+
+# kind -> fn(spec, resolve, embedders, cache_dir, progress) -> markdown lines
+RUNNERS: dict[str, Callable[..., list[str]]] = {
+    "final_layer": _final_layer,
+    "classifier_search": _classifier_search,
+    "milan": _milan,
+}

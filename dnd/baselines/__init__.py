@@ -1,0 +1,1 @@
+"""Comparison methods in the same framework as DnD (same targets, probes and label files)."""

@@ -20,3 +20,13 @@ def test_agreement_counts_only_units_with_clear_truth():
     agreement, rows = _agreement("fc", records, {0: "red circle", 1: "blue square", 2: None})
     assert agreement == LayerAgreement("fc", units=3, judged=2, label1=1, top3=2)
     assert [r["label1_agrees"] for r in rows] == [True, False, False]
+
+
+def test_benchmark_scoring_and_concept_set():
+    from dnd.toyworld.benchmark import _score, concept_set
+
+    concepts = concept_set()
+    assert "red circle" in concepts and "striped background" in concepts and "text" in concepts
+    assert len(concepts) == len(set(concepts))
+    labels = {0: "a scarlet disc", 1: "stripes", 2: "blue"}
+    assert _score(labels, {0: "red circle", 1: "striped", 2: None, 3: "dotted"}) == (2, 3)

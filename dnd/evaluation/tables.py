@@ -239,8 +239,17 @@ def _milan(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str
         ["description", "embedder", "all units", "reliable units", "units", "reliable"], rows)
 
 
+def _toyworld_benchmark(spec: TableSpec, resolve, embedders, cache_dir, progress
+                        ) -> list[str]:
+    from dnd.toyworld.benchmark import run_benchmark
+
+    return run_benchmark(Path(cache_dir) / "toyworld-benchmark",
+                         n_probe=int(spec.options.get("n_probe", 2000)), progress=progress)
+
+
 # kind -> fn(spec, resolve, embedders, cache_dir, progress) -> markdown lines
 RUNNERS: dict[str, Callable[..., list[str]]] = {
+    "toyworld_benchmark": _toyworld_benchmark,
     "final_layer": _final_layer,
     "classifier_search": _classifier_search,
     "milan": _milan,

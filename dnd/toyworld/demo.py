@@ -72,34 +72,51 @@ def _agreement(layer: str, records: list[dict], truths: dict[int, str | None]) -
                           sum(r["top3_agrees"] for r in judged)), rows
 
 
+def describe_toy_layers(root: Path, n_probe: int, layers: list[tuple[str, str]],
+                        overrides: dict | None = None, progress: bool = True) -> dict:
+    """Run the ``toyworld`` preset on each (layer, units) under ``root/<layer>``."""
+    results = {}
+    for layer, units in layers:
+        config = load_config(preset="toyworld", overrides={
+            "layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
+            **(overrides or {})})
+        results[layer] = describe(config, root / layer, progress=progress)
+    return results
+
+
+def layer_truths(layer: str, result, scenes) -> dict[int, str | None]:
+    """Ground-truth concept of each described unit (None: no clear concept)."""
+    from dnd.toyworld.groundtruth import unit_ground_truth
+    from dnd.toyworld.target import CLASS_NAMES
+
+    if layer == "fc":
+        return {u: CLASS_NAMES[u] for u in result.units}
+    acts = np.asarray(result.activations.values[:, result.units], dtype=np.float32)
+    gt = unit_ground_truth(acts, scenes)
+    return {u: t.concept if t.clear else None for u, t in zip(result.units, gt)}
+
+
+def probe_scenes(n_probe: int) -> list:
+    """The scenes of the ``toyworld:N`` probing set, with their annotations."""
+    from dnd.toyworld.render import render_batch
+
+    return render_batch(range(TOY_PROBE_START, TOY_PROBE_START + n_probe))
+
+
 def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_layer: str = "conv4",
              hidden_units: str = "0-31", progress: bool = True) -> list[LayerAgreement]:
     """Describe the toy CNN's fc layer and ``hidden_units`` of ``hidden_layer``; judge them.
 
     Writes ``<root>/<layer>/`` run directories and ``<root>/agreement.{md,json}``.
     """
-    from dnd.toyworld.groundtruth import unit_ground_truth
-    from dnd.toyworld.render import render_batch
-    from dnd.toyworld.target import CLASS_NAMES
-
     root = Path(root)
-    probe = [f"toyworld:{n_probe}"]
-    results = {}
-    for layer, units in (("fc", "all"), (hidden_layer, hidden_units)):
-        config = load_config(preset="toyworld", overrides={"layer": layer, "units": units,
-                                                           "probe": probe})
-        results[layer] = describe(config, root / layer, progress=progress)
-    scenes = render_batch(range(TOY_PROBE_START, TOY_PROBE_START + n_probe))
+    results = describe_toy_layers(root, n_probe, [("fc", "all"), (hidden_layer, hidden_units)],
+                                  progress=progress)
+    scenes = probe_scenes(n_probe)
     table, details = [], {}
     for layer, res in results.items():
         records = RunStore(res.run_dir).records(layer)
-        if layer == "fc":
-            truths = {u: CLASS_NAMES[u] for u in res.units}
-        else:
-            acts = np.asarray(res.activations.values[:, res.units], dtype=np.float32)
-            gt = unit_ground_truth(acts, scenes)
-            truths = {u: t.concept if t.clear else None for u, t in zip(res.units, gt)}
-        agreement, rows = _agreement(layer, records, truths)
+        agreement, rows = _agreement(layer, records, layer_truths(layer, res, scenes))
         table.append(agreement)
         details[layer] = rows
     lines = ["| layer | units | with clear ground truth | Label 1 agrees | Labels 1-3 agree |",

@@ -183,7 +183,11 @@ class _StageRunner:
             if not due:
                 continue
             log.info("%s: %d unit(s)", stage, len(due))
-            results = getattr(self, f"_{stage}")(due, recs)
+            try:
+                results = getattr(self, f"_{stage}")(due, recs)
+            except torch.OutOfMemoryError as e:  # still out of memory at batch size 1
+                reason = f"{stage}: out of memory even at batch size 1 ({str(e)[:200]})"
+                results = {u: {"error": reason} for u in due}
             for u in due:
                 rec = dict(recs[u] or {})
                 rec.update(results[u])

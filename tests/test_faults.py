@@ -123,3 +123,49 @@ def test_paper_preset_without_key_fails_before_loading_the_target(tmp_path, monk
     assert main(["describe", "--preset", "paper", "--probe", str(tmp_path), "--run-dir",
                  str(tmp_path / "r"), "-q"]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_out_of_memory_halves_the_batch_then_fails_the_units_with_a_reason(colour_probe,
+                                                                           tmp_path):
+    import torch
+
+    from dnd.backends.base import run_batched
+
+    sizes = []
+
+    def fn(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return [x * 10 for x in batch]
+
+    assert run_batched(fn, list(range(7)), 8) == [x * 10 for x in range(7)]
+    assert sizes[:3] == [7, 4, 2]  # halved until it fits, then kept
+
+    class OOMCaptioner:
+        identity = {"backend": "oom"}
+
+        def caption(self, images):
+            return run_batched(self._batch, list(images), 4, "captioning")
+
+        def _batch(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    folder, _, _ = colour_probe
+    config = RunConfig.from_dict({"model": "colournet", "layer": "pool", "probe": [str(folder)],
+                                  "units": "0-1", "stop_after": "captions"})
+    res = describe(config, tmp_path / "run", target=colour_target(),
+                   models=Models(captioner=OOMCaptioner()), progress=False)
+    assert set(res.failed) == {0, 1}
+    assert "captions: out of memory even at batch size 1" in res.failed[0]
+    rec = json.loads((tmp_path / "run/units/pool/0.json").read_text())
+    assert rec["stage"] == "crops" and rec["failed_at"] == "captions"
+
+
+def test_layer_names_cannot_write_outside_the_run_directory(tmp_path):
+    from dnd.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    path = store.write_unit("../../escape", 3, {"unit": 3})
+    assert tmp_path / "run" in path.resolve().parents
+    assert not (tmp_path / "escape").exists()

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dnd.evaluation.cli import add_cli
 
     add_cli(sub)  # `dnd tables` and `dnd evaluate ...`
+    from dnd.report import add_cli as add_report_cli
+
+    add_report_cli(sub)  # `dnd report RUN_DIR`
 
     d = sub.add_parser("describe", help="describe units of a layer",
                        description="Describe units of a layer. Re-running the same command "

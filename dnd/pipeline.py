@@ -157,8 +157,21 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     for start in range(0, len(todo), config.chunk_units):
         failed.update(runner.run_chunk(todo[start:start + config.chunk_units]))
     store.write_labels(config.layer)
+    if config.stop_after == "labels":
+        _report(store.root)
     return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
                      n_bad)
+
+
+def _report(run_dir: Path) -> None:
+    """Refresh the run's HTML report; a report problem never fails a finished run."""
+    from dnd.report import build_report
+
+    try:
+        path = build_report(run_dir)
+        log.info("report: %s", path)
+    except Exception as e:  # noqa: BLE001 - the labels are safe on disk either way
+        log.warning("could not build the report of %s: %s", run_dir, e)
 
 
 class _StageRunner:

@@ -48,7 +48,9 @@ def models(tmp_path, monkeypatch):
         )
 
 
-def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_path, models):
+def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_path, models,
+                                                           caplog):
+    caplog.set_level("DEBUG")
     server, m = models
     folder, _, _ = colour_probe
     config = RunConfig.from_dict({
@@ -76,7 +78,9 @@ def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_pat
     sent = len(server.requests)
     again = describe(config, run, target=colour_target(), models=m, progress=False)
     assert again.done_now == [] and len(server.requests) == sent
-    # The API key appears nowhere in the run directory.
+    # The API key appears nowhere in the run directory (report included) or the logs.
+    assert (run / "report" / "index.html").is_file()
+    assert "sk-e2e-sentinel" not in caplog.text
     for p in run.rglob("*"):
         if p.is_file():
             assert b"sk-e2e-sentinel" not in p.read_bytes(), p

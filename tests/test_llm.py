@@ -330,3 +330,17 @@ def test_transformers_chat_folds_system_into_user_when_template_refuses_it(tiny_
     assert chat._render((system, user)) == strict.apply_chat_template(
         [{"role": "user", "content": "concept\n\nw1"}], tokenize=False, add_generation_prompt=True)
     assert len(chat.complete([system, user], temperature=0.0).split()) == 2
+
+
+def test_connection_failures_are_retried_then_reported():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = OpenAIChat(OpenAIChatConfig(model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                                      max_retries=2, backoff_base=0.01, backoff_max=0.05,
+                                      timeout=2.0))
+    with pytest.raises(LLMError, match="after 3 tries") as err:
+        llm.complete([{"role": "user", "content": "hi"}], temperature=0.0)
+    assert "onnect" in str(err.value)  # the reason names the connection failure

@@ -48,6 +48,18 @@ def test_crop_box_matches_the_pattern_in_original_pixels(step1):
         assert _close(crops[0], box), (i, crops[0], box)
 
 
+def test_top_images_keep_a_small_map_and_the_region_it_covers(step1):
+    out, red, _, _ = step1
+    top = next(e for e in out[0].top if e.index == 2)
+    assert top.view_box == (16, 0, 80, 64)  # the 64x64 centre crop of a 96x64 image
+    m = np.array(top.act_map)
+    assert m.shape == (16, 16)
+    # Red square at original x 40..56, y 20..36 -> view 24..40 -> pooled cells 6..9, 5..8.
+    ys, xs = np.nonzero(m == m.max())
+    assert set(xs) <= set(range(6, 10)) and set(ys) <= set(range(5, 9))
+    assert "map" in top.to_dict() and "map" not in out[0].crops[0].to_dict()
+
+
 def test_two_separated_blobs_give_two_crops(step1):
     out, _, (green_idx, green_boxes), _ = step1
     crops = sorted(c.box for c in out[1].crops if c.index == green_idx)

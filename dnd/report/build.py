@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from PIL import Image
 
@@ -116,6 +117,21 @@ class _Images:
         # evidence_image is the pipeline's own definition of a record's pixels.
         return self._save(rel, evidence_image(self.probe, ev), LARGE_PX if large else GRID_PX)
 
+    def heatmap(self, unit: int, index: int, act_map: list) -> str:
+        """A translucent warm-colour PNG of a unit's activation map on one image."""
+        rel = f"img/heat/{int(unit)}_{int(index)}.png"
+        if rel not in self.done:
+            m = np.asarray(act_map, dtype=np.float32)
+            span = float(m.max() - m.min())
+            v = (m - m.min()) / span if span > 0 else np.zeros_like(m)
+            # Transparent where the unit is quiet, opaque red-to-yellow where it fires.
+            rgba = np.stack([np.full_like(v, 255), 255 * v, np.zeros_like(v), 190 * v], -1)
+            buf = io.BytesIO()
+            Image.fromarray(rgba.astype(np.uint8), "RGBA").save(buf, format="PNG")
+            atomic_write_bytes(self.out / rel, buf.getvalue())
+            self.done.add(rel)
+        return rel
+
     def generated(self, key: str) -> str | None:
         """Copy of a generated image's cached thumbnail (None if the cache lacks it)."""
         name = safe_name(key)
@@ -206,16 +222,24 @@ def _img(rel: str | None, up: str, alt: str = "") -> str:
     return f'<img src="{esc(up + rel)}" alt="{esc(alt)}" loading="lazy">'
 
 
-def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str) -> str:
-    """A top image with its attention-crop boxes (original-image pixels) drawn over it."""
+def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str,
+           unit: int) -> str:
+    """A top image with the unit's activation heatmap over the region the network saw and
+    its attention-crop boxes (original-image pixels) drawn over it."""
     rel, size = images.probe_image(top["index"], large=True), images.size(top["index"])
     if rel is None or size is None:
         return _img(None, up)
     w, h = size
+    heat = ""
+    if top.get("map") and top.get("view_box"):
+        x0, y0, x1, y1 = (int(v) for v in top["view_box"])
+        href = esc(up + images.heatmap(unit, top["index"], top["map"]))
+        heat = (f'<image class=heat href="{href}" x="{x0}" y="{y0}" width="{x1 - x0}" '
+                f'height="{y1 - y0}" preserveAspectRatio="none"/>')
     rects = "".join(f'<rect x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" '
                     f'height="{b[3] - b[1]}"/>' for b in boxes)
-    return (f'<figure style="width:250px"><div class=boxed>{_img(rel, up)}'
-            f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{rects}</svg></div>'
+    svg = f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{heat}{rects}</svg>'
+    return (f'<figure style="width:250px"><div class=boxed>{_img(rel, up)}{svg}</div>'
             f"{esc(top.get('image'))} &middot; act {_num(top.get('activation'))} &middot; "
             f"{len(boxes)} crop(s)</figure>")
 
@@ -284,10 +308,10 @@ def unit_page(rec: Mapping[str, Any], images: _Images) -> str:
     crops = rec.get("crops") or []
     if rec.get("top_images"):
         figs = [_boxed(images, t, [c["box"] for c in crops
-                                   if c.get("box") and c["index"] == t["index"]], up)
+                                   if c.get("box") and c["index"] == t["index"]], up, unit)
                 for t in rec["top_images"]]
-        parts.append(f"<h2>Top images and attention crops</h2><div class=imgs>{''.join(figs)}"
-                     "</div>")
+        parts.append("<h2>Top images: activation heatmap and attention crops</h2>"
+                     f"<div class=imgs>{''.join(figs)}</div>")
 
     captions = rec.get("captions") or []
     cands = rec.get("candidates") or {}

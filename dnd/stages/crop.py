@@ -27,6 +27,7 @@ from dnd.probe import ProbeSet
 from dnd.target import Target, capture, split_output
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, end exclusive
+MAP_SIDE = 16  # activation maps kept in unit records are pooled to at most this size
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,18 @@ class Evidence:
     image_id: str
     box: Box | None
     activation: float
+    # Top images only: the unit's activation map, average-pooled to at most MAP_SIDE x
+    # MAP_SIDE, and the region of the original image it covers (for heatmap overlays).
+    act_map: tuple[tuple[float, ...], ...] | None = None
+    view_box: Box | None = None
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "image": self.image_id,
-                "box": list(self.box) if self.box else None, "activation": self.activation}
+        d = {"index": self.index, "image": self.image_id,
+             "box": list(self.box) if self.box else None, "activation": self.activation}
+        if self.act_map is not None:
+            d["map"] = [list(row) for row in self.act_map]
+            d["view_box"] = list(self.view_box)
+        return d
 
 
 @dataclass(frozen=True)
@@ -187,13 +196,16 @@ class CropStage:
         cfg = self.config
         tops = {int(u): [int(i) for i in row[:cfg.top_n]] for u, row in zip(units, top_indices)}
         # 1. One forward pass per unique top image: fp32 scores and maps for every unit.
-        scores, boxes = self._maps_and_boxes(probe, layer, tops, summary, workers, progress)
+        scores, boxes, heat = self._maps_and_boxes(probe, layer, tops, summary, workers,
+                                                   progress)
         # 2. Re-score all crops of all units in shared batches.
         crop_scores = self._score_crops(probe, layer, boxes, summary, progress)
         # 3. Per unit: originals + crops, highest activation first, keep top-K.
         out = {}
         for u, idx in tops.items():
-            top = [Evidence(i, probe.ids[i], None, scores[(u, i)]) for i in idx]
+            top = [Evidence(i, probe.ids[i], None, scores[(u, i)], *heat.get((u, i), (None,
+                                                                                   None)))
+                   for i in idx]
             crops = [Evidence(i, probe.ids[i], b, crop_scores[(u, i, b)])
                      for i in idx for b in boxes.get((u, i), [])]
             pool = sorted(top + crops, key=lambda e: (-e.activation, e.index, e.box or ()))
@@ -209,6 +221,7 @@ class CropStage:
         images = sorted(need)
         scores: dict[tuple[int, int], float] = {}
         boxes: dict[tuple[int, int], list] = {}
+        heat: dict[tuple[int, int], tuple] = {}  # (unit, image) -> (small map, view box)
         module = {layer: target.layer(layer)}
         desc = "attention maps" if progress else None
         with capture(target.module, module) as outs:
@@ -216,9 +229,18 @@ class CropStage:
                 target.module(batch.pixels.to(target.device))
                 s, maps = split_output(outs[layer], summary, target.num_prefix_tokens)
                 s = s.float().cpu()
+                small = None
+                if maps is not None:
+                    side = (min(maps.shape[2], MAP_SIDE), min(maps.shape[3], MAP_SIDE))
+                    small = F.adaptive_avg_pool2d(maps.float(), side).cpu().numpy()
+                crop = target.preprocess.crop
                 for b, (i, geom) in enumerate(zip(batch.indices, batch.geoms)):
                     for u in need[i]:
                         scores[(u, i)] = float(s[b, u])
+                        if small is not None and geom is not None:
+                            heat[(u, i)] = (tuple(tuple(round(float(v), 4) for v in row)
+                                                  for row in small[b, u]),
+                                            geom.box_to_original((0, 0, crop, crop)))
                         if maps is None or cfg.max_crops == 0 or geom is None:
                             continue
                         view_boxes = attention_boxes(
@@ -226,7 +248,7 @@ class CropStage:
                             max_crops=cfg.max_crops, iou_between=cfg.iou_between,
                             iou_image=cfg.iou_image)
                         boxes[(u, i)] = [geom.box_to_original(vb) for vb in view_boxes]
-        return scores, boxes
+        return scores, boxes, heat
 
     def _score_crops(self, probe, layer, boxes, summary, progress):
         """Summary activation of unit u on each of its crops: (u, image, box) -> float."""

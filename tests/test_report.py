@@ -156,3 +156,17 @@ def test_report_without_probe_images(tmp_path, caplog):
     text = build_report(run).read_text()
     assert "probing set could not be opened" in text
     assert (run / "report" / "units" / "fc" / "2.html").is_file()
+
+
+def test_comparison_page_puts_methods_side_by_side_escaped():
+    from dnd.report.build import comparison_page
+
+    page = comparison_page("cmp", {"fc": {
+        "methods": ["DnD", "CLIP-Dissect"], "truths": {0: "red circle", 1: None},
+        "labels": {"DnD": {0: "red circle", 1: "<b>x</b>"}, "CLIP-Dissect": {0: "blue"}},
+        "agrees": {"DnD": {0: True, 1: False}, "CLIP-Dissect": {0: False, 1: False}},
+        "links": {0: "dnd/fc/report/units/fc/0.html"}}})
+    assert "<th>DnD</th><th>CLIP-Dissect</th>" in page
+    assert '<td class="ok">red circle</td><td class="">blue</td>' in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "(no clear concept)" in page and 'href="dnd/fc/report/units/fc/0.html"' in page

@@ -31,6 +31,8 @@ td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top;text-align:left}
 tr.winner{background:#e8f5e9}
 .gen img{width:48px;height:48px;margin:1px}
 .why{background:#fff;border-left:4px solid #43a047;padding:6px 10px}
+.cmp{border-collapse:collapse}.cmp td.ok{background:#d8f5dc}
+.cmp td,.cmp th{border:1px solid #ccc;padding:3px 6px;font-size:13px}
 """
 
 # Cards are built with textContent only: model text never reaches innerHTML.

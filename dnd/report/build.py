@@ -394,3 +394,30 @@ def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,
                         *(opt["labels"] + ["", "", ""])[:3]])
     atomic_write_text(csv_path, buf.getvalue())
     return csv_path, json_path
+
+
+def comparison_page(title: str, layers: Mapping[str, Mapping[str, Any]]) -> str:
+    """Methods side by side with ground truth, one table per layer.
+
+    ``layers``: layer -> {"methods": [name, ...], "truths": {unit: concept or None},
+    "labels": {method: {unit: label}}, "agrees": {method: {unit: bool}},
+    "links": {unit: relative href of the unit's DnD page}}.
+    """
+    parts = [f"<header><b>{esc(title)}</b></header><main>"]
+    for layer, t in layers.items():
+        methods = list(t["methods"])
+        head = "".join(f"<th>{esc(m)}</th>" for m in methods)
+        rows = []
+        for unit, truth in sorted(t["truths"].items()):
+            link = t.get("links", {}).get(unit)
+            cell_unit = f'<a href="{esc(link)}">{esc(unit)}</a>' if link else esc(unit)
+            cells = "".join(
+                f'<td class="{"ok" if t["agrees"][m].get(unit) else ""}">'
+                f"{esc(t['labels'][m].get(unit, ''))}</td>" for m in methods)
+            rows.append(f"<tr><td>{cell_unit}</td><td>{esc(truth or '(no clear concept)')}"
+                        f"</td>{cells}</tr>")
+        parts.append(f"<h2>{esc(layer)}</h2><table class=cmp><tr><th>unit</th>"
+                     f"<th>ground truth</th>{head}</tr>{''.join(rows)}</table>")
+    parts.append("<p>Green cells name the ground-truth concept (keyword match with "
+                 "synonyms).</p></main>")
+    return _page(title, "".join(parts))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd.io import atomic_write_text
+from dnd.report.build import comparison_page
 from dnd.store import RunStore
 from dnd.toyworld.demo import describe_toy_layers, layer_truths, mentions, probe_scenes
 
@@ -40,6 +42,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
     """Run every method on the fc layer and ``hidden_units`` of ``hidden_layer``.
 
     Returns markdown lines: one row per method, one column per layer (agreeing / judged).
+    Also writes ``<root>/compare.html``: every unit's labels side by side with ground truth.
     """
     from dnd.baselines.clip_dissect import clip_dissect
     from dnd.probe import open_probe
@@ -60,6 +63,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
                "DnD, no summariser (top image's caption)", "CLIP-Dissect (toy CLIP)",
                "constant label (most common truth)"]
     cells: dict[str, list[str]] = {m: [] for m in methods}
+    compare: dict[str, dict] = {}
     for layer, _ in layers:
         res = full[layer]
         truths = layer_truths(layer, res, scenes)
@@ -82,6 +86,13 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
         for m in methods:
             ok, judged = _score(labels[m], truths)
             cells[m].append(f"{ok}/{judged} ({100 * ok / judged:.1f}%)" if judged else "-")
+        compare[layer] = {
+            "methods": methods, "truths": truths, "labels": labels,
+            "agrees": {m: {u: bool(t and mentions(labels[m].get(u, ""), t))
+                           for u, t in truths.items()} for m in methods},
+            "links": {u: f"dnd/{layer}/report/units/{layer}/{u}.html" for u in truths}}
+    atomic_write_text(root / "compare.html", comparison_page(
+        "Toy world: DnD, ablations and CLIP-Dissect vs ground truth", compare))
     head = ["method", *(f"{layer} (units {units})" for layer, units in layers)]
     return [f"Label 1 agreement with ground truth on {n_probe} probing renders "
             "(keyword match with synonyms; hidden units judged only when a concept clearly "

@@ -40,6 +40,15 @@ class _ClipEncoder:
     identity: dict[str, Any]
     batch_size: int
 
+    def _setup(self, device: str | torch.device | None, batch_size: int, net: Any,
+               vocab_size: int, source: str) -> None:
+        """Settings shared by every CLIP-like encoder (batch_size already checked before the
+        model loaded); refuses an empty tokenizer; puts ``net`` in eval mode."""
+        check_tokenizer_size(vocab_size, source)
+        self.device = pick_device(device)
+        self.batch_size = int(batch_size)
+        self.model = net.to(self.device).eval()
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """L2-normalised float32 embeddings [n_images, d]."""
         return self._encode(self._image_batch, list(images), "image encoding")
@@ -95,13 +104,10 @@ class OpenClipEncoder(_ClipEncoder):
                  components: tuple[Any, Any, Any] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = pick_device(device)
-        self.batch_size = int(batch_size)
         if components is None:
             components = _load_open_clip(model, pretrained)
         net, self.preprocess, self.tokenizer = components
-        check_tokenizer_size(_open_clip_vocab_size(self.tokenizer), model)
-        self.model = net.to(self.device).eval()
+        self._setup(device, batch_size, net, _open_clip_vocab_size(self.tokenizer), model)
         self.identity: dict[str, Any] = {"backend": "open_clip", "model": model,
                                          "pretrained": pretrained}
 
@@ -159,13 +165,10 @@ class HFClipEncoder(_ClipEncoder):
                  components: tuple[Any, Any, Any] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = pick_device(device)
-        self.batch_size = int(batch_size)
         if components is None:
             components = _load_hf_clip(model_id)
         net, self.image_processor, self.tokenizer = components
-        check_tokenizer_size(len(self.tokenizer), model_id)
-        self.model = net.to(self.device).eval()
+        self._setup(device, batch_size, net, len(self.tokenizer), model_id)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         self.identity: dict[str, Any] = {"backend": "hf_clip", "model": model_id}
 

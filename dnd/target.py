@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +120,6 @@ class Target:
     class_names: list[str] | None = None
     # Tokens before the patch grid in a ViT's [B, T, D] output (CLS, registers).
     num_prefix_tokens: int = 1
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_module(cls, module: nn.Module, preprocess: Preprocess, *, name: str = "custom",

@@ -145,10 +145,6 @@ class OpenAIChatConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OpenAIChatConfig:
-        return cls(**d)
-
 
 class _Retryable(Exception):
     """A failed try worth repeating, with the reason and the server's requested wait."""
@@ -325,10 +321,6 @@ class TransformersChatConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TransformersChatConfig:
-        return cls(**d)
 
 
 class TransformersChat:

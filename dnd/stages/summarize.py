@@ -403,10 +403,6 @@ class ConsensusConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ConsensusConfig:
-        return cls(**d)
-
 
 class ConsensusSummarizer:
     """Candidates without an LLM: the phrases most captions share.

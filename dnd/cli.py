@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="units of the hidden layer (default 0-31)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    bench = sub.add_parser("bench", help="speed and memory measurements, written to results/")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    ba = bench_sub.add_parser("activations", help="the activation pass at scale: disk, peak "
+                              "RSS growth and throughput on a synthetic probing set")
+    ba.add_argument("--images", type=int, default=50_000,
+                    help="synthetic probing images (default 50000)")
+    ba.add_argument("--units", type=int, default=2048, help="units of the layer (default 2048)")
+    ba.add_argument("--out", default="results", help="folder for the table (default results)")
+
     sub.add_parser("models", help="list the model names --model accepts")
     la = sub.add_parser("layers", help="list the layer names of a model")
     la.add_argument("--model", required=True, help="model name, as for describe")
@@ -155,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
         if args.command == "describe":
             return _describe(args)
+        if args.command == "bench":
+            from dnd.bench import write_activation_bench
+
+            write_activation_bench(args.out, n_images=args.images, n_units=args.units)
+            return 0
         if args.command == "demo":
             from dnd.toyworld.demo import run_demo
 

@@ -106,6 +106,14 @@ def clean_reply(text: str | None) -> str:
 # ---------------------------------------------------------------------------- OpenAI
 
 
+def complete_one(llm: ChatLLM, messages: Messages, temperature: float, sample: int = 0) -> str:
+    """One chat through ``llm.complete_many``, for backends that are batched by nature."""
+    (reply,) = llm.complete_many([ChatRequest(tuple(messages), temperature, sample=sample)])
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 @dataclass(frozen=True)
 class OpenAIChatConfig:
     """Settings of ``OpenAIChat``. The API key is not one: it is read from ``api_key_env``.
@@ -362,10 +370,7 @@ class TransformersChat:
                 "seed": c.seed}
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
-        (reply,) = self.complete_many([ChatRequest(tuple(messages), temperature, sample=sample)])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return complete_one(self, messages, temperature, sample)
 
     def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
         results: list[str | Exception] = [LLMError("not generated")] * len(requests)
@@ -476,10 +481,7 @@ class CachedChat:
         )
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
-        (reply,) = self.complete_many([ChatRequest(tuple(messages), temperature, sample=sample)])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return complete_one(self, messages, temperature, sample)
 
     def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
         keys = [self.key(r) for r in requests]

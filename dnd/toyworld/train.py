@@ -32,6 +32,13 @@ from dnd.toyworld.world import BACKGROUND_KINDS, SceneSpec
 HELDOUT_START = 1_000_000
 
 
+def _run_record(args: argparse.Namespace, heldout: range, lr: float, seconds: float) -> dict:
+    """The settings and seeds saved beside every trained model's weights."""
+    return {"heldout_seeds": [heldout.start, heldout.stop], "train_seeds": [0, args.n_train],
+            "steps": args.steps, "batch_size": args.batch_size, "lr": lr, "seed": args.seed,
+            "train_seconds": round(seconds, 1)}
+
+
 def _render_dataset(seeds: range) -> tuple[np.ndarray, list[SceneSpec]]:
     """uint8 images [n, 64, 64, 3] and descriptions of ``seeds``."""
     # One scene at a time, dropping its masks: they take ~25x the memory of the image.
@@ -90,16 +97,7 @@ def train_target(args: argparse.Namespace) -> dict:
     acc = accuracy(model, eval_images, _class_labels(eval_specs))
     seconds = time.perf_counter() - started
     print(f"target held-out accuracy {acc:.4f} on {args.n_eval} renders; {seconds:.0f} s")
-    metrics = {
-        "heldout_accuracy": acc,
-        "heldout_seeds": [heldout.start, heldout.stop],
-        "train_seeds": [0, args.n_train],
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "train_seconds": round(seconds, 1),
-    }
+    metrics = {"heldout_accuracy": acc, **_run_record(args, heldout, args.lr, seconds)}
     save_toy_cnn(model, args.out, {"training": metrics})
     return metrics
 
@@ -154,17 +152,8 @@ def train_clip(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
     print(f"clip zero-shot main object {objects:.4f} ({len(CLASS_NAMES)} prompts), "
           f"background kind {backgrounds:.4f} on {args.n_eval} renders; {seconds:.0f} s")
-    metrics = {
-        "zero_shot_main_object": objects,
-        "zero_shot_background_kind": backgrounds,
-        "heldout_seeds": [heldout.start, heldout.stop],
-        "train_seeds": [0, args.n_train],
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.clip_lr,
-        "seed": args.seed,
-        "train_seconds": round(seconds, 1),
-    }
+    metrics = {"zero_shot_main_object": objects, "zero_shot_background_kind": backgrounds,
+               **_run_record(args, heldout, args.clip_lr, seconds)}
     out_dir = Path(args.out) / "toy_clip"
     model.save_pretrained(out_dir)
     clip.build_processor(tokenizer).save_pretrained(out_dir)

@@ -9,6 +9,7 @@ trap in this field).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -194,6 +195,6 @@ def _compute(target: Target, probe: ProbeSet, modules: dict, dirs: dict[str, Pat
         atomic_write_json(dirs[name] / "meta.json", {
             "layer": name, "shape": list(mm.shape), "summary": summary,
             "probe": probe.name, "n_unreadable": len(errors), "unreadable": errors[:100]})
-        out[name] = _load(dirs[name], name)
-        out[name] = LayerActivations(name, out[name].values, valid, dirs[name], reused=False)
+        # Reopened read-only: callers get the same memmap a later cache hit would give them.
+        out[name] = dataclasses.replace(_load(dirs[name], name), reused=False)
     return out

@@ -1,6 +1,9 @@
 """`dnd bench`: speed and memory measurements written to results/.
 
-So far: ``dnd bench activations`` measures the one-pass activation stage at scale. A
+``dnd bench describe`` times the whole pipeline on the toy world, stage by stage, and with
+``--compare naive`` also the per-unit baseline, checking both give the same records.
+
+``dnd bench activations`` measures the one-pass activation stage at scale. A
 synthetic probing set (N random 4x4 images held as a uint8 array) goes through a network
 whose probed layer has U units; the numbers are the activation file on disk, the growth of
 peak RSS during the pass (the memory the stage itself needs, beyond the models), and
@@ -64,7 +67,7 @@ def bench_activations(n_images: int = 50_000, n_units: int = 2048, batch_size: i
 def write_activation_bench(out_dir: str | Path = "results", **kw) -> Path:
     """Run :func:`bench_activations` and write ``results/bench-activations-<machine>.md``."""
     r = bench_activations(**kw)
-    machine = f"{platform.machine()}-cpu{torch.get_num_threads()}"
+    machine = _machine()
     lines = [
         f"# Activation stage at scale ({machine})", "",
         "Regenerate: `dnd bench activations"
@@ -84,6 +87,187 @@ def write_activation_bench(out_dir: str | Path = "results", **kw) -> Path:
         "is never copied into RAM as a whole.",
     ]
     path = Path(out_dir) / f"bench-activations-{machine}.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------- describe
+
+
+class _Timed:
+    """A backend whose one batched ``method`` counts the items it was given and the
+    seconds it took; every other attribute is the wrapped backend's."""
+
+    def __init__(self, inner, method: str):
+        self._inner, self._method = inner, method
+        self.items, self.seconds = 0, 0.0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+
+        def timed(items, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attr(items, *args, **kwargs)
+            finally:
+                self.items += len(items)
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def _timed_models(models):
+    """Fresh counters around the shared models: captions, generated images, encoded images."""
+    from dnd.pipeline import Models
+
+    return Models(captioner=_Timed(models.captioner, "caption"), llm=models.llm,
+                  generator=_Timed(models.generator, "generate"),
+                  encoder=_Timed(models.encoder, "encode_images"))
+
+
+def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool) -> dict:
+    """One timed describe run; its stage seconds, item counts and records."""
+    from dnd.pipeline import describe
+    from dnd.store import RunStore
+
+    timed = _timed_models(models)
+    start = time.perf_counter()
+    result = describe(config, run_dir, target=target, probe=probe, models=timed,
+                      progress=False, per_unit=per_unit)
+    total = time.perf_counter() - start
+    if result.failed:
+        raise RuntimeError(f"bench run failed for {len(result.failed)} unit(s): "
+                           f"{next(iter(result.failed.values()))}")
+    records = {r["unit"]: r for r in RunStore(run_dir).records(config.layer)}
+    return {"total_seconds": total, "stage_seconds": result.seconds,
+            "n_units": len(result.units), "n_probe": len(probe),
+            "captioned": (timed.captioner.items, timed.captioner.seconds),
+            "generated": (timed.generator.items, timed.generator.seconds),
+            "encoded": (timed.encoder.items, timed.encoder.seconds),
+            "records": records}
+
+
+def same_results(a: dict[int, dict], b: dict[int, dict]) -> list[str]:
+    """Differences between two runs' unit records in what the method decides: captions,
+    candidates, labels and the selection order. Empty when the runs agree."""
+    diffs = []
+    for unit in sorted(set(a) | set(b)):
+        ra, rb = a.get(unit, {}), b.get(unit, {})
+        for key in ("captions", "labels"):
+            if ra.get(key) != rb.get(key):
+                diffs.append(f"unit {unit}: {key} {ra.get(key)!r} != {rb.get(key)!r}")
+        ca, cb = (r.get("candidates", {}).get("concepts") for r in (ra, rb))
+        if ca != cb:
+            diffs.append(f"unit {unit}: candidates {ca!r} != {cb!r}")
+        oa, ob = (r.get("selection", {}).get("order") for r in (ra, rb))
+        if oa != ob:
+            diffs.append(f"unit {unit}: selection order {oa!r} != {ob!r}")
+    return diffs
+
+
+def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
+                   compare_naive: bool = False, work_dir: str | Path | None = None) -> dict:
+    """End-to-end ``describe`` on the toy world (``toyworld`` preset) with per-stage timing.
+
+    With ``compare_naive`` the same units are described again by the per-unit baseline
+    (``describe(per_unit=True)``); the result has both runs and the differences between
+    their records (there should be none). Models, target and probing set are loaded once
+    and shared. Returns {"batched": run, "naive": run or None, "differences": [...]}.
+    """
+    from dnd.config import load_config
+    from dnd.pipeline import load_models, resolve_device
+    from dnd.probe import open_probe
+    from dnd.target import load_target
+
+    config = load_config(preset="toyworld", overrides={
+        "layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"]})
+    device = resolve_device(config.device)
+    target = load_target(config.model, config.weights)
+    target.to(device)
+    probe = open_probe(config.probe)
+    models = load_models(config, device)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        before = _peak_rss_mb()
+        batched = _describe_once(config, Path(tmp) / "batched", target, probe, models, False)
+        batched["peak_rss_growth_mb"] = _peak_rss_mb() - before
+        naive = None
+        if compare_naive:
+            naive = _describe_once(config, Path(tmp) / "naive", target, probe, models, True)
+    diffs = same_results(batched["records"], naive["records"]) if naive else []
+    return {"batched": batched, "naive": naive, "differences": diffs, "layer": layer,
+            "units": units, "n_probe": n_probe, "device": str(device)}
+
+
+def _per_s(count_seconds: tuple[int, float]) -> str:
+    n, s = count_seconds
+    return f"{n / s:,.1f}/s ({n:,} in {s:.1f} s)" if s > 0 else f"- ({n:,})"
+
+
+def describe_bench_lines(r: dict, command: str) -> list[str]:
+    """The markdown of ``results/bench-toyworld-<machine>.md`` for a :func:`bench_describe`
+    result ``r``."""
+    b, n = r["batched"], r["naive"]
+    runs = [("batched (dnd)", b)] + ([("per unit (naive)", n)] if n else [])
+
+    def units_per_min(run):
+        return 60 * run["n_units"] / run["total_seconds"]
+
+    lines = [f"# describe on the toy world ({_machine()}, {r['device']})", "",
+             f"Regenerate: `{command}`", "",
+             f"`toyworld` preset, layer `{r['layer']}`, units `{r['units']}` "
+             f"({b['n_units']} units), {r['n_probe']:,} probing renders; models loaded "
+             "once and shared by the runs.", "",
+             "| measure | " + " | ".join(name for name, _ in runs) + " |",
+             "| --- |" + " --- |" * len(runs),
+             "| units per minute, end to end | "
+             + " | ".join(f"{units_per_min(run):,.1f}" for _, run in runs) + " |",
+             "| total wall seconds | "
+             + " | ".join(f"{run['total_seconds']:.1f}" for _, run in runs) + " |"]
+    for stage in ("activations", "crops", "captions", "candidates", "labels"):
+        lines.append(f"| {stage} stage, s | "
+                     + " | ".join(f"{run['stage_seconds'].get(stage, 0.0):.1f}"
+                                  for _, run in runs) + " |")
+    lines += [
+        "| target forward (activation pass) | "
+        + " | ".join(_per_s((run["n_probe"], run["stage_seconds"]["activations"]))
+                     for _, run in runs) + " |",
+        "| images captioned | " + " | ".join(_per_s(run["captioned"]) for _, run in runs)
+        + " |",
+        "| units summarised (consensus, no LLM) | "
+        + " | ".join(_per_s((run["n_units"], run["stage_seconds"].get("candidates", 0.0)))
+                     for _, run in runs) + " |",
+        "| images generated | " + " | ".join(_per_s(run["generated"]) for _, run in runs)
+        + " |",
+        "| images encoded (CLIP) | " + " | ".join(_per_s(run["encoded"]) for _, run in runs)
+        + " |",
+        f"| peak RSS growth, batched run | {b['peak_rss_growth_mb']:.0f} MB |"
+        + " |" * (len(runs) - 1),
+    ]
+    if n:
+        ratio = units_per_min(b) / units_per_min(n)
+        same = ("identical captions, candidates, labels and selection order for every unit"
+                if not r["differences"] else
+                f"{len(r['differences'])} difference(s), e.g. {r['differences'][0]}")
+        lines += ["", f"Speed-up of the batched pipeline over the per-unit path: "
+                  f"**{ratio:.1f}x** units per minute. Records: {same}."]
+    lines += ["", "The per-unit path is `describe(per_unit=True)`: every unit alone through "
+              "every stage, no cross-unit batching, no deduplication or caches, one LLM call "
+              "at a time (the reference implementation's way, with models loaded once)."]
+    return lines
+
+
+def _machine() -> str:
+    return f"{platform.machine()}-cpu{torch.get_num_threads()}"
+
+
+def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw) -> Path:
+    """Run :func:`bench_describe` and write ``results/bench-toyworld-<machine>.md``."""
+    r = bench_describe(**kw)
+    lines = describe_bench_lines(r, command)
+    path = Path(out_dir) / f"bench-toyworld-{_machine()}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return path

@@ -125,10 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--units", type=int, default=2048, help="units of the layer (default 2048)")
     ba.add_argument("--out", default="results", help="folder for the table (default results)")
 
+    bd = bench_sub.add_parser("describe", help="the whole pipeline on the toy world: units "
+                              "per minute and per-stage throughput")
+    bd.add_argument("--layer", default="fc", help="toy CNN layer (default fc)")
+    bd.add_argument("--units", default="all", help="units, as for describe (default all)")
+    bd.add_argument("--probe-size", type=int, default=2000,
+                    help="toy probing renders (default 2000)")
+    bd.add_argument("--compare", choices=["naive"], default=None,
+                    help="also run the per-unit baseline (no cross-unit batching, dedupe or "
+                    "caches) on the same units, print the speed ratio and check the records "
+                    "are identical")
+    bd.add_argument("--out", default="results", help="folder for the table (default results)")
+
     sub.add_parser("models", help="list the model names --model accepts")
     la = sub.add_parser("layers", help="list the layer names of a model")
     la.add_argument("--model", required=True, help="model name, as for describe")
     return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dnd import bench
+
+    if args.bench == "activations":
+        bench.write_activation_bench(args.out, n_images=args.images, n_units=args.units)
+        return 0
+    command = "dnd bench describe" + "".join(
+        f" {flag} {value}" for flag, value, default in (
+            ("--layer", args.layer, "fc"), ("--units", args.units, "all"),
+            ("--probe-size", args.probe_size, 2000), ("--compare", args.compare, None))
+        if value != default)
+    bench.write_describe_bench(args.out, command=command, units=args.units,
+                               n_probe=args.probe_size, layer=args.layer,
+                               compare_naive=args.compare == "naive")
+    return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -165,10 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "describe":
             return _describe(args)
         if args.command == "bench":
-            from dnd.bench import write_activation_bench
-
-            write_activation_bench(args.out, n_images=args.images, n_units=args.units)
-            return 0
+            return _bench(args)
         if args.command == "demo":
             from dnd.toyworld.demo import run_demo
 

@@ -10,7 +10,9 @@ re-run continues where it stopped. Every model is loaded once, before the heavy 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ class RunResult:
     failed: dict[int, str]
     activations: LayerActivations
     n_unreadable: int
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds, this run
 
 
 @dataclass
@@ -111,13 +114,19 @@ def _device_opt(registry, backend: BackendConfig, device: torch.device) -> dict:
 
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
              probe: ProbeSet | None = None, models: Models | None = None,
-             progress: bool = True, retry_failed: bool = False) -> RunResult:
+             progress: bool = True, retry_failed: bool = False,
+             per_unit: bool = False) -> RunResult:
     """Run the pipeline up to ``config.stop_after`` for ``config.units`` of ``config.layer``.
 
     ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
     are built from the config. Every input check happens before the pass over the probe.
     Units that failed in an earlier run are left alone unless ``retry_failed``: then they
     are redone from the stage that failed.
+
+    ``per_unit`` is the speed benchmark's baseline (``dnd bench describe --compare naive``):
+    the reference implementation's way, with models loaded once but every unit taken
+    through every stage alone: no cross-unit batching, no deduplication or caches, one LLM
+    call at a time. It gives the same records, only slower.
     """
     # 1. Cheap checks first: run dir, API key, model, layer, unit range, probing set.
     store = RunStore(run_dir)
@@ -135,12 +144,14 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     models = models or load_models(config, device, llm)
     store.save_config(config)
     # 2. One pass over the probing set (or a matching cached one).
+    started = time.perf_counter()
     acts = compute_activations(target, probe, [config.layer], store.activations_dir,
                                summary=config.summary, batch_size=config.batch_size,
                                workers=config.workers, progress=progress)[config.layer]
+    seconds = {"activations": time.perf_counter() - started}
     n_bad = int((~acts.valid).sum())
     if config.stop_after == "activations":
-        return RunResult(store.root, units, [], {}, acts, n_bad)
+        return RunResult(store.root, units, [], {}, acts, n_bad, seconds)
     # 3. The per-unit stages, chunk by chunk, for units not finished by an earlier run.
     if retry_failed:
         for u in units:
@@ -149,18 +160,20 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
                 rec.pop("error")
                 rec.pop("failed_at", None)
                 store.write_unit(config.layer, u, rec)
-    runner = _StageRunner(config, store, target, probe, acts, models, progress)
+    runner = _StageRunner(config, store, target, probe, acts, models, progress, per_unit)
     todo = [u for u in units if not store.unit_done(config.layer, u, config.stop_after)]
     log.info("%d of %d units to do (%d already done)", len(todo), len(units),
              len(units) - len(todo))
     failed: dict[int, str] = {}
-    for start in range(0, len(todo), config.chunk_units):
-        failed.update(runner.run_chunk(todo[start:start + config.chunk_units]))
+    chunk = 1 if per_unit else config.chunk_units
+    for start in range(0, len(todo), chunk):
+        failed.update(runner.run_chunk(todo[start:start + chunk]))
     store.write_labels(config.layer)
     if config.stop_after == "labels":
         _report(store.root)
+    seconds.update(runner.seconds)
     return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
-                     n_bad)
+                     n_bad, seconds)
 
 
 def _report(run_dir: Path) -> None:
@@ -178,12 +191,16 @@ class _StageRunner:
     """Runs the per-unit stages for one chunk, reading and writing unit records."""
 
     def __init__(self, config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
-                 acts: LayerActivations, models: Models, progress: bool):
+                 acts: LayerActivations, models: Models, progress: bool, per_unit: bool = False):
         self.config, self.store, self.target, self.probe = config, store, target, probe
         self.acts, self.models, self.progress = acts, models, progress
         self.layer = config.layer
+        self.per_unit = per_unit  # the benchmark baseline: see describe()
+        self.seconds: dict[str, float] = {}  # stage -> wall seconds summed over chunks
         self.llm = None
-        if models.llm is not None:  # every reply cached in the run: a re-run pays nothing
+        if models.llm is not None and per_unit:
+            self.llm = _OneAtATime(models.llm)
+        elif models.llm is not None:  # every reply cached in the run: a re-run pays nothing
             from dnd.backends.llm import CachedChat
             from dnd.cache import JsonCache
             self.llm = CachedChat(models.llm, JsonCache(store.root / "cache" / "llm"))
@@ -196,11 +213,13 @@ class _StageRunner:
             if not due:
                 continue
             log.info("%s: %d unit(s)", stage, len(due))
+            started = time.perf_counter()
             try:
                 results = getattr(self, f"_{stage}")(due, recs)
             except torch.OutOfMemoryError as e:  # still out of memory at batch size 1
                 reason = f"{stage}: out of memory even at batch size 1 ({str(e)[:200]})"
                 results = {u: {"error": reason} for u in due}
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
             for u in due:
                 rec = dict(recs[u] or {})
                 rec.update(results[u])
@@ -235,8 +254,8 @@ class _StageRunner:
         from dnd.cache import JsonCache
         from dnd.stages.caption import CaptionStage
 
-        stage = CaptionStage(self.models.captioner, JsonCache(self.store.root / "cache" /
-                                                              "captions"))
+        cache = None if self.per_unit else JsonCache(self.store.root / "cache" / "captions")
+        stage = CaptionStage(self.models.captioner, cache, dedupe=not self.per_unit)
         caps = stage({u: self._images(recs[u]) for u in units})
         return {u: {"captions": caps[u], "captioner": self.models.captioner.identity}
                 for u in units}
@@ -263,10 +282,34 @@ class _StageRunner:
 
         stage = ScoreStage(self.target, self.layer, self.config.summary, self.models.generator,
                            self.models.encoder, self.store.root / "cache" / "generated",
-                           self.config.score)
+                           self.config.score, reuse=not self.per_unit)
         inputs = [UnitInput(u, recs[u]["candidates"]["concepts"], self._images(recs[u]))
                   for u in units]
         return stage(inputs)
+
+
+class _OneAtATime:
+    """A chat backend whose batches are sent one request after another (per-unit baseline)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    @property
+    def cache_identity(self) -> dict[str, Any]:
+        return self.llm.cache_identity
+
+    def complete(self, messages, *, temperature: float, sample: int = 0) -> str:
+        return self.llm.complete(messages, temperature=temperature, sample=sample)
+
+    def complete_many(self, requests: Sequence) -> list:
+        out: list = []
+        for r in requests:
+            try:
+                out.append(self.complete(r.messages, temperature=r.temperature,
+                                         sample=r.sample))
+            except Exception as e:  # noqa: BLE001 - failures are returned, as complete_many does
+                out.append(e)
+        return out
 
 
 def _due(rec: dict | None, stage: str) -> bool:

@@ -34,14 +34,18 @@ def evidence_image(probe: ProbeSet, evidence: Mapping[str, Any]) -> Image.Image:
 class CaptionStage:
     """Caption the activating images of many units with one injected captioner."""
 
-    def __init__(self, captioner: Captioner, cache: JsonCache):
+    def __init__(self, captioner: Captioner, cache: JsonCache | None, *, dedupe: bool = True):
+        """``cache`` None and ``dedupe`` False: caption every image as given (the per-unit
+        benchmark baseline)."""
         self.captioner = captioner
         self.cache = cache
+        self.dedupe = dedupe
 
     def __call__(self, images: Mapping[int, Sequence[Image.Image]]) -> dict[int, list[str]]:
         """unit -> its images' captions, in order. Each distinct image is captioned once."""
         # 1. Dedupe by pixels across all units.
-        keys = {u: [image_hash(im) for im in ims] for u, ims in images.items()}
+        keys = {u: [image_hash(im) if self.dedupe else f"{u}/{i}" for i, im in enumerate(ims)]
+                for u, ims in images.items()}
         unique: dict[str, Image.Image] = {}
         for u, ims in images.items():
             for k, im in zip(keys[u], ims):
@@ -49,11 +53,12 @@ class CaptionStage:
         # 2. Reuse cached captions; caption the rest in one batched call.
         ident = self.captioner.identity
         cache_key = {k: stable_hash({"captioner": ident, "image": k}) for k in unique}
-        captions = {k: self.cache.get(cache_key[k]) for k in unique}
+        captions = {k: self.cache.get(cache_key[k]) if self.cache else None for k in unique}
         todo = [k for k, c in captions.items() if c is None]
         if todo:
             for k, text in zip(todo, self.captioner.caption([unique[k] for k in todo])):
-                self.cache.put(cache_key[k], text)
+                if self.cache:
+                    self.cache.put(cache_key[k], text)
                 captions[k] = text
         # 3. Back to units.
         return {u: [captions[k] for k in ks] for u, ks in keys.items()}

@@ -70,11 +70,14 @@ class ScoreStage:
 
     def __init__(self, target: Target, layer: str, summary: str, generator: Generator,
                  encoder: ImageTextEncoder, cache_dir: str | Path,
-                 config: ScoreConfig | None = None):
+                 config: ScoreConfig | None = None, *, reuse: bool = True):
+        """``reuse`` False never reads the feature cache (the per-unit benchmark baseline
+        regenerates every image); features are still written for the report."""
         self.target, self.layer, self.summary = target, layer, summary
         self.generator, self.encoder = generator, encoder
         self.cache_dir = Path(cache_dir)
         self.config = config or ScoreConfig()
+        self.reuse = reuse
 
     def prompt(self, concept: str) -> str:
         return self.config.prompt_template.format(concept=concept)
@@ -176,6 +179,8 @@ class ScoreStage:
         return run_batched(run, images, self.config.batch_size, "scoring generated images")
 
     def _load(self, key: str) -> dict[str, np.ndarray] | None:
+        if not self.reuse:
+            return None
         path = self.cache_dir / f"{key}.npz"
         try:
             with np.load(path) as z:

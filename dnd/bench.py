@@ -133,6 +133,9 @@ def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool)
     from dnd.pipeline import describe
     from dnd.store import RunStore
 
+    from dnd.probe import clear_render_cache
+
+    clear_render_cache()  # each run renders its probing images itself, as a fresh run would
     timed = _timed_models(models)
     start = time.perf_counter()
     result = describe(config, run_dir, target=target, probe=probe, models=timed,

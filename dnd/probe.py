@@ -19,6 +19,8 @@ reported once, never crash a run.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,12 +164,24 @@ class ToyWorldProbe(ProbeSet):
     offset: int = TOY_PROBE_START
 
     def load(self, i: int) -> Image.Image:
-        from dnd.toyworld.render import render_scene
-
-        return render_scene(self.offset + i).image
+        return _toy_image(self.offset + i).copy()  # a copy: callers may draw on it
 
     def fingerprint(self) -> str:
         return stable_hash({"kind": "toyworld", "n": len(self), "offset": self.offset})
+
+
+@functools.lru_cache(maxsize=8192)  # ~100 MB of 64-px renders at most
+def _toy_image(seed: int) -> Image.Image:
+    """The render of toy scene ``seed``. Cached: the pipeline loads each top image several
+    times (crops, captions, scoring) and rendering costs ~1 ms, a quarter of a toy run."""
+    from dnd.toyworld.render import render_scene
+
+    return render_scene(seed).image
+
+
+def clear_render_cache() -> None:
+    """Forget cached toy-world renders (benchmarks time cold runs)."""
+    _toy_image.cache_clear()
 
 
 @dataclass

@@ -131,9 +131,8 @@ def _timed_models(models):
 def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool) -> dict:
     """One timed describe run; its stage seconds, item counts and records."""
     from dnd.pipeline import describe
-    from dnd.store import RunStore
-
     from dnd.probe import clear_render_cache
+    from dnd.store import RunStore
 
     clear_render_cache()  # each run renders its probing images itself, as a fresh run would
     timed = _timed_models(models)

@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "are identical")
     bd.add_argument("--out", default="results", help="folder for the table (default results)")
 
+    bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
+                              "sizes with random weights (needs a CUDA GPU), and projected "
+                              "hours for 2,048 units")
+    bp.add_argument("--steps", type=int, nargs="+", default=[50, 20],
+                    help="DPM-Solver steps to measure generation at (default 50 20)")
+    bp.add_argument("--gen-batch", type=int, default=8,
+                    help="images per diffusers call (default 8)")
+    bp.add_argument("--tiny", action="store_true",
+                    help="tiny stand-in models on the CPU, to check the code path: prints "
+                    "the table but writes nothing (its numbers mean nothing)")
+    bp.add_argument("--out", default="results", help="folder for the table (default results)")
+
     sub.add_parser("models", help="list the model names --model accepts")
     la = sub.add_parser("layers", help="list the layer names of a model")
     la.add_argument("--model", required=True, help="model name, as for describe")
@@ -149,6 +161,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.bench == "activations":
         bench.write_activation_bench(args.out, n_images=args.images, n_units=args.units)
         return 0
+    if args.bench == "paper-scale":
+        from dnd import bench_paper
+
+        return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
     command = "dnd bench describe" + "".join(
         f" {flag} {value}" for flag, value, default in (
             ("--layer", args.layer, "fc"), ("--units", args.units, "all"),

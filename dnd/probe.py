@@ -20,7 +20,6 @@ reported once, never crash a run.
 from __future__ import annotations
 
 import functools
-
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -46,3 +46,60 @@ def test_same_results_names_the_unit_and_field_that_differ():
     assert same_results(a, a) == []
     (diff,) = same_results(a, b)
     assert diff.startswith("unit 0: labels")
+
+
+def test_paper_configs_are_stable_diffusion_v1_5_and_blip_base():
+    """The random-weight stand-ins have the published architectures (parameter counts of
+    SD v1-5's UNet, VAE and CLIP ViT-L/14 text encoder; BLIP base's ViT-B/16 at 384 px)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import BlipConfig, CLIPTextConfig, CLIPTextModel
+
+    from dnd.bench_paper import SD15_TEXT, SD15_UNET, SD15_VAE
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        assert count(UNet2DConditionModel(**SD15_UNET)) == 859_520_964
+        assert count(AutoencoderKL(**SD15_VAE)) == 83_653_863
+        assert count(CLIPTextModel(CLIPTextConfig(**SD15_TEXT))) == 123_060_480
+    vision = BlipConfig().vision_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size,
+            vision.num_hidden_layers) == (384, 16, 768, 12)
+
+
+def test_projected_hours_follow_the_per_unit_work():
+    from dnd.bench_paper import Rates, project_hours
+
+    h = project_hours(Rates(target=1000.0, caption=100.0, generate=10.0, encode=500.0),
+                      units=100, probe_images=10_000, gen_dedupe=2.0, llm_calls_per_s=17.0)
+    # 100 units x 5 candidates x 10 images / 2 (dedupe) = 2,500 generated images.
+    assert h["generation"] == pytest.approx(2500 / 10 / 3600)
+    assert h["captions"] == pytest.approx(100 * 10 / 100 / 3600)
+    assert h["candidates (LLM)"] == pytest.approx(100 / 3600)
+    assert h["activations"] == pytest.approx(10 / 3600)
+    assert h["scoring"] == pytest.approx((2500 / 1000 + 2500 / 500) / 3600)
+    assert h["total"] == pytest.approx(sum(v for k, v in h.items() if k != "total"))
+
+
+def test_paper_scale_bench_runs_its_stages_with_tiny_stand_ins(tmp_path):
+    from dnd.bench_paper import measure, report_lines
+
+    r = measure("cpu", tiny=True, steps=(2,), gen_batch=2, caption_batch=4, work_dir=tmp_path)
+    g = r["generation"][2]
+    assert g["fraction"] == pytest.approx(g["ours"] / g["raw"])
+    assert min(r["target"], r["caption"], r["encode"], g["ours"], g["raw"]) > 0
+    text = "\n".join(report_lines(r, "dnd bench paper-scale --tiny"))
+    assert text.startswith("# Tiny stand-ins")
+    assert "| 2 steps |" in text
+
+
+def test_paper_scale_bench_refuses_a_cpu_only_machine_without_tiny(monkeypatch):
+    import torch
+
+    from dnd.bench_paper import run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        run_cli([50], 8, tiny=False, out_dir="results")

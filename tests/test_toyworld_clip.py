@@ -39,47 +39,49 @@ def test_tokenizer_keeps_every_world_word_whole():
 
 
 def test_committed_clip_loads_with_matching_tokenizer(toy_clip):
-    model, processor = toy_clip
-    assert len(processor.tokenizer) == model.config.text_config.vocab_size
-    assert model.config.text_config.eos_token_id == processor.tokenizer.eos_token_id
-    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    model, _, tokenizer = toy_clip
+    assert len(tokenizer.tokenizer) == model.vocab_size
+    assert model.text_eos_id == tokenizer.tokenizer.eos_token_id
+    ids = tokenizer(["a red circle"])[0]
+    assert ids[0] == tokenizer.tokenizer.bos_token_id and len(ids) == clip.CONTEXT_LENGTH
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
 
 
-def test_processor_matches_the_toy_preprocessing(toy_clip, fresh):
-    _, processor = toy_clip
+def test_transform_matches_the_toy_preprocessing(toy_clip, fresh):
+    _, transform, _ = toy_clip
     scenes, pixels = fresh
-    theirs = processor(images=[s.image for s in scenes[:4]], return_tensors="pt")["pixel_values"]
+    theirs = torch.stack([transform(s.image) for s in scenes[:4]])
     assert torch.allclose(theirs, pixels[:4], atol=1e-5)
 
 
 def test_zero_shot_on_fresh_renders(toy_clip, fresh):
-    # Measured levels of the committed weights (held-out: colour 1.00, main object 0.24 of
-    # 64 prompts, background kind 0.38 of 6), asserted well above chance. Shape is the weak
-    # part: this CLIP falls short of the 90% object target (see the training report).
-    model, processor = toy_clip
+    # The bar is 90% for the main object (colour + shape, 64 prompts). Committed
+    # weights, held-out seeds (training.json): main object 0.97, background kind 0.91; on
+    # these 300 fresh renders: colour 0.96, main object 0.93, background kind 0.92.
+    model, _, tokenizer = toy_clip
     scenes, pixels = fresh
     colours = clip.zero_shot_accuracy(
-        model, processor.tokenizer, pixels, [f"a {c} shape" for c in COLOURS],
+        model, tokenizer, pixels, [f"a {c} shape" for c in COLOURS],
         [list(COLOURS).index(s.description.main_object.colour) for s in scenes],
     )
-    objects = clip.zero_shot_accuracy(model, processor.tokenizer, pixels, clip.class_prompts(),
+    objects = clip.zero_shot_accuracy(model, tokenizer, pixels, clip.class_prompts(),
                                       [class_index(s.description) for s in scenes])
     kinds = [BACKGROUND_KINDS.index(s.description.background.kind) for s in scenes]
     backgrounds = clip.zero_shot_accuracy(
-        model, processor.tokenizer, pixels, clip.background_prompts(), kinds
+        model, tokenizer, pixels, clip.background_prompts(), kinds
     )
     assert colours >= 0.9, colours
-    assert objects >= 0.15, objects  # chance: 1/64
-    assert backgrounds >= 0.3, backgrounds  # chance: 1/6
+    assert objects >= 0.9, objects  # chance: 1/64
+    assert backgrounds >= 0.85, backgrounds  # chance: 1/6
 
 
 def test_captions_retrieve_their_images(toy_clip, fresh):
-    model, processor = toy_clip
+    model, _, tokenizer = toy_clip
     scenes, pixels = fresh
-    texts = clip.embed_texts(model, processor.tokenizer, [s.caption for s in scenes[:100]])
+    texts = clip.embed_texts(model, tokenizer, [s.caption for s in scenes[:100]])
     images = clip.embed_images(model, pixels[:100])
     hits = (texts @ images.T).argmax(1) == torch.arange(100)
-    assert hits.float().mean() >= 0.8  # measured 0.96
+    assert hits.float().mean() >= 0.9  # the retrieval bar; measured 0.98
 
 
 def test_train_script_trains_clip_a_few_steps(tmp_path):
@@ -88,7 +90,7 @@ def test_train_script_trains_clip_a_few_steps(tmp_path):
         "--batch-size", "8", "--out", str(tmp_path),
     ])
     assert 0.0 <= metrics["clip"]["zero_shot_main_object"] <= 1.0
-    model, processor = clip.load_toy_clip(tmp_path / "toy_clip")
+    model, _, tokenizer = clip.load_toy_clip(tmp_path / "toy_clip")
     saved = json.loads((tmp_path / "toy_clip" / "training.json").read_text())
     assert saved["steps"] == 2
-    assert np.isfinite(clip.embed_texts(model, processor.tokenizer, ["a red circle"]).numpy()).all()
+    assert np.isfinite(clip.embed_texts(model, tokenizer, ["a red circle"]).numpy()).all()

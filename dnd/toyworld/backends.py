@@ -42,14 +42,12 @@ def _toy_generator(size: int = 64) -> ToyWorldGenerator:
 
 @ENCODERS.register("toyworld")
 def _toy_encoder(device: str | None = None, batch_size: int = 256):
-    from dnd.backends.encode import HFClipEncoder
-    from dnd.toyworld.clip import CLIP_DIR, load_toy_clip
+    from dnd.backends.encode import OpenClipEncoder
+    from dnd.toyworld.clip import load_toy_clip
 
-    model, processor = load_toy_clip()
-    enc = HFClipEncoder(str(CLIP_DIR), device=device, batch_size=batch_size,
-                        components=(model, processor.image_processor, processor.tokenizer))
-    enc.identity = {**enc.identity, "model": "toyworld-clip"}  # not a machine-specific path
-    return enc
+    # Named "toyworld-clip", not by its folder: cache keys must not depend on the machine.
+    return OpenClipEncoder("toyworld-clip", None, device=device, batch_size=batch_size,
+                           components=load_toy_clip())
 
 
 @CAPTIONERS.register("toyworld")

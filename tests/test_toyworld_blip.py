@@ -53,15 +53,15 @@ def test_parse_caption_reads_first_object_and_background_kind():
 
 
 def test_committed_weights_caption_heldout_renders(heldout):
-    # Floors a little under what the committed weights measured (training.json: 0.522
-    # images, 0.570 crops, 1.0 background on 500 renders); colour is always right, the
-    # misses are shapes (hexagon/circle, square/diamond).
-    assert heldout["attribute_accuracy"] >= 0.45, heldout
+    # Floors a little under what the committed weights measured (training.json: 0.916
+    # images, 0.909 crops, 1.0 background on 500 renders; these 100: 0.88 and 0.89);
+    # colour is always right, the misses are shapes (hexagon/circle, square/diamond).
+    assert heldout["attribute_accuracy"] >= 0.8, heldout
     assert heldout["background_kind_accuracy"] >= 0.95, heldout
     assert heldout["n_crops"] >= 50
-    assert heldout["crop_attribute_accuracy"] >= 0.45, heldout
+    assert heldout["crop_attribute_accuracy"] >= 0.8, heldout
     trained = json.loads((blip.WEIGHTS / "training.json").read_text())
-    assert trained["caption_accuracy"]["attribute_accuracy"] >= 0.5
+    assert trained["caption_accuracy"]["attribute_accuracy"] >= 0.9
 
 
 @pytest.mark.xfail(strict=True, reason="committed weights are short of the 0.95 bar "

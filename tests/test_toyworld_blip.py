@@ -53,21 +53,24 @@ def test_parse_caption_reads_first_object_and_background_kind():
 
 
 def test_committed_weights_caption_heldout_renders(heldout):
-    # Floors a little under what the committed weights measured (training.json: 0.916
-    # images, 0.909 crops, 1.0 background on 500 renders; these 100: 0.88 and 0.89);
+    # Floors a little under what the committed weights measured (training.json: 0.960
+    # images, 0.936 crops, 1.0 background on 500 renders; these 100: 0.92 and 0.90);
     # colour is always right, the misses are shapes (hexagon/circle, square/diamond).
-    assert heldout["attribute_accuracy"] >= 0.8, heldout
+    assert heldout["attribute_accuracy"] >= 0.85, heldout
     assert heldout["background_kind_accuracy"] >= 0.95, heldout
     assert heldout["n_crops"] >= 50
-    assert heldout["crop_attribute_accuracy"] >= 0.8, heldout
+    assert heldout["crop_attribute_accuracy"] >= 0.85, heldout
     trained = json.loads((blip.WEIGHTS / "training.json").read_text())
-    assert trained["caption_accuracy"]["attribute_accuracy"] >= 0.9
+    assert trained["caption_accuracy"]["attribute_accuracy"] >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="committed weights are short of the 0.95 bar "
-                   "(shape confusions); passes, and must be un-marked, once retrained to it")
-def test_committed_weights_reach_the_attribute_bar(heldout):
-    assert heldout["attribute_accuracy"] >= 0.95, heldout
+def test_committed_weights_reach_the_attribute_bar(captioner):
+    """The issue's bar: main-object colour + shape named in >= 95% of captions, on the 500
+    held-out renders fixed before training (``blip.HELDOUT_START``, the set training.json
+    reports)."""
+    metrics = blip.caption_accuracy(captioner, 500)
+    assert metrics["attribute_accuracy"] >= 0.95, metrics
+    assert metrics["background_kind_accuracy"] == 1.0, metrics
 
 
 def test_captions_identical_batched_and_alone(captioner):

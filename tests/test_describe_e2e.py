@@ -25,7 +25,9 @@ CONCEPTS = ["red squares", "stripes", "blue water", "green leaves", "checkerboar
 
 def script(body, n):
     """Concept requests cycle through five concepts (a random BLIP repeats one caption, so
-    the replies cannot depend on the captions); simplify requests get a short label."""
+    the replies cannot depend on the captions); simplify requests get a short label.
+    The cycle follows arrival order, so the models fixture sends one request at a time:
+    concurrent requests of several units could reach the server interleaved."""
     text = body["messages"][-1]["content"]
     if "Descriptions:" in text:
         return Reply(content=CONCEPTS[n % len(CONCEPTS)])
@@ -41,7 +43,7 @@ def models(tmp_path, monkeypatch):
             captioner=TransformersCaptioner("tiny-blip", model=blip, processor=proc,
                                             max_new_tokens=6, min_length=6),
             llm=OpenAIChat(OpenAIChatConfig(model="fake", base_url=server.base_url,
-                                            max_retries=0)),
+                                            max_retries=0, max_concurrency=1)),
             generator=DiffusersGenerator("tiny-sd", pipe=tiny_sd_pipeline(tmp_path), steps=2,
                                          height=32, width=32, batch_size=8),
             encoder=OpenClipEncoder(components=tiny_open_clip(tmp_path)),

@@ -21,11 +21,17 @@ from fake_openai import FakeOpenAI, Reply
 SENTINEL = "sk-resume-sentinel-4242"
 
 
+# Caption words the toy renderer cannot draw on their own: a unit whose every reply is one
+# of them would (rightly) fail with "no candidate could be rendered".
+NOT_DRAWABLE = {"Descriptions", "Shared", "concept", "background", "picture", "front", "with",
+                "word", "there"}
+
+
 def script(body, n):
     text = body["messages"][-1]["content"]
     words = [w for w in text.replace("\n", " ").split() if w.isalpha() and len(w) > 3]
     if "Descriptions:" in text:  # a concept named in the captions, chosen by content
-        pool = [w for w in words if w not in ("Descriptions", "Shared", "concept")] or ["x"]
+        pool = [w for w in words if w not in NOT_DRAWABLE] or ["x"]
         return Reply(content=pool[zlib.crc32(text.encode()) % len(pool)])
     return Reply(content=" ".join(words[-3:]) or "thing")
 

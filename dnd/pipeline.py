@@ -302,10 +302,7 @@ class _OneAtATime:
         return self.llm.complete(messages, temperature=temperature, sample=sample)
 
     def complete_many(self, requests: Sequence) -> list:
-        from dnd.backends.llm import run_concurrently
-
-        return run_concurrently(lambda r: self.complete(r.messages, temperature=r.temperature,
-                                                        sample=r.sample), requests, 1)
+        return [self.llm.complete_many([r])[0] for r in requests]
 
 
 def _due(rec: dict | None, stage: str) -> bool:

@@ -297,8 +297,8 @@ def tiny_chat_model():
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config)
-    # No special tokens in replies, so every reply has exactly max_new_tokens words.
-    model.generation_config.suppress_tokens = [0, 1, 2, 3]
+    # No special tokens or line breaks in replies: every reply has max_new_tokens words.
+    model.generation_config.suppress_tokens = [0, 1, 2, 3, 8]
     return model, tokenizer
 
 
@@ -312,9 +312,48 @@ def test_transformers_chat_batches_deterministically(tiny_chat_model):
     out = chat.complete_many(requests)
     assert all(isinstance(r, str) and len(r.split()) == 4 for r in out), out
     assert chat.complete_many(requests) == out  # greedy and seeded sampling both repeat
-    # Left padding in a batch must not change a greedy reply.
+    # Neither left padding nor the batch's other requests change a reply.
     assert chat.complete(requests[2].messages, temperature=0.0) == out[2]
+    assert chat.complete(requests[3].messages, temperature=0.7) == out[3]
+    assert chat.complete(requests[3].messages, temperature=0.7, sample=1) != out[3]
     assert "tiny" in repr(chat) and chat.cache_identity["backend"] == "transformers"
+
+
+def test_transformers_chat_runs_a_shared_prompt_head_once(tiny_chat_model, monkeypatch):
+    model, tokenizer = tiny_chat_model
+    chat = TransformersChat(TransformersChatConfig(model="tiny", max_new_tokens=3, batch_size=8),
+                            model=model, tokenizer=tokenizer)
+    head = {"role": "system", "content": " ".join(f"w{i}" for i in range(30))}
+    requests = [ChatRequest((head, {"role": "user", "content": text}), temperature=t)
+                for text in ["hello", "caption w1 w2 w3 w4 w5", "w7 w8"] for t in (0.0, 0.5)]
+    widths = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    batched = chat.complete_many(requests)
+    monkeypatch.undo()
+    # Per temperature, one pass over the shared head (the 30-word system turn and more),
+    # then passes over the short tails only.
+    assert widths[0] > 30 and [w for w in widths if w > 10] == [widths[0]] * 2, widths
+    alone = [chat.complete(r.messages, temperature=r.temperature) for r in requests]
+    assert batched == alone
+
+
+def test_gumbel_sampler_draws_from_the_tempered_softmax():
+    torch = pytest.importorskip("torch")
+    from dnd.backends.llm import _GumbelSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    temperature, n = 0.5, 4000
+    sampler = _GumbelSampler(temperature, list(range(n)), "cpu")
+    picks = sampler(None, logits.expand(n, 4)).argmax(dim=1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    expected = torch.softmax(logits[0] / temperature, dim=0)
+    assert torch.allclose(freq, expected, atol=0.02), (freq, expected)
 
 
 def test_transformers_chat_folds_system_into_user_when_template_refuses_it(tiny_chat_model):

@@ -248,26 +248,22 @@ def test_cli_help_documents_every_flag(capsys):
 
 
 def test_per_unit_llm_sends_one_request_at_a_time():
-    """The per-unit baseline's LLM path: a batch goes out strictly one call after another,
-    and a failed call comes back as its exception, in order."""
+    """The per-unit baseline's LLM path: a batch goes out as one single-request call after
+    another, and a failed request comes back as its exception, in order."""
     from dnd.backends.llm import ChatRequest
     from dnd.pipeline import _OneAtATime
 
-    calls, in_flight = [], []
+    calls = []
 
     class Chat:
         cache_identity = {"backend": "fake"}
 
-        def complete(self, messages, *, temperature, sample=0):
-            in_flight.append(1)
-            assert len(in_flight) == 1
-            calls.append(messages[0]["content"])
-            in_flight.pop()
-            if messages[0]["content"] == "bad":
-                raise RuntimeError("boom")
-            return messages[0]["content"].upper()
+        def complete_many(self, requests):
+            calls.append([r.messages[0]["content"] for r in requests])
+            return [RuntimeError("boom") if r.messages[0]["content"] == "bad"
+                    else r.messages[0]["content"].upper() for r in requests]
 
     reqs = [ChatRequest(({"role": "user", "content": t},), 0.0) for t in ("a", "bad", "c")]
     out = _OneAtATime(Chat()).complete_many(reqs)
-    assert calls == ["a", "bad", "c"]
+    assert calls == [["a"], ["bad"], ["c"]]
     assert out[0] == "A" and out[2] == "C" and isinstance(out[1], RuntimeError)

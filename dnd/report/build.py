@@ -71,7 +71,7 @@ class _Images:
         thumb.thumbnail((px, px))
         buf = io.BytesIO()
         thumb.save(buf, format="JPEG", quality=85)
-        atomic_write_bytes(self.out / rel, buf.getvalue())
+        atomic_write_bytes(self.out / rel, buf.getvalue(), durable=False)
         self.done.add(rel)
         return rel
 
@@ -128,7 +128,7 @@ class _Images:
             rgba = np.stack([np.full_like(v, 255), 255 * v, np.zeros_like(v), 190 * v], -1)
             buf = io.BytesIO()
             Image.fromarray(rgba.astype(np.uint8), "RGBA").save(buf, format="PNG")
-            atomic_write_bytes(self.out / rel, buf.getvalue())
+            atomic_write_bytes(self.out / rel, buf.getvalue(), durable=False)
             self.done.add(rel)
         return rel
 
@@ -179,7 +179,8 @@ def build_report(run_dir: str | Path) -> Path:
     for rec in _records(run):
         layer, unit = str(rec.get("layer", "")), int(rec["unit"])
         href = f"units/{safe_name(layer)}/{unit}.html"
-        atomic_write_text(out / href, unit_page(rec, images))
+        # Report files are rebuilt from the records on every run: no flush to disk.
+        atomic_write_text(out / href, unit_page(rec, images), durable=False)
         top = rec.get("top_images") or rec.get("activating_images") or []
         thumbs = [images.probe_image(e["index"]) for e in top[:CARD_THUMBS]]
         cards.append({"layer": layer, "unit": unit, "href": href,

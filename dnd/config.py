@@ -141,20 +141,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(
-            out.get(k), dict) else v
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _switches_backend(
+                out[k], v.get("name")):
+            out[k] = _deep_merge(out[k], v)
+        else:  # a new value, or another backend: the old backend's options do not carry
+            out[k] = v
     return out
 
 
+def _switches_backend(node: dict[str, Any], name: Any) -> bool:
+    """Whether setting ``name`` on a backend section (``{name, options}``) picks another
+    backend, whose options then start empty (``model: gpt-4o-mini`` is not a setting of a
+    local LLM)."""
+    return name is not None and "name" in node and node["name"] != name
+
+
 def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Copy of ``data`` with dotted-key ``overrides`` set (``crop.top_n`` -> data[crop][top_n])."""
+    """Copy of ``data`` with dotted-key ``overrides`` set (``crop.top_n`` -> data[crop][top_n]).
+
+    A ``<section>.name`` override that switches backend drops the section's old options
+    first; ``<section>.options.*`` overrides then apply to the new backend."""
     out = _deep_merge({}, data)
-    for key, value in overrides.items():
+    # Backend switches first, so options given alongside them are kept.
+    ordered = sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".name"))
+    for key, value in ordered:
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node[p] = dict(node.get(p) or {})
             node = node[p]
+        if leaf == "name" and parents and _switches_backend(node, value):
+            node.pop("options", None)
         node[leaf] = value
     return out
 

@@ -221,6 +221,26 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert cfg.crop.top_k == 5 and cfg.units == "0-3" and cfg.model == "resnet18"
 
 
+def test_switching_a_backend_drops_the_old_backends_options(tmp_path):
+    """`--preset paper --llm smollm2` must not hand the local model the preset's
+    `model: gpt-4o-mini`; options given with the switch, or to the same backend, stay."""
+    base = {"probe": ["p"]}
+    cfg = load_config(None, {**base, "llm.name": "smollm2"}, preset="paper")
+    assert cfg.llm.name == "smollm2" and cfg.llm.options == {}
+    cfg = load_config(None, {**base, "llm.options.model": "m", "llm.name": "transformers"},
+                      preset="paper")
+    assert cfg.llm.options == {"model": "m"}
+    cfg = load_config(None, {**base, "llm.name": "openai", "generator.options.steps": 20},
+                      preset="paper")
+    assert cfg.llm.options == {"model": "gpt-4o-mini"}
+    assert cfg.generator.options["steps"] == 20 and "model_id" in cfg.generator.options
+    (tmp_path / "c.yaml").write_text("encoder: {name: hf_clip}\n"
+                                     "generator: {options: {steps: 25}}\n")
+    cfg = load_config(tmp_path / "c.yaml", base, preset="paper")
+    assert cfg.encoder.options == {} and cfg.generator.options["steps"] == 25
+    assert cfg.generator.options["model_id"].endswith("stable-diffusion-v1-5")
+
+
 def test_cli_describe_end_to_end(colour_probe, tmp_path, capsys):
     folder, _, _ = colour_probe
     argv = ["describe", "--model", "resnet18", "--weights", "none", "--layer", "layer4",

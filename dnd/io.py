@@ -55,10 +55,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = True) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n",
-                             durable=durable)
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

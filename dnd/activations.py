@@ -9,6 +9,7 @@ trap in this field).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dnd.io import atomic_write_json, stable_hash
+from dnd.io import FileLock, atomic_write_json, stable_hash
 from dnd.probe import ProbeSet
 from dnd.target import Target, ViewGeometry, capture, split_output
 
@@ -143,10 +144,24 @@ def compute_activations(target: Target, probe: ProbeSet, layers: Sequence[str],
     keys = {name: activation_key(target, name, probe, summary) for name in layers}
     result = {name: _load(cache_dir / keys[name], name) for name in layers}
     todo = [name for name, acts in result.items() if acts is None]
-    if todo:
-        result.update(_compute(target, probe, {n: modules[n] for n in todo},
-                               {n: cache_dir / keys[n] for n in todo}, summary, batch_size,
-                               workers, progress))
+    if not todo:
+        return result
+    # Processes may share a cache directory (`dnd tables` and `dnd evaluate` on
+    # runs/eval-cache). values.f16 is written in place and creating it truncates it, so a
+    # second writer would zero rows the first already wrote: one process computes an entry
+    # while the others wait, then load it. Locks are taken in key order (no deadlock).
+    with contextlib.ExitStack() as held:
+        for key in sorted({keys[n] for n in todo}):
+            lock = FileLock(cache_dir / f"{key}.lock").acquire(
+                wait=True, on_wait=lambda _: log.info("waiting for another process to "
+                                                      "finish the activations in %s", cache_dir))
+            held.callback(lock.release)
+        result.update({n: _load(cache_dir / keys[n], n) for n in todo})
+        todo = [n for n in todo if result[n] is None]
+        if todo:
+            result.update(_compute(target, probe, {n: modules[n] for n in todo},
+                                   {n: cache_dir / keys[n] for n in todo}, summary, batch_size,
+                                   workers, progress))
     return result
 
 
@@ -194,6 +209,7 @@ def _compute(target: Target, probe: ProbeSet, modules: dict, dirs: dict[str, Pat
         np.save(dirs[name] / "valid.npy", valid)
         atomic_write_json(dirs[name] / "meta.json", {
             "layer": name, "shape": list(mm.shape), "summary": summary,
+            "target": target.identity(),  # model, weights and the normalisation used
             "probe": probe.name, "n_unreadable": len(errors), "unreadable": errors[:100]})
         # Reopened read-only: callers get the same memmap a later cache hit would give them.
         out[name] = dataclasses.replace(_load(dirs[name], name), reused=False)

@@ -25,7 +25,7 @@ from torch import nn
 from dnd.activations import compute_activations
 from dnd.io import atomic_write_text
 from dnd.probe import ArrayProbe
-from dnd.target import Preprocess, Target
+from dnd.target import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
 
 
 def _peak_rss_mb() -> float:
@@ -45,7 +45,8 @@ def bench_activations(n_images: int = 50_000, n_units: int = 2048, batch_size: i
                        images=images, source=f"synthetic:{n_images}:{seed}")
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(3, n_units, 3, padding=1), nn.ReLU())
-    target = Target.from_module(net, Preprocess(resize=4, crop=4), name="bench-conv",
+    target = Target.from_module(net, Preprocess(resize=4, crop=4, mean=IMAGENET_MEAN,
+                                                 std=IMAGENET_STD), name="bench-conv",
                                 weights_id=f"seed{seed}")
     with tempfile.TemporaryDirectory() as tmp:
         before = _peak_rss_mb()

@@ -206,7 +206,7 @@ def measure(device: str = "cuda", *, tiny: bool = False, steps: tuple[int, ...] 
     """
     from torchvision.models import resnet50
 
-    from dnd.target import Preprocess, Target
+    from dnd.target import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
 
     rng = np.random.default_rng(0)
     side = 32 if tiny else 512
@@ -217,7 +217,8 @@ def measure(device: str = "cuda", *, tiny: bool = False, steps: tuple[int, ...] 
 
     torch.manual_seed(0)
     size = (32, 32) if tiny else (256, 224)
-    target = Target.from_module(resnet50(weights=None), Preprocess(*size), name="resnet50",
+    target = Target.from_module(resnet50(weights=None), Preprocess(
+        *size, mean=IMAGENET_MEAN, std=IMAGENET_STD), name="resnet50",
                                 weights_id="random")
     target.to(torch.device(device))
     batch = torch.stack([target.preprocess(im) for im in images] * 4).to(device)

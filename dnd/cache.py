@@ -3,6 +3,12 @@
 One file per key, sharded by the key's first two hex characters so no directory grows
 huge. Files are written atomically; a file that is unreadable anyway (disk full, a copy
 cut short) is treated as a miss, so a damaged cache costs a re-computation, never a crash.
+
+Safe with several processes: each writer renames a complete file of its own into place,
+so a reader sees a whole entry or a miss, and of two writers of one key the last wins.
+Keys hash everything that determines the value, so concurrent writers store the same value
+(sampled LLM replies aside, where either is a valid reply). In a run every cache lives in
+the run directory, which one process holds at a time (:class:`dnd.store.RunLock`).
 """
 
 from __future__ import annotations

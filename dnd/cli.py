@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -70,10 +71,40 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that reports unknown arguments itself: argparse would hand them
+    back to the top-level parser, which prints ``usage: dnd [-h] ...`` for
+    ``dnd describe --nope`` instead of describe's usage. Nested subcommands inherit it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def _add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-q/--quiet and -v/--verbose. Below the top level they default to SUPPRESS, so
+    ``dnd -v describe`` is not reset by describe's own defaults."""
+    g = p.add_mutually_exclusive_group()
+    default = {} if top else {"default": argparse.SUPPRESS}
+    quiet = ("only warnings, errors and results: no INFO lines (describe and demo also drop "
+             "their progress bars)" if top else "only warnings, errors and the final "
+             "summary: no progress bars, no progress lines")
+    g.add_argument("-q", "--quiet", action="store_true", **default, help=quiet)
+    g.add_argument("-v", "--verbose", action="store_true", **default,
+                   help="also the libraries' INFO messages and progress bars (open_clip, "
+                   "transformers, huggingface_hub), which are hidden by default")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dnd", description="Describe-and-Dissect: plain-language "
-                                "descriptions of the units of vision networks.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="dnd", description="Describe-and-Dissect: plain-language descriptions of the "
+        "units of vision networks. By default dnd prints its own progress, warnings from "
+        "every library, and no library INFO messages or progress bars: -v adds those, -q "
+        "keeps only warnings, errors and results.")
+    _add_verbosity(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     from dnd.evaluation.cli import add_cli
 
     add_cli(sub)  # `dnd tables` and `dnd evaluate ...`
@@ -100,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument(flag, dest=key, type=typ, default=None, help=help_)
     d.add_argument("--retry-failed", action="store_true",
                    help="redo units that failed in an earlier run (from the failed stage)")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--wait", action="store_true",
+                   help="if another process is using the run directory, wait for it to "
+                   "finish instead of failing at once")
+    _add_verbosity(d)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline toy world, judged "
                           "against ground truth",
@@ -116,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hidden layer to describe besides fc (default conv4)")
     demo.add_argument("--hidden-units", default="0-31",
                       help="units of the hidden layer (default 0-31)")
-    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_verbosity(demo)
 
     bench = sub.add_parser("bench", help="speed and memory measurements, written to results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -193,9 +227,12 @@ def _describe(args: argparse.Namespace) -> int:
         overrides["probe"] = args.probe
     config = load_config(args.config, overrides, preset=args.preset)
     result = describe(config, args.run_dir, progress=not args.quiet,
-                      retry_failed=args.retry_failed)
+                      retry_failed=args.retry_failed, wait=args.wait)
     msg = (f"{len(result.units)} unit(s) of {config.layer}: {len(result.done_now)} done now, "
-           f"{len(result.units) - len(result.done_now)} already done")
+           f"{len(result.already_done)} already done, {len(result.failed)} failed")
+    if result.failed_before:
+        msg += (f" ({len(result.failed_before)} in an earlier run, left alone: "
+                "--retry-failed redoes them)")
     if config.stop_after == "activations":
         msg = f"activations of {result.activations.n_units} units of {config.layer}"
     if result.n_unreadable:
@@ -208,10 +245,91 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; always sys.stderr here
+        pass
+
+
+def _dnd_or_warning(record: logging.LogRecord) -> bool:
+    """Default filter: dnd's own messages, and other loggers' only from WARNING up (open_clip
+    logs INFO lines through the root logger, transformers through its own)."""
+    return (record.levelno >= logging.WARNING or record.name == "dnd"
+            or record.name.startswith("dnd."))
+
+
+def setup_logging(verbosity: int) -> None:
+    """Console output of the ``dnd`` command. ``verbosity``: -1 (-q), 0 (default), 1 (-v).
+
+    - default: dnd's INFO progress lines and progress bars, every library's WARNING and
+      above (a library warning, such as weights that failed to load, can concern the
+      user), no library INFO lines and no library progress bars ("Loading weights");
+    - -q: WARNING and above from everyone, no progress bars (dnd's are turned off by
+      the commands' ``progress=False``);
+    - -v: INFO from every logger, library progress bars, and transformers/diffusers INFO
+      (unless TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY say otherwise).
+
+    Python's ``warnings`` are left to their defaults.
+    """
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)  # main() called again in one process (tests)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+    if verbosity == 0:
+        handler.addFilter(_dnd_or_warning)
+    root.addHandler(handler)
+    # dnd's INFO reaches the handler whatever the root level; libraries' INFO records are
+    # not even created unless -v lowers the root level.
+    logging.getLogger("dnd").setLevel(logging.INFO)
+    if verbosity > 0 and root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    _library_output(verbose=verbosity > 0)
+
+
+def _library_output(verbose: bool) -> None:
+    """Hugging Face progress bars only with -v; transformers/diffusers INFO with -v.
+
+    transformers reads huggingface_hub's switch when it is imported, so turning it off here,
+    before any backend imports transformers, also silences its "Loading weights" bar; if
+    transformers is already imported (a test, a notebook) its own switch is set too.
+    """
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    except ImportError:
+        return
+    bars = verbose and constants.HF_HUB_DISABLE_PROGRESS_BARS is not True  # env var wins
+    (enable_progress_bars if bars else disable_progress_bars)()
+    tf = sys.modules.get("transformers.utils.logging")
+    if tf is not None and tf.is_progress_bar_enabled() != bars:
+        (tf.enable_progress_bar if bars else tf.disable_progress_bar)()
+    for lib in ("transformers", "diffusers") if verbose else ():
+        if os.environ.get(f"{lib.upper()}_VERBOSITY"):
+            continue  # the user's own setting wins
+        lib_logging = sys.modules.get(f"{lib}.utils.logging")
+        if lib_logging is not None:
+            lib_logging.set_verbosity_info()
+        else:  # read when the library is first imported
+            os.environ[f"{lib.upper()}_VERBOSITY"] = "info"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dnd`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
+    args.quiet = bool(getattr(args, "quiet", False))
+    args.verbose = bool(getattr(args, "verbose", False))
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         if hasattr(args, "func"):  # subcommands that carry their own handler
             return args.func(args)

@@ -112,13 +112,35 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file or bad YAML raises a one-line
+    :class:`ConfigError` naming the file (and line and column)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable YAML text file ({e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error_message(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys to values")
     return data
+
+
+def _yaml_error_message(path: Path, e: yaml.YAMLError) -> str:
+    """'run.yaml:3:5: invalid YAML: expected ',' or ']' (while parsing a flow sequence
+    started at line 2)': 1-based line and column of the problem, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        problem += f" ({context}" + (f" started at line {cmark.line + 1}" if cmark is not None
+                                     and mark is not None and cmark.line != mark.line
+                                     else "") + ")"
+    return f"{where}: invalid YAML: {problem}"
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

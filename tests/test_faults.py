@@ -82,11 +82,28 @@ def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeyp
     monkeypatch.setattr(pipeline, "load_models",
                         lambda config, device, llm: Models(captioner=ColourCaptioner(), llm=llm))
     monkeypatch.setattr(pipeline, "load_target", lambda name, weights: colour_target())
+    # The models above replace the config's (BLIP ...), so nothing is looked for on disk.
+    monkeypatch.setattr(pipeline.preflight, "check_run", lambda *a, **k: None)
     argv = ["describe", "--model", "colournet", "--layer", "pool", "--probe", str(folder),
             "--units", "0-1", "--stop-after", "candidates", "--run-dir", str(tmp_path / "r"),
             "-q"]
     assert main(argv) == 1
-    assert "1 unit(s) failed, e.g. unit 1" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "1 unit(s) failed, e.g. unit 1" in err
+    # A failed unit is counted as failed, never as done.
+    assert "2 unit(s) of pool: 1 done now, 0 already done, 1 failed" in out
+    assert main(argv) == 1  # the failed unit is left alone, and said to be
+    assert ("0 done now, 1 already done, 1 failed (1 in an earlier run, left alone: "
+            "--retry-failed redoes them)") in capsys.readouterr().out
+
+
+def _models_downloadable(monkeypatch):
+    """As on a connected machine: the preset's models are not cached but could be
+    downloaded, so the preflight lets the run go on (no connection is made)."""
+    from dnd import preflight
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(preflight, "host_reachable", lambda url, *a: True)
 
 
 def test_missing_api_key_and_unknown_backend_fail_before_the_pass(colour_probe, tmp_path,
@@ -98,6 +115,7 @@ def test_missing_api_key_and_unknown_backend_fail_before_the_pass(colour_probe, 
 
     folder, _, _ = colour_probe
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    _models_downloadable(monkeypatch)
     probe = CountingProbe(open_probe(str(folder)))
     base = {"model": "colournet", "layer": "pool", "probe": [str(folder)], "units": "0"}
     with pytest.raises(Exception, match="OPENAI_API_KEY"):
@@ -115,6 +133,7 @@ def test_paper_preset_without_key_fails_before_loading_the_target(tmp_path, monk
     import dnd.pipeline as pipeline
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    _models_downloadable(monkeypatch)
 
     def no_target(*a, **k):
         raise AssertionError("the target must not load before the API key check")

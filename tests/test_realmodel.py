@@ -1,7 +1,7 @@
 """A real ImageNet network, offline: EfficientNet-Lite0 from the registry packages.
 
-Skips when the shared ImageNet sample (one photo per class, sorted file names follow the
-class index order) is absent, as it is on a user's machine.
+The accuracy test skips when the shared ImageNet sample (one photo per class, sorted file
+names follow the class index order) is absent, as it is on a user's machine.
 """
 
 from __future__ import annotations
@@ -14,14 +14,24 @@ from conftest import SHARED
 
 SAMPLE = os.path.join(SHARED, "data", "imagenet-sample")
 
-pytestmark = [
-    pytest.mark.realmodel,
-    pytest.mark.skipif(not os.path.isdir(SAMPLE), reason=f"{SAMPLE} absent"),
-]
+pytestmark = pytest.mark.realmodel
 
 
-def test_efficientnet_lite0_fc_units_rank_their_own_class_photo(tmp_path):
+def test_efficientnet_lite0_takes_its_own_normalisation():
+    """The TF-Lite weights take (x - 127) / 128: mean = std = 0.5 on [0, 1] pixels."""
     pytest.importorskip("efficientnet_lite_pytorch")
+    from dnd.target import load_target
+
+    pre = load_target("efficientnet-lite0", weights="none").preprocess
+    assert (pre.mean, pre.std, pre.defaulted) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ())
+    assert (pre.resize, pre.crop) == (256, 224)
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason=f"{SAMPLE} absent")
+def test_efficientnet_lite0_accuracy_on_the_imagenet_sample(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import torch
+
     from dnd.activations import compute_activations
     from dnd.probe import open_probe
     from dnd.target import load_target
@@ -29,14 +39,23 @@ def test_efficientnet_lite0_fc_units_rank_their_own_class_photo(tmp_path):
     target = load_target("efficientnet-lite0")
     probe = open_probe(SAMPLE)
     assert len(probe) == 1000
-    acts = compute_activations(target, probe, ["_fc"], tmp_path, batch_size=50,
-                               workers=2, progress=False)["_fc"]
+    # One thread and small batches: on 2 shared CPU cores a second thread mostly waits
+    # (measured 300 s against 90 s for this pass), and batches of 50 spend as long in the
+    # kernel (page faults of ~100 MB activation buffers) as in the network.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        acts = compute_activations(target, probe, ["_fc"], tmp_path, batch_size=10,
+                                   progress=False)["_fc"]
+    finally:
+        torch.set_num_threads(threads)
     assert acts.n_units == 1000
+    logits = np.asarray(acts.values, dtype=np.float32)
+    # Top-1 of the network itself: 85.8% measured with mean = std = 0.5, 75.8% with the
+    # ImageNet statistics, so the bar catches a wrong normalisation.
+    top1 = np.mean(np.argmax(logits, axis=1) == np.arange(1000))
+    assert top1 >= 0.84, top1
+    # Each fc unit ranks its own class's photo among its 5 most activating: 97.2% measured.
     top, _ = acts.top_images(range(1000), 5)
     hit = np.mean([u in top[u] for u in range(1000)])
-    # Measured beforehand at about 93%; the issue's bar is 85%.
-    assert hit >= 0.85, hit
-    # Top-1 accuracy of the network itself (75.6% measured): the preprocessing is right.
-    top1 = np.mean(np.argmax(np.asarray(acts.values, dtype=np.float32), axis=1)
-                   == np.arange(1000))
-    assert top1 >= 0.70, top1
+    assert hit >= 0.95, hit

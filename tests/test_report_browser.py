@@ -14,7 +14,7 @@ from dnd.report import build_report
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -75,3 +75,62 @@ def test_browse_index_search_and_unit_page(tmp_path, browser):
 
     browser.get((run / "report" / "units" / "fc" / "1.html").as_uri())
     assert browser.find_element(By.ID, "label").text == XSS
+
+
+def test_cards_tell_the_truth_about_stopped_failed_and_low_units(tmp_path, browser):
+    from test_report import CONV4_INTERP, _unit
+
+    from dnd.config import RunConfig, save_config
+    from dnd.store import RunStore
+
+    run = make_run(tmp_path)
+    store = RunStore(run)
+    for unit, score in enumerate(CONV4_INTERP, 3):  # conv4's unit 25 becomes unit 28
+        _unit(store, unit, interpretability=score)
+    store.write_unit("fc", 2, {"layer": "fc", "unit": 2, "stage": "captions",
+                               "failed_at": "candidates",
+                               "error": "candidates: 503 " + "retrying " * 120})
+    long_name = "n01440764_" + "x" * 70 + ".JPEG"  # no space to break at
+    top = [{"index": i, "image": f"{long_name}{i}", "box": None, "activation": 1.0}
+           for i in range(3)]
+    _unit(store, 40, top_images=top, activating_images=top)
+    # Unit 41 is where `--stop-after crops` leaves a unit.
+    store.write_unit("fc", 41, {"layer": "fc", "unit": 41, "stage": "crops",
+                                "top_images": top[:1], "crops": [],
+                                "activating_images": top[:1]})
+    save_config(RunConfig(model="tiny", layer="fc", probe=[str(tmp_path / "probe")],
+                          summarizer="consensus", stop_after="crops"), run / "config.yaml")
+    browser.get(build_report(run).as_uri())
+    wait = WebDriverWait(browser, 10)
+    wait.until(lambda d: len(_cards(d)) == 37)
+    by_unit = {int(c.get_attribute("data-unit")): c for c in _cards(browser)}
+    stopped = by_unit[41].text
+    assert "no label yet: stopped after crops" in stopped
+    assert "(no label)" not in stopped and "score" not in stopped
+    assert "stopped after the crops stage" in browser.find_element(By.ID, "stopped").text
+    failed = by_unit[2].text
+    assert "failed at candidates" in failed and "full error on the unit page" in failed
+    assert len(failed) < 250 and failed.count("retrying") < 20
+    assert "low interpretability" in by_unit[28].text  # conv4's unit 25
+    assert "low" in by_unit[28].get_attribute("class")
+    assert "low interpretability" not in by_unit[4].text
+
+    browser.find_element(By.ID, "lowonly").click()
+    wait.until(lambda d: len(_cards(d)) == 2)
+    assert {int(c.get_attribute("data-unit")) for c in _cards(browser)} == {3, 28}
+    browser.find_element(By.ID, "lowonly").click()
+    Select(browser.find_element(By.ID, "sort")).select_by_value("interp_low")
+    wait.until(lambda d: _cards(d)[0].get_attribute("data-unit") == "28")
+    assert _cards(browser)[-1].get_attribute("data-unit") in {"2", "41"}  # no score: last
+
+    # Long image names wrap inside their figure instead of running under the next one.
+    browser.get((run / "report" / "units" / "fc" / "40.html").as_uri())
+    figures = browser.find_elements(By.CSS_SELECTOR, "figure")
+    assert len(figures) >= 3
+    for fig in figures:
+        overflow = browser.execute_script(
+            "var f=arguments[0].getBoundingClientRect(),w=f.right;"
+            "return Array.from(arguments[0].querySelectorAll('div')).map(function(e){"
+            "return e.scrollWidth>e.clientWidth||e.getBoundingClientRect().right>w+1;});",
+            fig)
+        assert not any(overflow), fig.text

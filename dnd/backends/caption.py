@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dnd.backends.base import CAPTIONERS, pick_device, run_batched
+from dnd.preflight import Need, declares_needs, hub_model
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP2_OPT = "Salesforce/blip2-opt-2.7b"
@@ -107,6 +108,19 @@ def _blip(model_id: str = BLIP_BASE, **kw) -> TransformersCaptioner:
 @CAPTIONERS.register("blip2")
 def _blip2(model_id: str = BLIP2_OPT, **kw) -> TransformersCaptioner:
     return TransformersCaptioner(model_id, kind="blip2", **kw)
+
+
+@declares_needs(CAPTIONERS, "blip")
+def _blip_needs(model_id: str = BLIP_BASE, model: Any = None, **_: Any) -> list[Need]:
+    # A ready-made model loads nothing.
+    return [] if model is not None else [
+        hub_model("captioner blip", model_id, option="captioner.options.model_id: FOLDER")]
+
+
+@declares_needs(CAPTIONERS, "blip2")
+def _blip2_needs(model_id: str = BLIP2_OPT, model: Any = None, **_: Any) -> list[Need]:
+    return [] if model is not None else [
+        hub_model("captioner blip2", model_id, option="captioner.options.model_id: FOLDER")]
 
 
 def image_data_url(image: Image.Image, max_side: int = 512) -> str:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dnd.backends.base import ENCODERS, normalize_rows, pick_device, run_batched
+from dnd.preflight import Need, declares_needs, hub_model, open_clip_needs
 from dnd.registry import unknown_name_message
 
 # Real CLIP vocabularies hold ~49k tokens; an empty offline load holds 2 or 3.
@@ -122,6 +123,13 @@ class OpenClipEncoder(_ClipEncoder):
         return _rows(self.model.encode_text(self.tokenizer(texts).to(self.device)))
 
 
+@declares_needs(ENCODERS, "open_clip")
+def _open_clip_needs(model: str = "ViT-B-16", pretrained: str | None = "openai",
+                     components: Any = None, **_: Any) -> list[Need]:
+    return [] if components is not None else open_clip_needs(
+        "encoder open_clip", model, pretrained, "encoder.options.model: local-dir:FOLDER")
+
+
 def _load_open_clip(model: str, pretrained: str | None) -> tuple[Any, Any, Any]:
     import open_clip
 
@@ -187,6 +195,13 @@ class HFClipEncoder(_ClipEncoder):
         return _rows(self.model.get_text_features(
             input_ids=tokens["input_ids"].to(self.device),
             attention_mask=tokens["attention_mask"].to(self.device)))
+
+
+@declares_needs(ENCODERS, "hf_clip")
+def _hf_clip_needs(model_id: str = "openai/clip-vit-base-patch16", components: Any = None,
+                   **_: Any) -> list[Need]:
+    return [] if components is not None else [
+        hub_model("encoder hf_clip", model_id, option="encoder.options.model_id: FOLDER")]
 
 
 def _load_hf_clip(model_id: str) -> tuple[Any, Any, Any]:

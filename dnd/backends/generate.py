@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from dnd.backends.base import GENERATORS, GenRequest, pick_device, run_batched
+from dnd.preflight import Need, declares_needs, hub_model
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -97,6 +98,14 @@ class DiffusersGenerator:
             output_type="pil",
         )
         return [img.convert("RGB") for img in out.images]
+
+
+@declares_needs(GENERATORS, "diffusers")
+def _diffusers_needs(model_id: str = DEFAULT_MODEL_ID, pipe: Any = None, **_: Any
+                     ) -> list[Need]:
+    return [] if pipe is not None else [
+        hub_model("generator diffusers", model_id, files=("model_index.json",),
+                  option="generator.options.model_id: FOLDER")]
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

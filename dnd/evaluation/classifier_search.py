@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from dnd.evaluation.embedders import TextEmbedder
 from dnd.evaluation.labels import UnitLabels
 from dnd.evaluation.similarity import ensemble_similarity
 from dnd.metrics import classifier_search_auroc
+
+if TYPE_CHECKING:
+    from dnd.preflight import Need
 
 # Similarities within this of the best count as tied: exact duplicates of a description are
 # embedded once and tie exactly, this only absorbs float noise of the ensemble mean.
@@ -73,6 +77,15 @@ def classifier_search(labels: Sequence[UnitLabels], class_names: Sequence[str],
         mean, int(acts.shape[0]))
 
 
+def classifier_search_needs(model: str, weights: str, embedders: Sequence[str]) -> list[Need]:
+    """The models :func:`run_classifier_search` loads (target weights, text embedders by
+    name), for :func:`dnd.preflight.check` before any is loaded."""
+    from dnd.preflight import embedder_needs
+    from dnd.target import target_needs
+
+    return target_needs(model, weights) + embedder_needs(embedders)
+
+
 def run_classifier_search(labels: Sequence[UnitLabels], model: str, layer: str,
                           probe: str | Sequence[str], embedders: Sequence[TextEmbedder],
                           cache_dir: str | Path, *, weights: str = "DEFAULT",
@@ -85,9 +98,11 @@ def run_classifier_search(labels: Sequence[UnitLabels], model: str, layer: str,
     subfolders). Images that failed to load are left out.
     """
     from dnd.activations import compute_activations
+    from dnd.preflight import check
     from dnd.probe import open_probe
-    from dnd.target import load_target
+    from dnd.target import load_target, target_needs
 
+    check(target_needs(model, weights))  # weights that are missing here fail in seconds
     probe_set = open_probe(probe)
     if probe_set.labels is None or probe_set.class_names is None:
         raise ValueError(f"probing set {probe_set.name!r} has no class labels; classifier "

@@ -9,16 +9,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dnd.evaluation.classifier_search import run_classifier_search
+from dnd.evaluation.classifier_search import classifier_search_needs, run_classifier_search
 from dnd.evaluation.embedders import CachedEmbedder, create_embedder, embedder_names
 from dnd.evaluation.final_layer import (
     constant_labels,
+    final_layer_needs,
     final_layer_similarity,
     model_class_names,
 )
 from dnd.evaluation.labels import read_labels
-from dnd.evaluation.milan import GENERIC_LABELS, RELIABLE_THRESHOLD, milan_scores, read_annotations
+from dnd.evaluation.milan import (
+    GENERIC_LABELS,
+    MILAN_TABLE_HEADER,
+    RELIABLE_THRESHOLDS,
+    milan_scores,
+    milan_table_rows,
+    read_annotations,
+)
 from dnd.evaluation.tables import DEFAULT_CACHE_DIR, run_tables
+from dnd.preflight import check, embedder_needs
 
 _SHARED_DATA = Path("..") / "shared" / "data"
 _EMBEDDER_HELP = (f"text embedder: {', '.join(embedder_names())} (minilm runs offline; the "
@@ -49,10 +58,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("final-layer", help="descriptions of an output layer vs class names",
                        description="Cosine similarity of each output unit's description to "
-                       "its class name, mean and bootstrap 95%% CI, beside a constant label.")
+                       "its class name, mean and bootstrap 95% CI, beside a constant label.")
     _labels_arg(f)
     f.add_argument("--layer", help="keep only this layer's rows of a layer,unit,description "
-                   "file")
+                   "file (needed when it holds several layers)")
     names = f.add_mutually_exclusive_group(required=True)
     names.add_argument("--model", help="model whose class names are the ground truth "
                        "(e.g. efficientnet-lite0, resnet50)")
@@ -65,15 +74,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser("milan", help="descriptions vs MILANNOTATIONS human annotations",
                        description="Mean similarity of descriptions to human annotations, "
-                       "over all and over reliable units, beside the best constant label.")
+                       "per layer, over all and over reliable units (two annotations agree), "
+                       "beside the best constant label.")
     m.add_argument("--labels", action="append", required=True, metavar="[LAYER=]PATH",
                    help="descriptions: a layer,unit,description CSV, or LAYER=labels.csv "
                    "for a dnd run's labels (repeatable, one per layer)")
     m.add_argument("--annotations", required=True, help="layer,unit,summary CSV")
     m.add_argument("--embedder", default="minilm", help=_EMBEDDER_HELP + " (default minilm)")
-    m.add_argument("--threshold", type=float, default=RELIABLE_THRESHOLD, help="a unit is "
-                   "reliable when two annotations have similarity above this "
-                   f"(default {RELIABLE_THRESHOLD})")
+    m.add_argument("--threshold", type=float, help="a unit is reliable when two of its "
+                   "annotations have cosine similarity above this (default: the embedder's "
+                   "calibrated threshold, "
+                   + ", ".join(f"{k} {v}" for k, v in RELIABLE_THRESHOLDS.items())
+                   + "; other embedders leave reliable units undetermined)")
     m.add_argument("--generic-label", action="append", metavar="TEXT", help="candidate "
                    "constant label for the baseline (repeatable; default: "
                    f"{', '.join(GENERIC_LABELS)})")
@@ -125,25 +137,29 @@ def _tables(args: argparse.Namespace) -> int:
 
 
 def _final_layer(args: argparse.Namespace) -> int:
-    labels = read_labels(args.labels, args.layer)
+    check(final_layer_needs(args.model, args.embedder or ["minilm"]))  # before any loads
+    labels = read_labels(args.labels, args.layer, single_layer=True)
     if args.model:
         class_names = model_class_names(args.model)
     else:
         class_names = [s.strip() for s in Path(args.class_names).read_text().splitlines()
                        if s.strip()]
     embedders = _embedders(args)
-    print("| labels | embedder | mean cosine | 95% CI | units |\n|---|---|---|---|---|")
+    # Every score is computed before anything is printed: a failure leaves stdout empty.
+    rows = []
     for name, lab in ((args.labels, labels),
                       (f'constant "{args.baseline}"',
                        constant_labels([u.unit for u in labels], args.baseline))):
         res = final_layer_similarity(lab, class_names, embedders)
-        for s in res.scores:
-            print(f"| {name} | {s.embedder} | {s.mean:.4f} | [{s.low:.4f}, {s.high:.4f}] | "
-                  f"{len(res.units)} |")
+        rows += [f"| {name} | {s.embedder} | {s.mean:.4f} | [{s.low:.4f}, {s.high:.4f}] | "
+                 f"{len(res.units)} |" for s in res.scores]
+    print("| labels | embedder | mean cosine | 95% CI | units |\n|---|---|---|---|---|")
+    print("\n".join(rows))
     return 0
 
 
 def _milan(args: argparse.Namespace) -> int:
+    check(embedder_needs([args.embedder]))
     descriptions = {}
     for spec in args.labels:
         layer, sep, path = spec.rpartition("=")
@@ -155,15 +171,16 @@ def _milan(args: argparse.Namespace) -> int:
                        create_embedder(args.embedder), name="descriptions",
                        threshold=args.threshold,
                        generic_labels=args.generic_label or GENERIC_LABELS)
-    print(f"{len(res.units)} units ({int(res.reliable.sum())} reliable), "
-          f"{res.n_unlabelled} annotated units without a description\n")
-    print("| description | all units | reliable units |\n|---|---|---|")
-    for s in (res.method, res.baseline):
-        print(f"| {s.name} | {s.mean_all:.4f} | {s.mean_reliable:.4f} |")
+    print(f"{len(res.units)} units with a description and annotations, {res.n_unlabelled} "
+          f"annotated units without a description. {res.rule}\n")
+    print("| " + " | ".join(MILAN_TABLE_HEADER) + " |\n|" + "---|" * len(MILAN_TABLE_HEADER))
+    for row in milan_table_rows([res]):
+        print("| " + " | ".join(row) + " |")
     return 0
 
 
 def _classifier_search(args: argparse.Namespace) -> int:
+    check(classifier_search_needs(args.model, args.weights, args.embedder or ["minilm"]))
     res = run_classifier_search(read_labels(args.labels, args.layer), args.model, args.layer,
                                 args.probe, _embedders(args), args.cache_dir,
                                 weights=args.weights, summary=args.summary,

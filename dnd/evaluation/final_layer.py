@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from dnd.evaluation.embedders import TextEmbedder
 from dnd.evaluation.labels import UnitLabels
 from dnd.evaluation.similarity import paired_similarity
 from dnd.metrics import bootstrap_ci
+
+if TYPE_CHECKING:
+    from dnd.preflight import Need
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,15 @@ def final_layer_similarity(labels: Sequence[UnitLabels], class_names: Sequence[s
 def constant_labels(units: Sequence[int], text: str) -> list[UnitLabels]:
     """The same label ``text`` for every unit: the generic-label baseline."""
     return [UnitLabels(None, int(u), (text,)) for u in units]
+
+
+def final_layer_needs(model: str | None, embedders: Sequence[str]) -> list[Need]:
+    """The models the final-layer protocol loads: the text embedders by name, and for
+    ``model``'s class names only its code (no weights), for :func:`dnd.preflight.check`."""
+    from dnd.preflight import embedder_needs
+    from dnd.target import target_needs
+
+    return (target_needs(model, "none") if model else []) + embedder_needs(embedders)
 
 
 def model_class_names(model: str) -> list[str]:

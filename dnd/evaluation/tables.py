@@ -14,18 +14,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from dnd.evaluation.classifier_search import run_classifier_search
+from dnd.evaluation.classifier_search import classifier_search_needs, run_classifier_search
 from dnd.evaluation.embedders import CachedEmbedder, TextEmbedder, create_embedder
 from dnd.evaluation.final_layer import (
     constant_labels,
+    final_layer_needs,
     final_layer_similarity,
     model_class_names,
 )
 from dnd.evaluation.labels import UnitLabels, read_labels
-from dnd.evaluation.milan import milan_scores, read_annotations
+from dnd.evaluation.milan import (
+    MILAN_TABLE_HEADER,
+    best_pair_similarity,
+    layer_sort_key,
+    matching_threshold,
+    milan_scores,
+    milan_table_rows,
+    read_annotations,
+    reliable_threshold,
+)
 from dnd.io import atomic_write_text
+from dnd.preflight import ModelsNotAvailable, Need, check, embedder_needs
 from dnd.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -43,8 +55,10 @@ class NotRun(Exception):
 class TableSpec:
     """One table of ``eval/tables.yaml`` (see the comment at its top for the keys).
 
-    ``data``: role -> path under the data root, or (milan labels) layer -> path.
-    ``options``: the kind's own settings (labels, baselines, layer, probe_kind, threshold).
+    ``data``: role -> path under the data root, or a mapping of them (milan labels:
+    layer -> path; milan compare: method -> path or layer -> path).
+    ``options``: the kind's own settings (labels, baselines, layer, probe_kind, threshold,
+    method, thresholds, match_reliable).
     """
 
     name: str
@@ -72,8 +86,10 @@ class TableSpec:
 
     def data_files(self) -> list[str]:
         """Every data path the table needs, relative to the data root."""
-        return [p for v in self.data.values()
-                for p in (v.values() if isinstance(v, Mapping) else [v])]
+        def paths(v: Any) -> list[str]:
+            return ([p for x in v.values() for p in paths(x)] if isinstance(v, Mapping)
+                    else [v])
+        return paths(self.data)
 
 
 def load_tables(path: str | Path = DEFAULT_DEFINITIONS) -> dict[str, TableSpec]:
@@ -129,6 +145,10 @@ def _run_one(spec: TableSpec, data_root: str | Path | None, loaded: dict[str, Te
     if missing:
         where = f"under {data_root}" if root is not None else "(no --data-root given)"
         raise NotRun(f"data {', '.join(missing)} {where}")
+    try:  # every model the table loads is here (or downloadable) before any is loaded
+        check(_model_needs(spec, [n for n in spec.embedders if n not in loaded]))
+    except ModelsNotAvailable as e:
+        raise NotRun(f"models not on this machine: {'; '.join(e.missing)}") from e
     for name in spec.embedders:
         if name not in loaded:
             try:
@@ -141,6 +161,16 @@ def _run_one(spec: TableSpec, data_root: str | Path | None, loaded: dict[str, Te
                                   cache_dir, progress)
     except (OSError, ImportError) as e:
         raise NotRun(f"model: {', '.join(spec.models)} ({_first_line(e)})") from e
+
+
+def _model_needs(spec: TableSpec, embedders: list[str]) -> list[Need]:
+    """What the table's kind loads: its target (weights for classifier search, only the
+    code for class names) and the ``embedders`` not loaded yet."""
+    if spec.kind == "classifier_search":
+        return classifier_search_needs(spec.models[0], "DEFAULT", embedders)
+    if spec.kind == "final_layer":
+        return final_layer_needs(spec.models[0], embedders)
+    return embedder_needs(embedders)
 
 
 def _resolver(root: Path | None) -> Callable[[Any], Any]:
@@ -177,7 +207,8 @@ def _method_labels(spec: TableSpec, resolve: Callable[[Any], Any],
     if spec.options.get("labels") == "class_names":
         names = model_class_names(spec.models[0])
         return "class names", [UnitLabels(layer, i, (n,)) for i, n in enumerate(names)]
-    return "labels file", read_labels(resolve(spec.data["labels"]), layer)
+    return "labels file", read_labels(resolve(spec.data["labels"]),
+                                      layer or spec.options.get("layer"), single_layer=True)
 
 
 def _fmt(x: float) -> str:
@@ -222,21 +253,94 @@ def _classifier_search(spec: TableSpec, resolve, embedders, cache_dir, progress)
         ["class", "unit(s)", "description", "text similarity", "AUROC"], rows)
 
 
+def _milan_descriptions(labels: Any) -> dict[tuple[str, int], str]:
+    """(layer, unit) -> description from a layer,unit,description file (a path) or from
+    reference-layout files by layer (a mapping layer -> path)."""
+    if isinstance(labels, Mapping):
+        return {(layer, u.unit): u.description for layer, path in labels.items()
+                for u in read_labels(path, layer)}
+    return {(u.layer, u.unit): u.description for u in read_labels(labels)}
+
+
 def _milan(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
+    """Per-layer scores of the table's method (``data.labels``) and of any ``data.compare``
+    methods, all on the units the method describes, beside the best constant label."""
     annotations = read_annotations(resolve(spec.data["annotations"]))
-    descriptions = {(layer, u.unit): u.description
-                    for layer, path in resolve(spec.data["labels"]).items()
-                    for u in read_labels(path, layer)}
-    threshold = float(spec.options.get("threshold", 0.81))
-    rows = []
+    method = spec.options.get("method", "DnD")
+    descriptions = _milan_descriptions(resolve(spec.data["labels"]))
+    others = {name: _milan_descriptions(v)
+              for name, v in resolve(spec.data.get("compare", {})).items()}
+    for name, d in others.items():
+        lacking = sorted(set(descriptions) - set(d))
+        if lacking:
+            raise ValueError(f"table {spec.name}: {name} has no description for "
+                             f"{len(lacking)} unit(s) of {method}, e.g. {lacking[:3]}")
+    threshold = spec.options.get("threshold")
+    lines = [f"Mean cosine similarity of a description to the unit's annotations, per layer, "
+             f"over all units and over reliable units (two annotations agree); every method is "
+             f"scored on the units {method} describes. The constant is the best of a fixed "
+             f"list of generic labels on those units.", ""]
     for emb in embedders:
-        res = milan_scores(descriptions, annotations, emb, name="DnD", threshold=threshold)
-        rows += [[s.name, emb.name, _fmt(s.mean_all), _fmt(s.mean_reliable), len(res.units),
-                  int(res.reliable.sum())] for s in (res.method, res.baseline)]
-    return [f"Mean similarity of a description to the unit's annotations; reliable units "
-            f"have two annotations with similarity > {threshold}. The constant is the best "
-            f"of a fixed list of generic labels.", ""] + _md_table(
-        ["description", "embedder", "all units", "reliable units", "units", "reliable"], rows)
+        results = [milan_scores(descriptions, annotations, emb, name=method,
+                                threshold=threshold)]
+        results += [milan_scores({k: d[k] for k in descriptions}, annotations, emb, name=name,
+                                 threshold=threshold) for name, d in others.items()]
+        lines += [f"Embedder {emb.name}: {len(results[0].units)} units. {results[0].rule}", ""]
+        lines += _md_table(MILAN_TABLE_HEADER, milan_table_rows(results)) + [""]
+    return lines[:-1]
+
+
+def _nth(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 103rd."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _milan_reliability(spec: TableSpec, resolve, embedders, cache_dir, progress
+                       ) -> list[str]:
+    """Reliable units per layer at several thresholds on the units of ``data.labels``, the
+    threshold that marks ``match_reliable`` of them (rank matching), and the reliable units
+    of every annotated unit at the embedder's calibrated threshold."""
+    annotations = read_annotations(resolve(spec.data["annotations"]))
+    units = set(_milan_descriptions(resolve(spec.data["labels"])))
+    layer_all = np.array([a.layer for a in annotations])
+    in_subset = np.array([(a.layer, a.unit) in units for a in annotations])
+    layer_of = layer_all[in_subset]
+    target = int(spec.options["match_reliable"])
+    lines = []
+    for emb in embedders:
+        best_all = best_pair_similarity(annotations, emb)
+        best = best_all[in_subset]
+        matched = round(matching_threshold(best, target), 4)
+        ranked = np.sort(best)[::-1]
+        calibrated = reliable_threshold(emb.name)
+        thresholds = sorted({*map(float, spec.options["thresholds"]), matched,
+                             *([calibrated] if calibrated is not None else [])}, reverse=True)
+
+        def label(t: float, calibrated: float | None = calibrated,
+                  matched: float = matched) -> str:
+            return (f"{t:g}" + (" (calibrated)" if t == calibrated else "")
+                    + (" (rank-matched)" if t == matched else ""))
+
+        layers = sorted(set(layer_of), key=layer_sort_key)
+        rows = [[label(t), *(str(int((best[layer_of == la] > t).sum())) for la in layers),
+                 f"{int((best > t).sum())} of {len(best)}"] for t in thresholds]
+        lines += [f"Embedder {emb.name}, on the {len(best)} units of the labels file(s): "
+                  f"reliable units (best annotation pair's cosine > threshold) per layer. "
+                  f"Rank matching: any threshold between the {_nth(target)} and {_nth(target + 1)} "
+                  f"highest best-pair similarity ({ranked[target - 1]:.4f} and "
+                  f"{ranked[target]:.4f}) marks exactly {target} units reliable; the midpoint "
+                  f"is {matched:g}.", ""]
+        lines += _md_table(["threshold", *layers, "all"], rows) + [""]
+        at = calibrated if calibrated is not None else matched
+        lines += [f"Every annotated unit at {label(at)}:", ""]
+        lines += _md_table(["layer", "reliable", "units"],
+                           [[la, str(int((best_all[layer_all == la] > at).sum())),
+                             str(int((layer_all == la).sum()))]
+                            for la in sorted(set(layer_all), key=layer_sort_key)]
+                           + [["all", str(int((best_all > at).sum())), str(len(best_all))]])
+        lines.append("")
+    return lines[:-1]
 
 
 def _toyworld_benchmark(spec: TableSpec, resolve, embedders, cache_dir, progress
@@ -253,4 +357,5 @@ RUNNERS: dict[str, Callable[..., list[str]]] = {
     "final_layer": _final_layer,
     "classifier_search": _classifier_search,
     "milan": _milan,
+    "milan_reliability": _milan_reliability,
 }

@@ -9,6 +9,11 @@
 
 Every text a model produced (captions, replies, labels, candidates, errors) is HTML-escaped;
 the index's unit data is JSON inside a <script> with ``<``, ``>`` and ``&`` escaped.
+
+Pages say only what the records hold: a run stopped early (``--stop-after``) says so, a
+failed unit's card gives a short reason (the full error is on its page), a layer without
+spatial maps gets no heatmap or crop counts, and units whose interpretability score is low
+for their layer are marked, with the rule's numbers (:func:`low_interpretability_rule`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +152,14 @@ class _Images:
         return rel
 
 
+def _run_config(run: Path) -> RunConfig | None:
+    """The run's saved config, or None when it is missing or unreadable."""
+    try:
+        return RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return None
+
+
 def _open_run_probe(run: Path) -> ProbeSet | None:
     """The run's probing set, or None (with a warning) when it cannot be opened any more."""
     try:
@@ -168,6 +182,97 @@ def _winner(rec: Mapping[str, Any]) -> float | None:
     return sel["final_scores"][sel["order"][0]] if sel and sel.get("order") else None
 
 
+LOW_INTERP_Z = 2.0         # robust standard deviations below the layer's median
+LOW_INTERP_MIN_UNITS = 8   # fewer scored units: the layer's spread is unknown, flag nothing
+_MAD_TO_SD = 1.4826        # MAD x this = standard deviation, for normally distributed scores
+
+
+@dataclass(frozen=True)
+class InterpretabilityRule:
+    """Which units of one layer have a low interpretability score; see
+    :func:`low_interpretability_rule`. ``threshold`` is None when the rule cannot judge."""
+
+    n: int                     # units of the layer with a score
+    median: float | None
+    spread: float | None       # robust standard deviation, 1.4826 x MAD
+    threshold: float | None    # scores strictly below it are low
+
+    def is_low(self, score: float | None) -> bool:
+        return self.threshold is not None and score is not None and score < self.threshold
+
+    def explain(self, score: float | None) -> str:
+        """Plain text: the unit's score against the rule, with the rule's numbers."""
+        if score is None:
+            return "No interpretability score yet (computed at the labels stage)."
+        head = f"Interpretability score {score:.3f}"
+        if self.threshold is None:
+            why = (f"only {self.n} scored unit(s) in this layer, at least "
+                   f"{LOW_INTERP_MIN_UNITS} are needed" if self.n < LOW_INTERP_MIN_UNITS
+                   else "the layer's scores have no spread")
+            return f"{head}; not judged against the layer: {why}."
+        rule = (f"this layer's low threshold {self.threshold:.3f} = median {self.median:.3f} "
+                f"\u2212 {LOW_INTERP_Z:g} \u00d7 robust SD {self.spread:.3f} over its "
+                f"{self.n} scored units")
+        if not self.is_low(score):
+            return f"{head}, above {rule}."
+        return (f"{head} is below {rule}: the unit's top activating images have little in "
+                "common by the encoder's measure, so its label is weak evidence of what it "
+                "detects.")
+
+
+def low_interpretability_rule(scores: Sequence[float | None]) -> InterpretabilityRule:
+    """The rule that marks a unit's interpretability score as low, for one layer of one run.
+
+    The interpretability score (:func:`dnd.stages.select.interpretability_score`, the mean
+    pairwise cosine of the unit's top activating images' embeddings) has no fixed scale:
+    where unrelated images land depends on the encoder. So a unit is compared with the
+    other units of its layer in the same run: it is **low** when its score is below
+    ``median - 2 x 1.4826 x MAD`` of the layer's scores (a robust z-score below -2; about
+    2% of units when scores are normally distributed). The rule does not change when all
+    scores are shifted or scaled, so it holds for every encoder without a per-encoder
+    constant. It judges nothing with fewer than 8 scored units or zero spread (MAD = 0),
+    and being relative it cannot flag a layer whose units are all uninterpretable.
+
+    Measured on the toy world's conv4 units 0-31 (``dnd demo``, 2,000 probing scenes):
+    median 0.646, robust SD 0.205, threshold 0.236; it flags unit 25 (0.136, labelled "cyan
+    triangle" while its top images are red stars and triangles of several colours) and
+    unit 0 (0.207, "yellow triangle" over green and yellow triangles and two hexagons), not
+    the next, unit 12 (0.376, blue rings). With 800 scenes (``dnd describe --preset toyworld
+    --layer conv4 --units 0-31 --probe toyworld:800``) the same two units (0.169, 0.296;
+    threshold 0.359).
+    The 64 fc units (median 0.665, lowest 0.578, threshold 0.533): none. At 2.5 robust SDs
+    unit 25 would escape on the 2,000-scene run (threshold 0.133).
+
+    ``scores``: one per unit of the layer; None (no score yet) is ignored.
+    """
+    s = np.array([x for x in scores if x is not None], dtype=np.float64)
+    if len(s) < LOW_INTERP_MIN_UNITS:
+        return InterpretabilityRule(len(s), float(np.median(s)) if len(s) else None, None,
+                                    None)
+    median = float(np.median(s))
+    spread = _MAD_TO_SD * float(np.median(np.abs(s - median)))
+    threshold = median - LOW_INTERP_Z * spread if spread > 0 else None
+    return InterpretabilityRule(len(s), median, spread, threshold)
+
+
+def fallback_reasons(rec: Mapping[str, Any]) -> list[str]:
+    """Why the unit's candidates or Label 1 came from a fallback (empty when they did not):
+    the summariser's (every LLM reply rejected) and the labels stage's (nothing rendered)."""
+    cands = rec.get("candidates") or {}
+    return [str(r) for r in (cands.get("fallback"), rec.get("fallback")) if r]
+
+
+def short_reason(error: str, limit: int = 120) -> str:
+    """The first line of an error, cut at a word boundary to at most ``limit`` characters."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if len(text) <= limit and len(lines) <= 1:
+        return text
+    if len(text) > limit - 1:
+        text = text[:limit - 1].rsplit(" ", 1)[0] or text[:limit - 1]
+    return text + "\u2026"
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``<run>/report/`` (index, one page per unit, images); return index.html's path."""
     run = Path(run_dir)
@@ -175,20 +280,34 @@ def build_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run} is not a dnd run directory (no units/ folder)")
     out = run / "report"
     images = _Images(run, out, _open_run_probe(run))
+    records = _records(run)
+    by_layer: dict[str, list] = {}
+    for rec in records:
+        by_layer.setdefault(str(rec.get("layer", "")), []).append(rec.get("interpretability"))
+    rules = {layer: low_interpretability_rule(s) for layer, s in by_layer.items()}
     cards = []
-    for rec in _records(run):
+    for rec in records:
         layer, unit = str(rec.get("layer", "")), int(rec["unit"])
         href = f"units/{safe_name(layer)}/{unit}.html"
         # Report files are rebuilt from the records on every run: no flush to disk.
-        atomic_write_text(out / href, unit_page(rec, images), durable=False)
+        atomic_write_text(out / href, unit_page(rec, images, rules[layer]), durable=False)
         top = rec.get("top_images") or rec.get("activating_images") or []
         thumbs = [images.probe_image(e["index"]) for e in top[:CARD_THUMBS]]
+        error = rec.get("error")
         cards.append({"layer": layer, "unit": unit, "href": href,
                       "labels": [str(x) for x in rec.get("labels") or []],
                       "score": _winner(rec), "interp": rec.get("interpretability"),
-                      "thumbs": [t for t in thumbs if t], "error": rec.get("error")})
+                      "low": rules[layer].is_low(rec.get("interpretability")),
+                      "fallback": bool(fallback_reasons(rec)),
+                      "stage": rec.get("stage"), "failed_at": rec.get("failed_at"),
+                      "thumbs": [t for t in thumbs if t],
+                      # The card shows a short reason; the full error is on the unit page.
+                      "error": short_reason(error) if error else None})
+    config = _run_config(run)
     index = out / "index.html"
-    atomic_write_text(index, index_page(run, cards, probe_ok=images.probe is not None))
+    atomic_write_text(index, index_page(run, cards, probe_ok=images.probe is not None,
+                                        stop_after=config.stop_after if config else None,
+                                        rules=rules))
     return index
 
 
@@ -198,17 +317,48 @@ def _page(title: str, body: str) -> str:
             f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>{body}</body></html>\n")
 
 
-def index_page(run: Path, cards: list[dict[str, Any]], probe_ok: bool = True) -> str:
-    """The index: unit data as one inline JSON array, cards rendered by INDEX_JS."""
-    note = "" if probe_ok else "<p class=err>The probing set could not be opened: no images.</p>"
+def index_page(run: Path, cards: list[dict[str, Any]], probe_ok: bool = True,
+               stop_after: str | None = None,
+               rules: Mapping[str, InterpretabilityRule] | None = None) -> str:
+    """The index: unit data as one inline JSON array, cards rendered by INDEX_JS.
+
+    ``stop_after``: the run's last stage, to say why units have no labels yet; ``rules``:
+    layer -> its low-interpretability rule, stated under the controls.
+    """
+    notes = [] if probe_ok else [
+        "<p class=err>The probing set could not be opened: no images.</p>"]
+    if stop_after and stop_after != "labels":
+        notes.append(f"<p class=note id=stopped>This run stopped after the "
+                     f"<b>{esc(stop_after)}</b> stage (<code>--stop-after {esc(stop_after)}"
+                     "</code>): its units have no labels or scores yet. Run the same "
+                     "<code>dnd describe</code> command without <code>--stop-after</code> to "
+                     "finish them.</p>")
+    n_low = sum(bool(c.get("low")) for c in cards)
+    n_failed = sum(bool(c.get("error")) for c in cards)
+    judged = {layer: r for layer, r in (rules or {}).items() if r.threshold is not None}
+    if judged:
+        per_layer = "; ".join(f"{esc(layer)}: below {r.threshold:.3f}"
+                              for layer, r in judged.items())
+        rule = (f"an interpretability score more than {LOW_INTERP_Z:g} robust standard "
+                f"deviations below the median of its layer ({per_layer})")
+        notes.append(
+            "<p class=note id=low-rule><span class=low-badge>low interpretability</span> "
+            + (f"marks {n_low} unit(s) whose top images have little in common: {rule}. "
+               "Their labels are weak evidence.</p>" if n_low else
+               f"marks units whose top images have little in common: {rule}. None here."
+               "</p>"))
+    counts = f"{len(cards)} units" + (f" &middot; {n_failed} failed" if n_failed else "") + (
+        f" &middot; {n_low} low interpretability" if n_low else "")
     body = (f"<header><b>dnd report</b> &middot; {esc(run.resolve().name)} &middot; "
-            f"{len(cards)} units</header><main>{note}"
+            f"{counts}</header><main>{''.join(notes)}"
             '<div class=controls><input id=q type=search placeholder="search labels" '
             'aria-label="search labels">'
             '<label>sort <select id=sort><option value=unit>unit id</option>'
             '<option value=score>final score</option>'
-            '<option value=interp>interpretability</option></select></label>'
+            '<option value=interp>interpretability, highest first</option>'
+            '<option value=interp_low>interpretability, lowest first</option></select></label>'
             '<label>layer <select id=layer><option value="">all layers</option></select>'
+            "</label><label><input type=checkbox id=lowonly> only low interpretability"
             "</label><span id=count></span></div>"
             "<noscript>This page needs JavaScript to list the units.</noscript>"
             "<div id=grid></div></main>"
@@ -224,9 +374,10 @@ def _img(rel: str | None, up: str, alt: str = "") -> str:
 
 
 def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str,
-           unit: int) -> str:
-    """A top image with the unit's activation heatmap over the region the network saw and
-    its attention-crop boxes (original-image pixels) drawn over it."""
+           unit: int, count_crops: bool = True) -> str:
+    """A top image with the unit's activation heatmap over the region the network saw (when
+    the record has one) and its attention-crop boxes (original-image pixels) drawn over it;
+    ``count_crops`` adds "N crop(s)" to the caption."""
     rel, size = images.probe_image(top["index"], large=True), images.size(top["index"])
     if rel is None or size is None:
         return _img(None, up)
@@ -240,9 +391,10 @@ def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str,
     rects = "".join(f'<rect x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" '
                     f'height="{b[3] - b[1]}"/>' for b in boxes)
     svg = f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{heat}{rects}</svg>'
-    return (f'<figure style="width:250px"><div class=boxed>{_img(rel, up)}{svg}</div>'
-            f"{esc(top.get('image'))} &middot; act {_num(top.get('activation'))} &middot; "
-            f"{len(boxes)} crop(s)</figure>")
+    crops = f" &middot; {len(boxes)} crop(s)" if count_crops else ""
+    return (f'<figure class=top><div class=boxed>{_img(rel, up)}{svg}</div>'
+            f"<div>{esc(top.get('image'))} &middot; act {_num(top.get('activation'))}"
+            f"{crops}</div></figure>")
 
 
 def why_sentence(sel: Mapping[str, Any]) -> str:
@@ -260,7 +412,13 @@ def why_sentence(sel: Mapping[str, Any]) -> str:
     return text
 
 
-def _candidate_table(rec: Mapping[str, Any], images: _Images, up: str) -> str:
+def _from(sources: Sequence[str] | None) -> str:
+    """' (from llm, consensus)': where a candidate came from, when the record says."""
+    return f" <span class=src>(from {esc(', '.join(sources))})</span>" if sources else ""
+
+
+def _candidate_table(rec: Mapping[str, Any], images: _Images, up: str,
+                     sources: Mapping[str, Sequence[str]]) -> str:
     sel = rec["selection"]
     c = len(sel["candidates"])
     top_k = set(sel.get("top_k") or [])
@@ -275,7 +433,8 @@ def _candidate_table(rec: Mapping[str, Any], images: _Images, up: str) -> str:
                        for k in (rec.get("generated") or {}).get(name, []))
         rows.append(
             f"<tr class=\"{'winner' if place == 1 else ''}\"><td>{place}</td>"
-            f"<td class=cand>{esc(name)}</td><td class=gen>{gens}</td><td>{ranks}</td>"
+            f"<td class=cand>{esc(name)}{_from(sources.get(name))}</td>"
+            f"<td class=gen>{gens}</td><td>{ranks}</td>"
             f"<td>{mine_top}</td>"
             f"<td>{_num(sel['rank_scores'][i])}</td><td>{sel['positions'][i]}</td>"
             f"<td>{_num(sel['weights'][i])}{' (no image in top-k)' if not mine_top else ''}"
@@ -287,32 +446,76 @@ def _candidate_table(rec: Mapping[str, Any], images: _Images, up: str) -> str:
             f"= ({c} &minus; position) &times; weight</th></tr>{''.join(rows)}</table>")
 
 
-def unit_page(rec: Mapping[str, Any], images: _Images) -> str:
-    """One unit's page: labels, evidence images with crop boxes, captions, candidates."""
+def _top_images(rec: Mapping[str, Any], images: _Images, up: str) -> str:
+    """The top images section. What it promises follows the record: a heatmap only for
+    layers with spatial maps, crop counts only when the unit has attention crops."""
+    top, crops = rec["top_images"], rec.get("crops") or []
+    has_maps = any(t.get("map") for t in top)
+    figs = "".join(_boxed(images, t, [c["box"] for c in crops
+                                      if c.get("box") and c["index"] == t["index"]],
+                          up, rec["unit"], count_crops=bool(crops)) for t in top)
+    if has_maps:
+        title = "Top images: activation heatmap" + (" and attention crops" if crops else "")
+        note = "" if crops else ("<p class=note>No attention crops for this unit (none "
+                                 "stood out, or the run set <code>--max-crops 0</code>).</p>")
+    elif crops:
+        title, note = "Top images and attention crops", ""
+    else:
+        title = "Top images"
+        note = (f"<p class=note id=no-maps>Layer {esc(rec.get('layer'))} has no spatial maps "
+                "(each unit is one number per image), so there is no heatmap and no "
+                "attention crop: the top images are used whole.</p>")
+    return f"<h2>{title}</h2>{note}<div class=imgs>{figs}</div>"
+
+
+def unit_page(rec: Mapping[str, Any], images: _Images,
+              rule: InterpretabilityRule | None = None) -> str:
+    """One unit's page: labels, evidence images with crop boxes, captions, candidates.
+
+    ``rule``: the layer's low-interpretability rule, to mark and explain the unit's score.
+    """
     up = "../../"
     layer, unit = rec.get("layer", ""), rec["unit"]
     parts = [f'<header><a href="{up}index.html">&larr; all units</a> &middot; '
              f"{esc(rec.get('model'))} &middot; layer {esc(layer)} &middot; unit {esc(unit)}"
              "</header><main>"]
     labels = rec.get("labels") or []
-    parts.append(f"<h1 id=label>{esc(labels[0]) if labels else 'no label'}</h1>")
+    if labels:
+        title = str(labels[0])
+    elif rec.get("error"):
+        title = f"failed at {rec.get('failed_at') or 'an unknown stage'}"
+    elif rec.get("stage") in (None, "labels"):
+        title = "no label"
+    else:
+        title = f"no label yet: stopped after {rec['stage']}"
+    parts.append(f"<h1 id=label>{esc(title)}</h1>")
     if labels[1:]:
         parts.append("<p>Labels 2-3: " + " &middot; ".join(
             f"<span class=label2>{esc(x)}</span>" for x in labels[1:]) + "</p>")
     if rec.get("error"):
         parts.append(f"<p class=err id=error>Failed at {esc(rec.get('failed_at'))}: "
                      f"{esc(rec['error'])}</p>")
-    parts.append(f"<p>Interpretability score: {_num(rec.get('interpretability'))}</p>")
+    elif not labels and rec.get("stage") not in (None, "labels"):
+        parts.append(f"<p class=note id=stopped>This unit reached the "
+                     f"<b>{esc(rec.get('stage'))}</b> stage; the run stopped there "
+                     "(<code>--stop-after</code>, or it was interrupted). Re-running the "
+                     "describe command without <code>--stop-after</code> finishes it.</p>")
+    interp = rec.get("interpretability")
+    if rule is not None and rule.is_low(interp):
+        parts.append(f"<p class=lowwarn id=interp><span class=low-badge>low "
+                     f"interpretability</span> {esc(rule.explain(interp))}</p>")
+    elif rule is not None and interp is not None:
+        parts.append(f"<p id=interp>{esc(rule.explain(interp))}</p>")
+    elif interp is not None:
+        parts.append(f"<p id=interp>Interpretability score: {_num(interp)}</p>")
+    for reason in fallback_reasons(rec):
+        parts.append(f"<p class=lowwarn id=fallback><span class=fallback-badge>fallback"
+                     f"</span> {esc(reason)}.</p>")
     if rec.get("selection"):
         parts.append(f"<p class=why id=why>{esc(why_sentence(rec['selection']))}</p>")
 
-    crops = rec.get("crops") or []
     if rec.get("top_images"):
-        figs = [_boxed(images, t, [c["box"] for c in crops
-                                   if c.get("box") and c["index"] == t["index"]], up, unit)
-                for t in rec["top_images"]]
-        parts.append("<h2>Top images: activation heatmap and attention crops</h2>"
-                     f"<div class=imgs>{''.join(figs)}</div>")
+        parts.append(_top_images(rec, images, up))
 
     captions = rec.get("captions") or []
     cands = rec.get("candidates") or {}
@@ -328,27 +531,44 @@ def unit_page(rec: Mapping[str, Any], images: _Images) -> str:
             figs.append(f"<figure>{_img(images.evidence(ev), up, kind)}"
                         f"<div>{esc(ev.get('image'))} ({kind}) act "
                         f"{_num(ev.get('activation'))}</div>{cap}</figure>")
-        parts.append(f"<h2>Activating images and captions</h2><div class=imgs>{''.join(figs)}"
-                     "</div>")
+        heading = "Activating images" + (" and captions" if captions else "")
+        parts.append(f"<h2>{heading}</h2><div class=imgs>{''.join(figs)}</div>")
     if simplified and not aligned:
         parts.append("<h2>Simplified captions</h2><ul>" + "".join(
             f"<li>{esc(s)}</li>" for s in simplified) + "</ul>")
     if cands.get("replies"):
-        parts.append("<details><summary>LLM replies</summary>" + "".join(
-            f"<pre>{esc(r)}</pre>" for r in cands["replies"]) + "</details>")
+        rejected = cands.get("rejected") or []
+        usage = cands.get("usage") or {}
+        cost = (f"; {usage.get('requests', 0)} request(s), {usage.get('prompt_tokens', 0):,} "
+                f"prompt + {usage.get('completion_tokens', 0):,} completion tokens"
+                + (f", {usage['cached']} from the cache" if usage.get("cached") else "")
+                if usage else "")
+        parts.append(
+            f"<details id=replies><summary>LLM replies ({len(cands['replies'])}, "
+            f"{len(rejected)} rejected{cost})</summary>"
+            + "".join(f"<pre>{esc(r)}</pre>" for r in cands["replies"])
+            + ("<p>Rejected, and why:</p><ul>" + "".join(
+                f"<li><code>{esc(r.get('reply'))}</code>: {esc(r.get('reason'))}</li>"
+                for r in rejected) + "</ul>" if rejected else "") + "</details>")
     if cands.get("error"):
         parts.append(f"<p class=err>Candidates: {esc(cands['error'])}</p>")
 
+    sources = dict(zip(cands.get("concepts") or [], cands.get("sources") or []))
     if rec.get("selection"):
-        parts.append("<h2>Candidate concepts</h2>" + _candidate_table(rec, images, up))
+        parts.append("<h2>Candidate concepts</h2>" + _candidate_table(rec, images, up, sources)
+                     + "<p class=note>Labels 2-3 are kept only with evidence: at least one "
+                     "of the candidate's generated images among the top-k of all generated "
+                     "images, and a final score of at least half of Label 1's; then a label "
+                     "too close in meaning to a kept one (text similarity above 0.81) is "
+                     "dropped.</p>")
     elif cands.get("concepts"):
         parts.append("<h2>Candidate concepts</h2><ul>" + "".join(
-            f"<li>{esc(c)}</li>" for c in cands["concepts"]) + "</ul>")
+            f"<li>{esc(c)}{_from(sources.get(c))}</li>" for c in cands["concepts"]) + "</ul>")
     if rec.get("dropped"):
         parts.append("<h3>Dropped candidates</h3><ul>" + "".join(
             f"<li>{esc(c)}: {esc(why)}</li>" for c, why in rec["dropped"].items()) + "</ul>")
     parts.append("</main>")
-    return _page(f"{layer} #{unit}: {labels[0] if labels else 'no label'}", "".join(parts))
+    return _page(f"{layer} #{unit}: {title}", "".join(parts))
 
 
 def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,
@@ -397,14 +617,16 @@ def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,
     return csv_path, json_path
 
 
-def comparison_page(title: str, layers: Mapping[str, Mapping[str, Any]]) -> str:
+def comparison_page(title: str, layers: Mapping[str, Mapping[str, Any]],
+                    intro: str = "") -> str:
     """Methods side by side with ground truth, one table per layer.
 
     ``layers``: layer -> {"methods": [name, ...], "truths": {unit: concept or None},
     "labels": {method: {unit: label}}, "agrees": {method: {unit: bool}},
-    "links": {unit: relative href of the unit's DnD page}}.
+    "links": {unit: relative href of the unit's DnD page}}. ``intro``: HTML placed before
+    the tables, already escaped by the caller.
     """
-    parts = [f"<header><b>{esc(title)}</b></header><main>"]
+    parts = [f"<header><b>{esc(title)}</b></header><main>{intro}"]
     for layer, t in layers.items():
         methods = list(t["methods"])
         head = "".join(f"<th>{esc(m)}</th>" for m in methods)

@@ -51,10 +51,14 @@ class LayerAgreement:
     label1: int      # judged units whose Label 1 names the concept
     top3: int        # judged units whose Labels 1-3 include it
 
-    def row(self) -> str:
+    def cells(self) -> list[str]:
+        """layer, units, judged, Label 1 agrees, Labels 1-3 agree (counts with percents)."""
         pct = (lambda k: f"{100 * k / self.judged:.1f}%") if self.judged else (lambda k: "-")
-        return (f"| {self.layer} | {self.units} | {self.judged} | {self.label1} "
-                f"({pct(self.label1)}) | {self.top3} ({pct(self.top3)}) |")
+        return [self.layer, str(self.units), str(self.judged),
+                f"{self.label1} ({pct(self.label1)})", f"{self.top3} ({pct(self.top3)})"]
+
+    def row(self) -> str:
+        return "| " + " | ".join(self.cells()) + " |"
 
 
 def _agreement(layer: str, records: list[dict], truths: dict[int, str | None]) -> tuple[
@@ -74,13 +78,18 @@ def _agreement(layer: str, records: list[dict], truths: dict[int, str | None]) -
 
 def describe_toy_layers(root: Path, n_probe: int, layers: list[tuple[str, str]],
                         overrides: dict | None = None, progress: bool = True) -> dict:
-    """Run the ``toyworld`` preset on each (layer, units) under ``root/<layer>``."""
-    results = {}
+    """Run the ``toyworld`` preset on each (layer, units) under ``root/<layer>``; the
+    models (an LLM included) are loaded once for all layers."""
+    from dnd.pipeline import load_llm, load_models, resolve_device
+
+    results, models = {}, None
     for layer, units in layers:
         config = load_config(preset="toyworld", overrides={
             "layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
             **(overrides or {})})
-        results[layer] = describe(config, root / layer, progress=progress)
+        if models is None:
+            models = load_models(config, resolve_device(config.device), load_llm(config))
+        results[layer] = describe(config, root / layer, models=models, progress=progress)
     return results
 
 
@@ -107,7 +116,9 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
              hidden_units: str = "0-31", progress: bool = True) -> list[LayerAgreement]:
     """Describe the toy CNN's fc layer and ``hidden_units`` of ``hidden_layer``; judge them.
 
-    Writes ``<root>/<layer>/`` run directories and ``<root>/agreement.{md,json}``.
+    Writes ``<root>/<layer>/`` run directories (each with its report),
+    ``<root>/agreement.{md,json}`` and ``<root>/index.html``, a page linking both layers'
+    reports with the agreement table and every unit's labels next to its ground truth.
     """
     root = Path(root)
     results = describe_toy_layers(root, n_probe, [("fc", "all"), (hidden_layer, hidden_units)],
@@ -121,9 +132,56 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
         details[layer] = rows
     lines = ["| layer | units | with clear ground truth | Label 1 agrees | Labels 1-3 agree |",
              "| --- | --- | --- | --- | --- |", *(a.row() for a in table)]
-    md = ("Toy-world demo: DnD labels vs ground truth (keyword match with synonyms).\n\n"
+    md = ("Toy-world demo: DnD labels vs ground truth (keyword match with synonyms). "
+          "Candidates from the consensus summariser (the toyworld preset: phrases the "
+          "captions share, no LLM); `dnd tables --only toyworld_benchmark` also measures "
+          "an LLM summariser.\n\n"
           + "\n".join(lines) + "\n")
     atomic_write_text(root / "agreement.md", md)
     atomic_write_json(root / "agreement.json", details)
+    top = write_top_page(root, table, details)
     print(md)
+    print(f"Reports of both layers: {top}")
     return table
+
+
+def write_top_page(root: Path, table: list[LayerAgreement], details: dict[str, list[dict]]
+                   ) -> Path:
+    """Write ``<root>/index.html``: the agreement table with a link to each layer's report,
+    then per layer every unit's Label 1 and Labels 2-3 beside its ground truth (green where
+    they name it), each unit linking to its page. Static, opens from file://."""
+    from urllib.parse import quote
+
+    from dnd.report.build import comparison_page, esc
+    from dnd.store import safe_name
+
+    rows = []
+    for a in table:
+        report = root / a.layer / "report" / "index.html"
+        link = (f'<a href="{esc(quote(f"{a.layer}/report/index.html"))}">report</a>'
+                if report.is_file() else "no report (see the run's log)")
+        rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in a.cells())
+                    + f"<td>{link}</td></tr>")
+    intro = ("<p>The toy CNN's units described by <code>dnd demo</code> with the "
+             "<code>toyworld</code> preset (candidates from the consensus summariser, no "
+             "LLM), judged against the toy world's ground truth "
+             "(keyword match with synonyms).</p><table id=agreement><tr><th>layer</th>"
+             "<th>units</th><th>with clear ground truth</th><th>Label 1 agrees</th>"
+             f"<th>Labels 1-3 agree</th><th>report</th></tr>{''.join(rows)}</table>")
+    layers = {}
+    for layer, unit_rows in details.items():
+        units = f"{layer}/report/units/{safe_name(layer)}"
+        layers[layer] = {
+            "methods": ["Label 1", "Labels 2-3"],
+            "truths": {r["unit"]: r["truth"] for r in unit_rows},
+            "labels": {"Label 1": {r["unit"]: (r["labels"] or [""])[0] for r in unit_rows},
+                       "Labels 2-3": {r["unit"]: " \u00b7 ".join(r["labels"][1:3])
+                                      for r in unit_rows}},
+            "agrees": {"Label 1": {r["unit"]: r["label1_agrees"] for r in unit_rows},
+                       "Labels 2-3": {r["unit"]: bool(r["truth"]) and any(
+                           mentions(x, r["truth"]) for x in r["labels"][1:3])
+                           for r in unit_rows}},
+            "links": {r["unit"]: quote(f"{units}/{r['unit']}.html") for r in unit_rows}}
+    path = root / "index.html"
+    atomic_write_text(path, comparison_page("dnd demo: toy world", layers, intro=intro))
+    return path

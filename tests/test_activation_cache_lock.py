@@ -59,6 +59,7 @@ def test_processes_sharing_an_activation_cache_get_the_same_numbers(colour_probe
                                  str(tmp_path / f"{role}.npy"), role, str(HERE)], env=env)
 
     assert start(tmp_path / "alone" / "cache", "alone").wait(timeout=300) == 0
+    (tmp_path / "shared").mkdir()  # where the two processes signal each other
     procs = [start(tmp_path / "shared" / "cache", r) for r in ("first", "second")]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     alone = np.load(tmp_path / "alone.npy")

@@ -257,7 +257,12 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
         + " | ".join(_per_s((run["n_units"], run["stage_seconds"].get("candidates", 0.0)))
                      for _, run in runs) + " |",
         *(["| LLM requests answered (after the run's deduplication) | "
-           + " | ".join(_per_s(run["llm_requests"]) for _, run in runs) + " |"]
+           + " | ".join(_per_s(run["llm_requests"]) for _, run in runs) + " |",
+           *(f"| {what} per unit (unit records; reference: {REFERENCE_LLM[what]}) | "
+             + " | ".join(f"{llm_usage(run['records'])[key]:,.1f}" for _, run in runs)
+             + " |" for what, key in (("LLM requests", "requests"),
+                                       ("prompt tokens", "prompt_tokens"),
+                                       ("completion tokens", "completion_tokens")))]
           if r["llm"] else []),
         "| images generated | " + " | ".join(_per_s(run["generated"]) for _, run in runs)
         + " |",
@@ -280,6 +285,23 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
               "every stage, no cross-unit batching, no deduplication or caches, one LLM call "
               "at a time (the reference implementation's way, with models loaded once)."]
     return lines
+
+
+# The reference implementation's LLM work per unit, measured by running its own loop
+# (Trustworthy-ML-Lab/Describe-and-Dissect) with the toy models and SmolLM2 on 8 fc units:
+# one request per caption (10), T = 5 concept requests, and a follow-up request for each
+# reply that lists several concepts. Its token counts were not measured ("-").
+REFERENCE_LLM = {"LLM requests": "17.1", "prompt tokens": "-", "completion tokens": "-"}
+
+
+def llm_usage(records: dict[int, dict]) -> dict[str, float]:
+    """Mean LLM requests and prompt/completion tokens per unit, from the unit records'
+    ``candidates.usage`` (requests answered from the cache count too: they are the work a
+    unit's description needs)."""
+    usages = [rec.get("candidates", {}).get("usage") or {} for rec in records.values()]
+    keys = ("requests", "prompt_tokens", "completion_tokens")
+    n = max(len(usages), 1)
+    return {k: sum(u.get(k, 0) for u in usages) / n for k in keys}
 
 
 def _machine() -> str:

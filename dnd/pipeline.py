@@ -9,6 +9,7 @@ re-run continues where it stopped. Every model is loaded once, before the heavy 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -79,7 +80,7 @@ def _create(registry, backend: BackendConfig, **extra):
 
 def load_llm(config: RunConfig):
     """The summariser's chat backend, or None. Cheap: a missing API key fails here."""
-    if not (_needs(config, "candidates") and config.summarizer == "llm"):
+    if not (_needs(config, "candidates") and config.uses_llm):
         return None
     from dnd.backends.llm import LLMS
 
@@ -286,20 +287,33 @@ class _StageRunner:
                 for u in units}
 
     def _candidates(self, units, recs):
-        from dnd.stages.summarize import ConsensusSummarizer, Summarizer
+        from dnd.stages.summarize import ConsensusSummarizer, Summarizer, join_candidates
 
+        captions = {u: recs[u]["captions"] for u in units}
+        enc = self.models.encoder
+        consensus = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None)
         if self.config.summarizer == "consensus":
-            enc = self.models.encoder
-            summ = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None)
+            cands = consensus.summarize(captions)
         else:
-            summ = Summarizer(self.llm, self.config.summarize)
-        cands = summ.summarize({u: recs[u]["captions"] for u in units})
+            cands = Summarizer(self.llm, self.config.summarize).summarize(captions)
+            phrases = consensus.summarize(captions)
+            extra = self.config.summarize.consensus_extra
+            for u, c in cands.items():
+                if self.config.summarizer == "llm+consensus" and c.ok:
+                    cands[u] = join_candidates(c, phrases[u], extra)
+                elif c.ok and not c.concepts:
+                    # Every reply was rejected: the captions' shared phrases stand in,
+                    # marked as a fallback (a failed request fails the unit instead).
+                    cands[u] = join_candidates(c, phrases[u], len(phrases[u].concepts))
+                    cands[u] = dataclasses.replace(cands[u], fallback=(
+                        f"the LLM gave no usable concept in {len(c.replies)} replies; "
+                        "candidates are the captions' shared phrases"))
         out = {}
         for u in units:
             c = cands[u]
             out[u] = {"candidates": c.to_dict()}
-            if not c.ok:
-                out[u]["error"] = f"candidates: {c.error}"
+            if not c.ok or not c.concepts:
+                out[u]["error"] = f"candidates: {c.error or 'no candidate concept'}"
         return out
 
     def _labels(self, units, recs):
@@ -308,8 +322,8 @@ class _StageRunner:
         stage = ScoreStage(self.target, self.layer, self.config.summary, self.models.generator,
                            self.models.encoder, self.store.root / "cache" / "generated",
                            self.config.score, reuse=not self.per_unit)
-        inputs = [UnitInput(u, recs[u]["candidates"]["concepts"], self._images(recs[u]))
-                  for u in units]
+        inputs = [UnitInput(u, recs[u]["candidates"]["concepts"], self._images(recs[u]),
+                            recs[u]["captions"]) for u in units]
         return stage(inputs)
 
 

@@ -22,12 +22,14 @@ from typing import Any
 class Reply:
     """What the fake server answers to one request.
 
-    ``content`` becomes the assistant message (None sends ``"content": null``);
+    ``content`` becomes the assistant message (None sends ``"content": null``), one choice
+    per ``n`` the request asked for; a list gives each choice its own text (a shorter list
+    than ``n`` plays a server that ignores ``n``);
     ``status`` != 200 sends an OpenAI-style error body; ``raw`` replaces the whole body
     (for malformed JSON); ``delay`` sleeps before answering.
     """
 
-    content: str | None = "ok"
+    content: str | list[str] | None = "ok"
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
@@ -133,7 +135,11 @@ class FakeOpenAI:
         return Handler
 
 
-def _completion(body: dict[str, Any], content: str | None) -> dict[str, Any]:
+def _completion(body: dict[str, Any], content: str | list[str] | None) -> dict[str, Any]:
+    """A chat.completion body; usage counts words (prompt: every message's text)."""
+    texts = content if isinstance(content, list) else [content] * int(body.get("n", 1))
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    completion = sum(len((t or "").split()) for t in texts)
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -141,10 +147,12 @@ def _completion(body: dict[str, Any], content: str | None) -> dict[str, Any]:
         "model": body.get("model", "fake"),
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
+                "index": i,
+                "message": {"role": "assistant", "content": text},
                 "finish_reason": "stop",
             }
+            for i, text in enumerate(texts)
         ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
     }

@@ -38,21 +38,23 @@ def test_per_unit_path_gives_identical_records_and_does_more_work(tmp_path):
 
 
 class _FirstWordsChat:
-    """A deterministic stand-in LLM: the simplified label is the caption's first four
-    words, a concept the first listed label, a merge the first concept."""
+    """A deterministic stand-in LLM: a concept is the first listed caption (the summariser
+    cuts it to its subject), a merge the first concept."""
 
     cache_identity = {"backend": "first-words"}
 
     def complete_many(self, requests):
+        from dnd.backends.llm import ChatReply
+
         replies = []
         for r in requests:
             text = r.messages[-1]["content"]
-            if text.startswith("Caption: "):
-                replies.append(" ".join(text.removeprefix("Caption: ").split()[:4]))
+            if text.startswith("Concepts: "):
+                reply = text.removeprefix("Concepts: ").split(",")[0]
             else:
-                first = text.splitlines()[-1] if "- " not in text else \
-                    next(line for line in text.splitlines() if line.startswith("- "))
-                replies.append(first.removeprefix("- ").split(",")[0])
+                first = next(line for line in text.splitlines() if line.startswith("1. "))
+                reply = first.removeprefix("1. ")
+            replies.append(ChatReply((reply,) * r.n, prompt_tokens=50, completion_tokens=3))
         return replies
 
 
@@ -65,14 +67,20 @@ def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypat
                        work_dir=tmp_path)
     assert r["differences"] == []
     batched, naive = r["batched"]["llm_requests"][0], r["naive"]["llm_requests"][0]
-    # Per unit: one request per caption, T = 5 concept requests; batched: captions that
-    # several units share are simplified once.
-    assert naive >= 3 * 5 and batched <= naive
+    # Per unit one request, its T = 5 replies drawn from it (n = 5): no re-ask is needed.
+    # (Batched, units whose captions are the same share one request.)
+    assert naive == 3 and batched <= naive
+    for run in ("batched", "naive"):
+        for rec in r[run]["records"].values():
+            assert rec["candidates"]["usage"] == {"requests": 1, "prompt_tokens": 50,
+                                                  "completion_tokens": 3, "cached": 0}
     concepts = {c for rec in r["batched"]["records"].values()
                 for c in rec["candidates"]["concepts"]}
-    assert concepts and all(0 < len(c.split()) <= 4 for c in concepts)
+    assert concepts and all(0 < len(c.split()) <= 5 for c in concepts)
     text = "\n".join(describe_bench_lines(r, "dnd bench describe --llm first-words"))
     assert "| LLM requests answered (after the run's deduplication) |" in text
+    assert "| LLM requests per unit (unit records; reference: 17.1) | 1.0 | 1.0 |" in text
+    assert "| prompt tokens per unit (unit records; reference: -) | 50.0 | 50.0 |" in text
     assert "candidates from the LLM summariser with `first-words`" in text
 
 

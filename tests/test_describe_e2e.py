@@ -24,14 +24,13 @@ CONCEPTS = ["red squares", "stripes", "blue water", "green leaves", "checkerboar
 
 
 def script(body, n):
-    """Concept requests cycle through five concepts (a random BLIP repeats one caption, so
-    the replies cannot depend on the captions); simplify requests get a short label.
-    The cycle follows arrival order, so the models fixture sends one request at a time:
-    concurrent requests of several units could reach the server interleaved."""
+    """A concept request's n replies are drawn from five concepts (a random BLIP repeats one
+    caption, so the replies cannot depend on the captions), picked by a hash of the
+    captions, so the replies do not depend on which unit's request arrives first."""
     text = body["messages"][-1]["content"]
-    if "Descriptions:" in text:
-        return Reply(content=CONCEPTS[n % len(CONCEPTS)])
-    return Reply(content=f"object {zlib.crc32(text.encode()) % 97}")  # simplified captions
+    first = zlib.crc32(text.encode())
+    return Reply(content=[CONCEPTS[(first + j * j) % len(CONCEPTS)]
+                          for j in range(body.get("n", 1))])
 
 
 @pytest.fixture
@@ -69,13 +68,15 @@ def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_pat
         assert len(rec["captions"]) == len(rec["activating_images"]) == (4 if u < 2 else 3)
         assert all(len(c.split()) >= 3 for c in rec["captions"])
         assert set(rec["candidates"]["concepts"]) <= set(CONCEPTS)
-        assert len(rec["labels"]) == 3 and rec["labels"][0] == rec["selection"]["labels"][0]
         sel = rec["selection"]
+        assert 1 <= len(rec["labels"]) <= 3 and rec["labels"][0] == sel["labels"][0]
+        for label in rec["labels"][1:]:  # Labels 2-3 only with generated images in the top-k
+            assert sel["weights"][sel["candidates"].index(label)] != -1
         assert len(sel["ranks"]) == 2 * len(sel["candidates"])
         assert all(len(v) == 2 for v in rec["generated"].values())
     rows = list(csv.reader(open(run / "labels.csv")))
     assert rows[0] == ["Neuron ID", "Label 1", "Label 2", "Label 3"] and len(rows) == 4
-    assert all(len([x for x in r[1:] if x]) == 3 for r in rows[1:])
+    assert all(r[1] for r in rows[1:])
     # Nothing is paid twice: a re-run asks the LLM nothing and finishes at once.
     sent = len(server.requests)
     again = describe(config, run, target=colour_target(), models=m, progress=False)

@@ -7,7 +7,7 @@ import json
 
 from conftest import colour_target
 
-from dnd.backends.llm import LLMError
+from dnd.backends.llm import ChatReply, LLMError
 from dnd.cli import main
 from dnd.config import RunConfig
 from dnd.pipeline import Models, describe
@@ -43,7 +43,8 @@ class FlakyLLM:
             if self.broken and self.bad_word in text:
                 out.append(LLMError("gave up after 3 tries; last error: HTTP 503"))
             else:
-                out.append("green thing" if "green" in text else "grey thing")
+                out.append(ChatReply(("green thing" if "green" in text else "grey thing",)
+                                     * r.n))
         return out
 
 
@@ -72,6 +73,32 @@ def test_failed_unit_is_recorded_and_retried_alone(colour_probe, tmp_path):
     rec1 = json.loads((run / "units/pool/1.json").read_text())
     assert rec1["stage"] == "candidates" and "error" not in rec1
     assert rec1["candidates"]["concepts"][0] == "green thing"
+
+
+class LoopingLLM:
+    """A small model stuck in a loop: every reply is a hyphen chain."""
+
+    cache_identity = {"backend": "looping"}
+
+    def complete_many(self, requests):
+        return [ChatReply(("grey-grey-grey-grey",) * r.n) for r in requests]
+
+
+def test_llm_with_no_usable_reply_falls_back_to_caption_phrases(colour_probe, tmp_path):
+    """No unit with captions is left without candidates: when every reply is rejected (and
+    re-asked), the captions' shared phrases stand in, marked as a fallback."""
+    folder, _, _ = colour_probe
+    models = Models(captioner=ColourCaptioner(), llm=LoopingLLM())
+    base = {"model": "colournet", "layer": "pool", "probe": [str(folder)], "units": "0",
+            "stop_after": "candidates", "crop": {"top_n": 3}}
+    res = describe(RunConfig.from_dict(base), tmp_path / "a", target=colour_target(),
+                   models=models, progress=False)
+    assert res.failed == {} and res.done_now == [0]
+    cands = json.loads((tmp_path / "a/units/pool/0.json").read_text())["candidates"]
+    assert cands["concepts"][0] == "red thing" and cands["sources"][0] == ["consensus"]
+    assert "no usable concept in 15 replies" in cands["fallback"]
+    assert {r["reason"] for r in cands["rejected"]} == {"a repeated word"}
+    assert cands["usage"]["requests"] == 3  # the first ask and two re-asks
 
 
 def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeypatch):

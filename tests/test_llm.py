@@ -13,6 +13,7 @@ from fake_openai import FakeOpenAI, Reply
 from dnd.backends.llm import (
     LLMS,
     CachedChat,
+    ChatReply,
     ChatRequest,
     LLMError,
     OpenAIChat,
@@ -107,7 +108,7 @@ def test_complete_many_returns_failures_in_place():
     with FakeOpenAI(script) as server:
         requests = [ChatRequest(({"role": "user", "content": t},)) for t in ["a", "bad", "c"]]
         out = make_llm(server).complete_many(requests)
-    assert out[0] == "A" and out[2] == "C"
+    assert out[0].texts == ("A",) and out[2].texts == ("C",)
     assert isinstance(out[1], LLMError) and "HTTP 400" in str(out[1])
 
 
@@ -125,6 +126,30 @@ def test_request_carries_model_temperature_and_messages():
     assert body["model"] == "fake-model" and body["temperature"] == 0.3
     assert body["messages"] == USER and body["max_tokens"] == 7
     assert server.auth_headers[0] == f"Bearer {SECRET}"
+    assert "n" not in body and "stop" not in body  # only sent when asked for
+
+
+def test_n_seed_stop_and_token_cap_reach_the_server():
+    """What a real server gets for the summariser's T replies from one prompt."""
+    request = ChatRequest(tuple(USER), 0.3, "p.v2", sample=1, n=5, max_tokens=24, stop=("\n",))
+    with FakeOpenAI(lambda body, n: Reply(content=["a", "b", "c", "d", "e"])) as server:
+        (reply,) = make_llm(server, seed=7).complete_many([request])
+        body = server.requests[0]
+    assert server.count == 1
+    assert (body["n"], body["max_tokens"], body["stop"], body["temperature"]) == (
+        5, 24, ["\n"], 0.3)
+    assert body["seed"] == int(stable_hash([7, 1, 0]), 16) % 2**31
+    assert reply.texts == ("a", "b", "c", "d", "e")
+    assert reply.prompt_tokens == 1 and reply.completion_tokens == 5  # the server's usage
+
+
+def test_a_server_ignoring_n_is_asked_again_for_the_rest():
+    with FakeOpenAI(lambda body, n: Reply(content=[f"r{n}"])) as server:
+        (reply,) = make_llm(server).complete_many([ChatRequest(tuple(USER), 0.3, n=3)])
+        seeds = [b["seed"] for b in server.requests]
+    assert reply.texts == ("r1", "r2", "r3") and server.count == 3
+    assert [b.get("n", 1) for b in server.requests] == [3, 2, 1]
+    assert len(set(seeds)) == 3  # each follow-up call gets its own seed
 
 
 # --------------------------------------------------------------- concurrency
@@ -137,7 +162,7 @@ def test_concurrency_is_bounded_and_used():
         start = time.perf_counter()
         out = llm.complete_many(requests)
         elapsed = time.perf_counter() - start
-    assert all(isinstance(r, str) for r in out)
+    assert all(isinstance(r, ChatReply) for r in out)
     assert server.max_in_flight == 4
     assert elapsed < 1.0  # two waves of 0.2 s, not eight
 
@@ -192,9 +217,23 @@ def test_cache_hit_means_no_requests(tmp_path):
         first = CachedChat(make_llm(server), JsonCache(tmp_path)).complete_many(requests)
         assert server.count == 3
         again = CachedChat(make_llm(server), JsonCache(tmp_path))
-        assert again.complete_many(requests) == first
+        replayed = again.complete_many(requests)
         assert server.count == 3 and again.hits == 3 and again.misses == 0
-    assert first[0] == first[2] and len({first[0], first[1], first[3]}) == 3
+    assert [r.texts for r in replayed] == [r.texts for r in first]
+    assert all(r.cached for r in replayed) and not any(r.cached for r in first)
+    assert [r.completion_tokens for r in replayed] == [r.completion_tokens for r in first]
+    texts = [r.text for r in first]
+    assert texts[0] == texts[2] and len({texts[0], texts[1], texts[3]}) == 3
+
+
+def test_cache_key_depends_on_n_cap_and_stop(tmp_path):
+    cached = CachedChat(object(), JsonCache(tmp_path))  # type: ignore[arg-type]
+    cached.llm = type("L", (), {"cache_identity": {"backend": "x"}})()
+    base = ChatRequest(tuple(USER), 0.3, "p.v1")
+    keys = {cached.key(r) for r in (base, ChatRequest(tuple(USER), 0.3, "p.v1", n=5),
+                                    ChatRequest(tuple(USER), 0.3, "p.v1", max_tokens=9),
+                                    ChatRequest(tuple(USER), 0.3, "p.v1", stop=("\n",)))}
+    assert len(keys) == 4
 
 
 def test_cache_key_depends_on_model(tmp_path):
@@ -213,7 +252,7 @@ def test_failures_are_not_cached(tmp_path):
         cached = CachedChat(make_llm(server), JsonCache(tmp_path))
         request = ChatRequest(tuple(USER))
         assert isinstance(cached.complete_many([request])[0], LLMError)
-        assert cached.complete_many([request]) == ["fine"]
+        assert cached.complete_many([request])[0].texts == ("fine",)
         assert server.count == 2
 
 
@@ -244,7 +283,7 @@ def test_interrupted_run_keeps_finished_chunks(tmp_path):
         assert server.count == 2
         dying.calls = 10  # the re-run is not killed
         again = CachedChat(dying, JsonCache(tmp_path), chunk_size=2)
-        assert again.complete_many(requests) == ["q0", "q1", "q2", "q3"]
+        assert [r.text for r in again.complete_many(requests)] == ["q0", "q1", "q2", "q3"]
         assert again.hits == 2 and server.count == 4
 
 
@@ -310,13 +349,58 @@ def test_transformers_chat_batches_deterministically(tiny_chat_model):
     requests = [ChatRequest((system, {"role": "user", "content": text}), temperature=t)
                 for text in ["hello", "caption w1 w2 w3 w4", "w7"] for t in (0.0, 0.7)]
     out = chat.complete_many(requests)
-    assert all(isinstance(r, str) and len(r.split()) == 4 for r in out), out
+    assert all(isinstance(r, ChatReply) and len(r.text.split()) == 4 for r in out), out
     assert chat.complete_many(requests) == out  # greedy and seeded sampling both repeat
     # Neither left padding nor the batch's other requests change a reply.
-    assert chat.complete(requests[2].messages, temperature=0.0) == out[2]
-    assert chat.complete(requests[3].messages, temperature=0.7) == out[3]
-    assert chat.complete(requests[3].messages, temperature=0.7, sample=1) != out[3]
+    assert chat.complete(requests[2].messages, temperature=0.0) == out[2].text
+    assert chat.complete(requests[3].messages, temperature=0.7) == out[3].text
+    assert chat.complete(requests[3].messages, temperature=0.7, sample=1) != out[3].text
     assert "tiny" in repr(chat) and chat.cache_identity["backend"] == "transformers"
+    # Token counts: the prompt once, every generated token of every reply.
+    prompt = tokenizer(chat._render(requests[0].messages), add_special_tokens=False)
+    assert out[0].prompt_tokens == len(prompt["input_ids"]) and out[0].completion_tokens == 4
+
+
+def test_transformers_chat_n_replies_are_seeded_each_and_batch_independent(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    chat = TransformersChat(TransformersChatConfig(model="tiny", max_new_tokens=5, batch_size=3),
+                            model=model, tokenizer=tokenizer)
+    user = ({"role": "user", "content": "caption w1 w2"},)
+    (many,) = chat.complete_many([ChatRequest(user, 1.0, n=4)])
+    assert len(many.texts) == 4 and len(set(many.texts)) > 1  # independent draws
+    assert many.completion_tokens == 4 * 5
+    # With a longer and a shorter prompt in its batch (left padding, each prompt run once
+    # for its four rows), every reply is the same.
+    longer = ChatRequest(({"role": "user", "content": "w9 w8 w7 w6 w5 w4"},), 1.0, n=4)
+    shorter = ChatRequest(({"role": "user", "content": "w9"},), 1.0, n=4)
+    assert chat.complete_many([longer, ChatRequest(user, 1.0, n=4), shorter])[1] == many
+    (greedy,) = chat.complete_many([ChatRequest(user, 0.0, n=3)])
+    assert len(set(greedy.texts)) == 1 and greedy.completion_tokens == 5  # decoded once
+
+
+def test_transformers_chat_stops_at_a_stop_string_and_never_repeats_a_pair(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    chat = TransformersChat(TransformersChatConfig(model="tiny", max_new_tokens=12),
+                            model=model, tokenizer=tokenizer)
+    user = ({"role": "user", "content": "hello w3"},)
+    words = chat.complete_many([ChatRequest(user)])[0].text.split()
+    pairs = list(zip(words, words[1:]))
+    assert len(pairs) == len(set(pairs)), words  # no token pair twice in a line
+    (cut,) = chat.complete_many([ChatRequest(user, stop=(words[2],))])
+    assert cut.text == " ".join(words[:2]) and cut.completion_tokens == 3
+
+
+def test_line_bigram_block_bans_only_pairs_repeated_within_the_current_line():
+    torch = pytest.importorskip("torch")
+    from dnd.backends.llm import _LineBigramBlock
+
+    block = _LineBigramBlock(start=2, newline_ids=frozenset({9}))
+    # prompt [5, 6] | reply 1 2 1 -> after "1", the pair (1, 2) exists: 2 is banned.
+    ids = torch.tensor([[5, 6, 1, 2, 1], [5, 6, 1, 2, 9], [1, 1, 7, 7, 7]])
+    scores = block(ids, torch.zeros(3, 10))
+    assert scores[0].isinf().nonzero().flatten().tolist() == [2]
+    assert not scores[1].isinf().any()  # a new line starts afresh
+    assert scores[2].isinf().nonzero().flatten().tolist() == [7]  # prompt tokens ignored
 
 
 def test_transformers_chat_runs_a_shared_prompt_head_once(tiny_chat_model, monkeypatch):
@@ -340,7 +424,7 @@ def test_transformers_chat_runs_a_shared_prompt_head_once(tiny_chat_model, monke
     # then passes over the short tails only.
     assert widths[0] > 30 and [w for w in widths if w > 10] == [widths[0]] * 2, widths
     alone = [chat.complete(r.messages, temperature=r.temperature) for r in requests]
-    assert batched == alone
+    assert [r.text for r in batched] == alone
 
 
 def test_gumbel_sampler_draws_from_the_tempered_softmax():

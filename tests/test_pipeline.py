@@ -208,6 +208,35 @@ def test_run_directory_records_resume_and_conflict(colour_probe, tmp_path):
     with pytest.raises(RunDirConflict, match="summary: 'mean' -> 'max'"):
         describe(_config(folder, summary="max"), run, target=target, progress=False)
     assert "secret" not in (run / "config.yaml").read_text().lower()
+    # A run directory from an older dnd, with a setting that no longer exists.
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved + "summarize: {simplify_temperature: 0.0}\n")
+    with pytest.raises(RunDirConflict, match="cannot read.*simplify_temperature.*new --run-dir"):
+        describe(_config(folder), run, target=target, progress=False)
+
+
+def test_naming_an_llm_switches_a_consensus_preset_or_is_an_error(tmp_path):
+    """`--llm smollm2` on the toyworld preset (consensus) uses the LLM; with `--summarizer
+    consensus` given as well it is an error, never silence. A consensus run's saved config
+    holds no LLM section, so it loads again as is."""
+    switched = load_config(preset="toyworld", overrides={"llm.name": "smollm2"})
+    assert switched.summarizer == "llm" and switched.llm.name == "smollm2"
+    url = load_config(preset="toyworld", overrides={"llm.options.base_url": "http://x/v1"})
+    assert url.summarizer == "llm"
+    with pytest.raises(ConfigError, match=r"LLM settings given \(llm.name\).*consensus"):
+        load_config(preset="toyworld", overrides={"llm.name": "smollm2",
+                                                  "summarizer": "consensus"})
+    (tmp_path / "run.yaml").write_text("summarizer: consensus\nllm: {name: openai}\n")
+    with pytest.raises(ConfigError, match="uses no LLM"):
+        load_config(tmp_path / "run.yaml", preset="toyworld")
+    pooled = load_config(preset="toyworld", overrides={"summarizer": "llm+consensus",
+                                                       "llm.name": "smollm2"})
+    assert pooled.uses_llm and "llm" in pooled.to_dict()
+    consensus = load_config(preset="toyworld")
+    assert "llm" not in consensus.to_dict() and "summarize" not in consensus.to_dict()
+    import yaml
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(consensus.to_dict()))
+    assert load_config(tmp_path / "saved.yaml") == consensus
 
 
 def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
@@ -270,7 +299,7 @@ def test_cli_help_documents_every_flag(capsys):
 def test_per_unit_llm_sends_one_request_at_a_time():
     """The per-unit baseline's LLM path: a batch goes out as one single-request call after
     another, and a failed request comes back as its exception, in order."""
-    from dnd.backends.llm import ChatRequest
+    from dnd.backends.llm import ChatReply, ChatRequest
     from dnd.pipeline import _OneAtATime
 
     calls = []
@@ -281,9 +310,9 @@ def test_per_unit_llm_sends_one_request_at_a_time():
         def complete_many(self, requests):
             calls.append([r.messages[0]["content"] for r in requests])
             return [RuntimeError("boom") if r.messages[0]["content"] == "bad"
-                    else r.messages[0]["content"].upper() for r in requests]
+                    else ChatReply((r.messages[0]["content"].upper(),)) for r in requests]
 
     reqs = [ChatRequest(({"role": "user", "content": t},), 0.0) for t in ("a", "bad", "c")]
     out = _OneAtATime(Chat()).complete_many(reqs)
     assert calls == [["a"], ["bad"], ["c"]]
-    assert out[0] == "A" and out[2] == "C" and isinstance(out[1], RuntimeError)
+    assert out[0].text == "A" and out[2].text == "C" and isinstance(out[1], RuntimeError)

@@ -170,7 +170,7 @@ class ChatCaptioner:
         for r in replies:
             if isinstance(r, Exception):
                 raise r
-        return [" ".join(str(r).split()) for r in replies]
+        return [" ".join(r.text.split()) for r in replies]
 
 
 @CAPTIONERS.register("chat")

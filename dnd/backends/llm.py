@@ -8,13 +8,16 @@ reply on disk, so a re-run pays nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import email.utils
+import functools
+import inspect
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -37,26 +40,68 @@ class LLMError(RuntimeError):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat to complete.
+    """One chat to complete, ``n`` times.
 
-    ``prompt_version`` (e.g. ``"summarize_concept.v1"``) and ``sample`` only matter to
-    caching and seeding: ``sample`` tells apart deliberate repeats of the same chat (DnD
-    asks T times at temperature 0.3 and wants T independent answers).
+    ``prompt_version`` (e.g. ``"summarize_concept.v2"``) and ``sample`` only matter to
+    caching and seeding: ``sample`` tells apart deliberate repeats of the same chat (a
+    re-ask after a rejected reply). ``n`` independent replies are drawn from one prompt
+    (OpenAI's ``n``; locally one batch row per reply, each seeded on its own).
+    ``max_tokens`` caps each reply (None: the backend's default); generation stops at the
+    first of the ``stop`` strings, which is not part of the reply.
     """
 
     messages: tuple[Mapping[str, str], ...]
     temperature: float = 0.0
     prompt_version: str = ""
     sample: int = 0
+    n: int = 1
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        object.__setattr__(self, "stop", tuple(self.stop))
         if not self.messages:
             raise ValueError("a chat request needs at least one message")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.sample < 0:
             raise ValueError(f"sample must be >= 0, got {self.sample}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """The ``n`` replies to one :class:`ChatRequest` and what they cost.
+
+    ``prompt_tokens`` counts the prompt once (as the OpenAI API bills it);
+    ``completion_tokens`` sums over the ``n`` replies. ``cached`` is True when the reply
+    came from a cache (nothing was paid for it in this run).
+    """
+
+    texts: tuple[str, ...]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if not self.texts:
+            raise ValueError("a chat reply needs at least one text")
+
+    @property
+    def text(self) -> str:
+        """The first reply (the only one when ``n`` is 1)."""
+        return self.texts[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"texts": list(self.texts), "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens}
 
 
 @runtime_checkable
@@ -72,19 +117,19 @@ class ChatLLM(Protocol):
         """The reply to one chat; raises LLMError when it cannot get one."""
         ...
 
-    def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
+    def complete_many(self, requests: Sequence[ChatRequest]) -> list[ChatReply | Exception]:
         """Replies in request order; a request that failed yields its exception."""
         ...
 
 
 def run_concurrently(
-    fn: Callable[[ChatRequest], str], requests: Sequence[ChatRequest], max_concurrency: int
-) -> list[str | Exception]:
+    fn: Callable[[ChatRequest], ChatReply], requests: Sequence[ChatRequest], max_concurrency: int
+) -> list[ChatReply | Exception]:
     """Call ``fn`` on every request with at most ``max_concurrency`` in flight."""
     if not requests:
         return []
 
-    def guarded(request: ChatRequest) -> str | Exception:
+    def guarded(request: ChatRequest) -> ChatReply | Exception:
         try:
             return fn(request)
         except Exception as exc:  # the caller records the unit as failed, with this reason
@@ -108,11 +153,11 @@ def clean_reply(text: str | None) -> str:
 
 
 def complete_one(llm: ChatLLM, messages: Messages, temperature: float, sample: int = 0) -> str:
-    """One chat through ``llm.complete_many``, for backends that are batched by nature."""
+    """One chat's text through ``llm.complete_many``."""
     (reply,) = llm.complete_many([ChatRequest(tuple(messages), temperature, sample=sample)])
     if isinstance(reply, Exception):
         raise reply
-    return reply
+    return reply.text
 
 
 @dataclass(frozen=True)
@@ -123,6 +168,9 @@ class OpenAIChatConfig:
     usually accept any non-empty key. ``max_retries`` counts retries after the first try.
     Backoff waits ``backoff_base * 2**retry`` seconds (with jitter) up to ``backoff_max``;
     a Retry-After header replaces that wait, also capped at ``backoff_max``.
+    ``max_tokens`` caps a reply unless the request sets its own cap. ``seed`` (None: not
+    sent) is combined with each request's ``sample`` into the API's ``seed`` parameter,
+    which servers honour on a best-effort basis.
     """
 
     model: str = "gpt-4o-mini"
@@ -134,6 +182,7 @@ class OpenAIChatConfig:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     max_tokens: int | None = 64
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -203,15 +252,35 @@ class OpenAIChat:
     @property
     def cache_identity(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.config.model,
-                "max_tokens": self.config.max_tokens}
+                "max_tokens": self.config.max_tokens, "seed": self.config.seed}
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
         """The cleaned reply; retries transient failures, then raises LLMError."""
-        # ``sample`` is accepted for the protocol: the server samples each call afresh.
+        return self.send(ChatRequest(tuple(messages), temperature, sample=sample)).text
+
+    def complete_many(self, requests: Sequence[ChatRequest]) -> list[ChatReply | Exception]:
+        return run_concurrently(self.send, requests, self.config.max_concurrency)
+
+    def send(self, request: ChatRequest) -> ChatReply:
+        """All ``request.n`` replies. A server that returns fewer choices than asked for
+        (some OpenAI-compatible servers ignore ``n``) is asked again for the rest."""
+        texts: list[str] = []
+        prompt_tokens = completion_tokens = 0
+        for call in range(request.n):  # at most n calls, each returning >= 1 text
+            texts_now, usage = self._with_retries(request, request.n - len(texts), call)
+            texts += texts_now[: request.n - len(texts)]
+            prompt_tokens += usage[0]
+            completion_tokens += usage[1]
+            if len(texts) == request.n:
+                break
+        return ChatReply(tuple(texts), prompt_tokens, completion_tokens)
+
+    def _with_retries(self, request: ChatRequest, n: int, call: int
+                      ) -> tuple[list[str], tuple[int, int]]:
         tries = self.config.max_retries + 1
         for attempt in range(tries):
             try:
-                return self._try_once(messages, temperature)
+                return self._try_once(request, n, call)
             except _Retryable as exc:
                 if attempt == tries - 1:
                     raise LLMError(f"gave up after {tries} tries; last error: {exc}") from exc
@@ -220,24 +289,28 @@ class OpenAIChat:
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
-        return run_concurrently(
-            lambda r: self.complete(r.messages, temperature=r.temperature, sample=r.sample),
-            requests,
-            self.config.max_concurrency,
-        )
-
-    def _try_once(self, messages: Messages, temperature: float) -> str:
-        """One HTTP call; transient failures become ``_Retryable``, others ``LLMError``."""
+    def _try_once(self, request: ChatRequest, n: int, call: int
+                  ) -> tuple[list[str], tuple[int, int]]:
+        """One HTTP call for ``n`` replies -> (texts, (prompt, completion tokens));
+        transient failures become ``_Retryable``, others ``LLMError``."""
         openai = self._openai
         kwargs: dict[str, Any] = {}
-        if self.config.max_tokens is not None:
-            kwargs["max_tokens"] = self.config.max_tokens
+        max_tokens = request.max_tokens or self.config.max_tokens
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if n > 1:
+            kwargs["n"] = n
+        if request.stop:
+            kwargs["stop"] = list(request.stop)
+        if self.config.seed is not None:
+            # A seed per (config seed, sample, call): a re-ask or a follow-up call for
+            # missing choices must not be told to repeat the earlier answer.
+            kwargs["seed"] = int(stable_hash([self.config.seed, request.sample, call]), 16) % 2**31
         try:
             response = self._client.chat.completions.create(
                 model=self.config.model,
-                messages=[dict(m) for m in messages],
-                temperature=temperature,
+                messages=[dict(m) for m in request.messages],
+                temperature=request.temperature,
                 **kwargs,
             )
         except openai.APIStatusError as exc:
@@ -252,7 +325,7 @@ class OpenAIChat:
         except (openai.APIResponseValidationError, ValueError) as exc:
             # A body that is not the expected JSON (a proxy's error page, a cut-off reply).
             raise _Retryable(f"malformed response: {exc}") from exc
-        return _reply_text(response)
+        return _reply_texts(response), _usage(response)
 
     def _wait_before_retry(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -262,18 +335,29 @@ class OpenAIChat:
         return delay * self._jitter.uniform(0.5, 1.0)
 
 
-def _reply_text(response: Any) -> str:
-    """The first choice's text, or ``_Retryable`` when the reply is empty or odd."""
+def _reply_texts(response: Any) -> list[str]:
+    """The non-empty texts of all choices, or ``_Retryable`` when there are none."""
     try:
-        content = response.choices[0].message.content
-    except (AttributeError, IndexError, TypeError) as exc:
+        contents = [choice.message.content for choice in response.choices]
+    except (AttributeError, TypeError) as exc:
         raise _Retryable(f"malformed response: no message in {str(response)[:200]!r}") from exc
-    if content is not None and not isinstance(content, str):
-        raise _Retryable(f"malformed response: content is {type(content).__name__}")
-    text = clean_reply(content)
-    if not text:
-        raise _Retryable("empty reply")
-    return text
+    for content in contents:
+        if content is not None and not isinstance(content, str):
+            raise _Retryable(f"malformed response: content is {type(content).__name__}")
+    texts = [t for t in map(clean_reply, contents) if t]
+    if not texts:
+        raise _Retryable("empty reply" if contents else
+                         f"malformed response: no choices in {str(response)[:200]!r}")
+    return texts
+
+
+def _usage(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens the server reports; (0, 0) when it reports none."""
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None)
+    completion = getattr(usage, "completion_tokens", None)
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0)
 
 
 def _retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -308,10 +392,12 @@ class TransformersChatConfig:
 
     ``model`` is a hub id or local path of a causal LM whose tokenizer has a chat
     template. Temperature 0 decodes greedily; above 0 it samples (no top-k/top-p, like
-    the OpenAI API) with a random stream seeded by ``seed`` and the request alone, so a
-    reply never depends on which other requests shared its batch. ``gguf_file`` names a
-    GGUF checkpoint inside ``model`` (a folder), dequantised on load. ``batch_size`` is the
-    number of requests per ``generate`` call.
+    the OpenAI API) with a random stream seeded by ``seed``, the request and the reply's
+    index alone, so a reply never depends on which other requests shared its batch.
+    Within a line of a reply no token pair repeats (see ``_LineBigramBlock``).
+    ``max_new_tokens`` caps a reply unless the request sets its own cap. ``gguf_file``
+    names a GGUF checkpoint inside ``model`` (a folder), dequantised on load.
+    ``batch_size`` is the number of replies decoded per ``generate`` call.
     """
 
     model: str
@@ -339,7 +425,7 @@ _MIN_SHARED_TOKENS = 16
 
 
 class TransformersChat:
-    """A local chat model. Requests of equal temperature are generated in batches of
+    """A local chat model. Requests of equal decoding settings are generated in batches of
     similar length; the prompt head a batch shares (system text and few-shot examples:
     most of a DnD prompt) is run through the model once and its key/value cache reused by
     every request, which on a CPU is most of the speed-up of batching."""
@@ -361,7 +447,8 @@ class TransformersChat:
                                  f"{len(tokenizer)} tokens: the model files are missing")
         if model is None:
             dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
-            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **gguf)
+            with _gguf_bar_follows_hub_bars():
+                model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **gguf)
             model.to(config.device)
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"the tokenizer of {config.model!r} has no chat template")
@@ -369,6 +456,10 @@ class TransformersChat:
             tokenizer.pad_token = tokenizer.eos_token  # batching needs some pad token
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._newlines: frozenset[int] | None = None
+        # transformers renamed the key/value cache argument ('past_key_values' -> 'cache').
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
 
     def __repr__(self) -> str:
         return f"TransformersChat(model={self.config.model!r}, device={self.config.device!r})"
@@ -376,16 +467,20 @@ class TransformersChat:
     @property
     def cache_identity(self) -> dict[str, Any]:
         c = self.config
-        # 'sampling' names how a seeded sample is drawn, so replies cached under an
-        # earlier scheme (one seed per batch) are not served as this one's.
+        # 'decoding' names how replies are drawn (seeded per reply, line-local n-gram
+        # blocking), so replies cached under an earlier scheme are not served as this one's.
         return {"backend": self.name, "model": c.model, "max_new_tokens": c.max_new_tokens,
-                "seed": c.seed, "sampling": "gumbel-per-request"}
+                "seed": c.seed, "decoding": "gumbel-per-reply+line-bigram-block"}
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
         return complete_one(self, messages, temperature, sample)
 
-    def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
-        results: list[str | Exception] = [LLMError("not generated")] * len(requests)
+    def complete_many(self, requests: Sequence[ChatRequest]) -> list[ChatReply | Exception]:
+        """Every request's ``n`` replies (one decoded row per reply; a greedy request's
+        replies are all alike, so one row). Requests are batched by decoding settings and
+        length, a batch holding whole requests, so a prompt is run through the model once
+        for all its replies."""
+        results: list[ChatReply | Exception | None] = [None] * len(requests)
         tokens: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             try:
@@ -393,62 +488,121 @@ class TransformersChat:
                                            add_special_tokens=False)["input_ids"]
             except Exception as exc:  # a chat the template refuses fails alone
                 results[i] = LLMError(f"could not apply the chat template: {exc!r}")
-        # One generate() call has one temperature; within it, similar lengths pad least.
-        order = sorted(tokens, key=lambda i: (requests[i].temperature, len(tokens[i])))
-        by_temperature: dict[float, list[int]] = {}
-        for i in order:
-            by_temperature.setdefault(requests[i].temperature, []).append(i)
-        for temperature, indices in by_temperature.items():
-            for start in range(0, len(indices), self.config.batch_size):
-                batch = indices[start : start + self.config.batch_size]
-                try:
-                    replies = self._generate([tokens[i] for i in batch],
-                                             [requests[i] for i in batch], temperature)
-                except Exception as exc:  # e.g. out of memory: fail this batch's requests
-                    replies = [LLMError(f"generation failed: {exc!r}")] * len(batch)
-                for i, reply in zip(batch, replies, strict=True):
-                    results[i] = reply
-        return results
 
-    def _generate(self, rows: list[list[int]], batch: list[ChatRequest],
-                  temperature: float) -> list[str | Exception]:
-        """Replies to ``batch`` (token ids ``rows``), laid out as [shared head | left
-        padding | own tail] so every row's positions run on from the shared head."""
+        def settings(i: int) -> tuple[float, int, tuple[str, ...], int]:
+            r = requests[i]
+            return (r.temperature, r.max_tokens or self.config.max_new_tokens, r.stop,
+                    self._rows(r))
+
+        # One generate() call has one setting; within it, similar lengths pad least.
+        groups: dict[tuple[float, int, tuple[str, ...], int], list[int]] = {}
+        for i in sorted(tokens, key=lambda i: (settings(i), len(tokens[i]))):
+            groups.setdefault(settings(i), []).append(i)
+        for (temperature, max_new, stop, copies), members in groups.items():
+            per_batch = max(1, self.config.batch_size // copies)
+            for start in range(0, len(members), per_batch):
+                batch = members[start : start + per_batch]
+                seeds = [self._seed(requests[i], j) for i in batch for j in range(copies)]
+                try:
+                    outs = self._generate([tokens[i] for i in batch], copies, seeds,
+                                          temperature, max_new, stop)
+                except Exception as exc:  # e.g. out of memory: fail this batch's requests
+                    outs = [LLMError(f"generation failed: {exc!r}")] * (len(batch) * copies)
+                for k, i in enumerate(batch):
+                    results[i] = self._reply(requests[i], outs[k * copies:(k + 1) * copies],
+                                             len(tokens[i]))
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _rows(request: ChatRequest) -> int:
+        """Decoded rows for a request: one per reply, one in all when decoding greedily."""
+        return request.n if request.temperature > 0 else 1
+
+    def _seed(self, request: ChatRequest, reply: int) -> int:
+        """The random stream of one reply: the request and its reply index alone decide it,
+        so a reply never depends on which other requests shared its batch."""
+        return int(stable_hash([self.config.seed, list(request.messages), request.sample,
+                                reply]), 16)
+
+    @staticmethod
+    def _reply(request: ChatRequest, outs: list[tuple[str, int] | Exception],
+               prompt_tokens: int) -> ChatReply | Exception:
+        failed = next((o for o in outs if isinstance(o, Exception)), None)
+        if failed is not None:
+            return failed
+        texts = [t for t, _ in outs]  # type: ignore[misc]
+        if not any(texts):
+            return LLMError("empty reply")
+        if request.temperature == 0:  # greedy: the n replies are one decoded row
+            texts = texts * request.n
+        return ChatReply(tuple(texts), prompt_tokens,
+                         sum(n for _, n in outs))  # type: ignore[misc]
+
+    def _generate(self, prompts: list[list[int]], copies: int, seeds: list[int],
+                  temperature: float, max_new_tokens: int, stop: tuple[str, ...]
+                  ) -> list[tuple[str, int]]:
+        """(reply, generated tokens) for ``copies`` rows of each prompt (token ids), in
+        prompt order. Each prompt's key/value cache is computed once and repeated for its
+        copies; with one copy each, the prompt head all rows share (system text, few-shot
+        examples) is computed once instead. Rows are laid out as [shared head | left padding
+        | own tail], so every row's positions run on from its head."""
         torch = self._torch
         device = self.model.device
-        shared = _shared_head(rows) if len(rows) > 1 else 0
+        shared = _shared_head(prompts) if len(prompts) > 1 and copies == 1 else 0
         shared = shared if shared >= _MIN_SHARED_TOKENS else 0
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(prompts):
             tail = row[shared:]
             ids[i, :shared], mask[i, :shared] = torch.tensor(row[:shared]), 1
             ids[i, width - len(tail):], mask[i, width - len(tail):] = torch.tensor(tail), 1
         ids, mask = ids.to(device), mask.to(device)
         gen = copy.deepcopy(self.model.generation_config)
         # Greedy decoding; sampling is greedy decoding of Gumbel-perturbed logits.
-        gen.update(max_new_tokens=self.config.max_new_tokens, do_sample=False,
-                   temperature=None, top_k=None, top_p=None,
-                   pad_token_id=self.tokenizer.pad_token_id)
-        processors = []
+        gen.update(max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                   top_k=None, top_p=None, pad_token_id=self.tokenizer.pad_token_id)
+        processors: list[Any] = [_LineBigramBlock(width, self._newline_ids())]
         if temperature > 0:
-            seeds = [int(stable_hash([self.config.seed, list(r.messages), r.sample]), 16)
-                     for r in batch]
             processors.append(_GumbelSampler(temperature, seeds, device))
         with torch.inference_mode():
             cache = None
-            if shared:
+            if copies > 1 or shared:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=self.model.config)
-                self.model(ids[:1, :shared], past_key_values=cache, use_cache=True)
-                cache.batch_repeat_interleave(len(rows))
+                if copies > 1:  # every prompt but its last token, once; then the copies
+                    head_ids, head_mask = ids[:, :-1], mask[:, :-1]
+                    positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+                    self.model(head_ids, attention_mask=head_mask, position_ids=positions,
+                               **{self._cache_kwarg: cache}, use_cache=True)
+                    ids = ids.repeat_interleave(copies, 0)
+                    mask = mask.repeat_interleave(copies, 0)
+                    cache.batch_repeat_interleave(copies)
+                else:  # the shared head, once for all rows
+                    self.model(ids[:1, :shared], **{self._cache_kwarg: cache}, use_cache=True)
+                    cache.batch_repeat_interleave(len(prompts))
+            stopping = [_StopStrings(width, stop, self.tokenizer)] if stop else []
             out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      past_key_values=cache, generation_config=gen,
-                                      logits_processor=processors)
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return [clean_reply(t) or LLMError("empty reply") for t in texts]
+                                      **{self._cache_kwarg: cache}, generation_config=gen,
+                                      logits_processor=processors,
+                                      stopping_criteria=stopping)
+        replies = []
+        ends = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        for row in out[:, width:].tolist():
+            n = next((k + 1 for k, t in enumerate(row) if t in ends), len(row))
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            for s in stop:  # generation stops after a stop string; it is not in the reply
+                text = text.split(s, 1)[0]
+            replies.append((clean_reply(text), n))
+        return replies
+
+    def _newline_ids(self) -> frozenset[int]:
+        """Token ids whose text contains a line break (computed once)."""
+        if self._newlines is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._newlines = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+        return self._newlines
 
     def _render(self, messages: tuple[Mapping[str, str], ...]) -> str:
         try:
@@ -468,6 +622,28 @@ class TransformersChat:
             )
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_hub_bars() -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which the Hugging Face progress-bar switch does not reach: while the switch
+    is off (dnd's default without -v), that bar is off too."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from huggingface_hub.utils import are_progress_bars_disabled
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or not are_progress_bars_disabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _shared_head(rows: list[list[int]]) -> int:
     """Length of the token prefix all ``rows`` share, leaving every row at least one own
     token (the first generation step needs a fresh input position)."""
@@ -476,6 +652,46 @@ def _shared_head(rows: list[list[int]]) -> int:
     while n < limit and all(r[n] == rows[0][n] for r in rows):
         n += 1
     return n
+
+
+class _LineBigramBlock:
+    """A logits processor that keeps a reply from repeating a token pair (bigram) within
+    one line of the reply: the loops small models fall into ("white-white-white", "a cat
+    a cat") are repeated pairs, while a short answer never repeats one. Only the reply is
+    looked at, never the prompt: the right answer usually repeats words of the captions,
+    which a penalty over prompt tokens (``repetition_penalty``) forbids. Lines are blocked
+    separately so a list may repeat a phrase on different lines."""
+
+    def __init__(self, start: int, newline_ids: frozenset[int]):
+        self.start = start
+        self.newline_ids = newline_ids
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        for b, row in enumerate(input_ids[:, self.start:].tolist()):
+            cut = max((k for k, t in enumerate(row) if t in self.newline_ids), default=-1)
+            line = row[cut + 1:]
+            if len(line) < 2:
+                continue
+            banned = [line[k + 1] for k in range(len(line) - 1) if line[k] == line[-1]]
+            if banned:
+                scores[b, banned] = float("-inf")
+        return scores
+
+
+class _StopStrings:
+    """A stopping criterion: a row is done once its reply's text contains a stop string.
+    Decoding the reply each step works with any tokenizer (transformers' own
+    ``stop_strings`` needs a tokenizer whose vocabulary it can map back to text)."""
+
+    def __init__(self, start: int, stop: tuple[str, ...], tokenizer: Any):
+        self.start, self.stop, self.tokenizer = start, stop, tokenizer
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts],
+                            device=input_ids.device)
 
 
 class _GumbelSampler:
@@ -548,9 +764,11 @@ class CachedChat:
     """Any ``ChatLLM`` with every successful reply cached on disk.
 
     The key is ``stable_hash`` of the backend's ``cache_identity``, the prompt version,
-    the messages, the temperature and the sample index. Identical requests in one batch
-    are sent once. Failures are not cached, so a re-run retries them. Requests go to the
-    backend ``chunk_size`` at a time and each chunk is stored as it returns, so a run
+    the messages and every decoding setting of the request (temperature, sample index,
+    ``n``, token cap, stop strings). A reply served from the cache comes back with
+    ``cached=True`` and the token counts it cost when it was paid for. Identical requests
+    in one batch are sent once. Failures are not cached, so a re-run retries them. Requests
+    go to the backend ``chunk_size`` at a time and each chunk is stored as it returns, so a run
     killed half-way keeps what it already paid for.
     """
 
@@ -576,6 +794,9 @@ class CachedChat:
                 "messages": list(request.messages),
                 "temperature": request.temperature,
                 "sample": request.sample,
+                "n": request.n,
+                "max_tokens": request.max_tokens,
+                "stop": list(request.stop),
             },
             length=32,
         )
@@ -583,16 +804,16 @@ class CachedChat:
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
         return complete_one(self, messages, temperature, sample)
 
-    def complete_many(self, requests: Sequence[ChatRequest]) -> list[str | Exception]:
+    def complete_many(self, requests: Sequence[ChatRequest]) -> list[ChatReply | Exception]:
         keys = [self.key(r) for r in requests]
-        known: dict[str, str | Exception] = {}
+        known: dict[str, ChatReply | Exception] = {}
         todo: dict[str, ChatRequest] = {}
         for k, r in zip(keys, requests, strict=True):
             if k in known or k in todo:
                 continue
-            cached = self.cache.get(k)
-            if isinstance(cached, dict) and isinstance(cached.get("reply"), str):
-                known[k] = cached["reply"]
+            reply = _cached_reply(self.cache.get(k), r.n)
+            if reply is not None:
+                known[k] = reply
                 self.hits += 1
             else:
                 todo[k] = r
@@ -603,6 +824,18 @@ class CachedChat:
             replies = self.llm.complete_many([r for _, r in chunk])
             for (k, r), reply in zip(chunk, replies, strict=True):
                 known[k] = reply
-                if isinstance(reply, str):
-                    self.cache.put(k, {"reply": reply, "prompt_version": r.prompt_version})
+                if isinstance(reply, ChatReply):
+                    self.cache.put(k, {**reply.to_dict(), "prompt_version": r.prompt_version})
         return [known[k] for k in keys]
+
+
+def _cached_reply(entry: Any, n: int) -> ChatReply | None:
+    """The reply stored in a cache entry, or None when the entry is not a whole one."""
+    if not isinstance(entry, dict):
+        return None
+    texts = entry.get("texts")
+    if not (isinstance(texts, list) and len(texts) == n and all(isinstance(t, str)
+                                                               for t in texts)):
+        return None
+    return ChatReply(tuple(texts), int(entry.get("prompt_tokens", 0)),
+                     int(entry.get("completion_tokens", 0)), cached=True)

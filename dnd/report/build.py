@@ -556,11 +556,12 @@ def unit_page(rec: Mapping[str, Any], images: _Images,
     sources = dict(zip(cands.get("concepts") or [], cands.get("sources") or []))
     if rec.get("selection"):
         parts.append("<h2>Candidate concepts</h2>" + _candidate_table(rec, images, up, sources)
-                     + "<p class=note>Labels 2-3 are kept only with evidence: at least one "
-                     "of the candidate's generated images among the top-k of all generated "
-                     "images, and a final score of at least half of Label 1's; then a label "
-                     "too close in meaning to a kept one (text similarity above 0.81) is "
-                     "dropped.</p>")
+                     + "<p class=note>Labels 2-3 are kept only with evidence: one of the "
+                     "candidate's generated images among the top-k of all generated images, "
+                     "its images activating the unit at least half-way from the median of "
+                     "all generated images to Label 1's, and at least half of the unit's "
+                     "activating images' captions naming it; then a label too close in "
+                     "meaning to a kept one (text similarity above 0.81) is dropped.</p>")
     elif cands.get("concepts"):
         parts.append("<h2>Candidate concepts</h2><ul>" + "".join(
             f"<li>{esc(c)}{_from(sources.get(c))}</li>" for c in cands["concepts"]) + "</ul>")

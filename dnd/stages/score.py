@@ -27,7 +27,12 @@ from PIL import Image
 
 from dnd.backends.base import CannotRender, Generator, GenRequest, ImageTextEncoder, run_batched
 from dnd.io import atomic_write_bytes, stable_hash
-from dnd.stages.select import deduplicate_labels, interpretability_score, select_concept
+from dnd.stages.select import (
+    Selection,
+    deduplicate_labels,
+    interpretability_score,
+    select_concept,
+)
 from dnd.target import Target, capture, split_output
 
 
@@ -43,6 +48,10 @@ class ScoreConfig:
     beta: int = 5
     max_labels: int = 3
     dedup_threshold: float = 0.81        # CLIP text similarity above which a label repeats
+    # Labels 2-3 need evidence (see secondary_evidence): generated images that activate the
+    # unit this far from the median of D_gen towards Label 1's images, and a caption share.
+    secondary_min_activation: float = 0.5
+    secondary_min_captions: float = 0.5
     batch_size: int = 64                 # target / encoder batch
 
     def __post_init__(self) -> None:
@@ -54,15 +63,20 @@ class ScoreConfig:
                 raise ValueError(f"score.{name} must be >= 1, got {getattr(self, name)}")
         if self.gen_image_size < 0:
             raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
+        for name in ("secondary_min_activation", "secondary_min_captions"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"score.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class UnitInput:
-    """What Step 3 needs of one unit: its candidates and its activating images."""
+    """What Step 3 needs of one unit: its candidates, its activating images and their
+    captions (evidence for Labels 2-3)."""
 
     unit: int
     candidates: Sequence[str]
     activating: Sequence[Image.Image]
+    captions: Sequence[str] = ()
 
 
 class ScoreStage:
@@ -112,20 +126,28 @@ class ScoreStage:
 
     def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> dict[str, Any]:
         cfg = self.config
-        kept = [c for c in u.candidates
-                if all(not isinstance(feats[self.request_key(r)], Exception) for r in reqs[c])]
+        # A candidate is scored on its usable images; one with none is dropped.
+        keys = {c: [k for k in map(self.request_key, reqs[c])
+                    if not isinstance(feats[k], Exception)] for c in u.candidates}
+        kept = [c for c in u.candidates if keys[c]]
         dropped = {c: str(feats[self.request_key(reqs[c][0])]) for c in u.candidates
                    if c not in kept}
+        interpretability = interpretability_score(emb) if len(emb) >= 2 else None
         if not kept:
-            return {"error": "no candidate could be rendered: " + "; ".join(
-                f"{c}: {e}" for c, e in dropped.items()), "dropped": dropped}
-        keys = {c: [self.request_key(r) for r in reqs[c]] for c in kept}
+            # Nothing to score: Label 1 is the best supported candidate, marked unscored.
+            return {"labels": list(u.candidates[:1]), "dropped": dropped,
+                    "interpretability": interpretability,
+                    "fallback": "no candidate could be rendered, so none was scored; Label 1 "
+                                "is the summariser's best supported candidate"}
         gen_acts = [np.array([feats[k]["acts"][u.unit] for k in keys[c]]) for c in kept]
         gen_emb = np.stack([feats[k]["emb"] for c in kept for k in keys[c]])
         sel = select_concept(kept, gen_acts, emb @ gen_emb.T, k=len(u.activating),
                              beta=cfg.beta, rank_score=cfg.rank_score)
         t = text_emb[[text_row[c] for c in kept]]
-        labels_idx = deduplicate_labels(sel.order, t @ t.T, max_labels=cfg.max_labels,
+        evidence = secondary_evidence(sel, u.captions, cfg.secondary_min_activation,
+                                      cfg.secondary_min_captions)
+        labels_idx = deduplicate_labels(evidence,
+                                        t @ t.T, max_labels=cfg.max_labels,
                                         threshold=cfg.dedup_threshold)
         return {
             "labels": [kept[i] for i in labels_idx],
@@ -133,7 +155,7 @@ class ScoreStage:
             "generated": {c: keys[c] for c in kept},
             "prompts": {c: self.prompt(c) for c in kept},
             "dropped": dropped,
-            "interpretability": interpretability_score(emb) if len(emb) >= 2 else None,
+            "interpretability": interpretability,
         }
 
     # -- generated images -> cached features ----------------------------------------------
@@ -145,7 +167,7 @@ class ScoreStage:
         todo = [k for k, f in feats.items() if f is None]
         if not todo:
             return feats
-        images = self.generator.generate([unique[k] for k in todo])
+        images = [_usable(im) for im in self.generator.generate([unique[k] for k in todo])]
         ok = [(k, im) for k, im in zip(todo, images) if not isinstance(im, Exception)]
         for k, im in zip(todo, images):
             if isinstance(im, CannotRender):
@@ -198,3 +220,58 @@ class ScoreStage:
         jbuf = io.BytesIO()
         thumb.save(jbuf, format="JPEG", quality=85)
         atomic_write_bytes(self.cache_dir / f"{key}.jpg", jbuf.getvalue(), durable=False)
+
+
+def secondary_evidence(sel: Selection, captions: Sequence[str], min_activation: float = 0.5,
+                       min_captions: float = 0.5) -> tuple[int, ...]:
+    """``sel.order`` with Labels 2-3 kept only when the unit responds to them.
+
+    Label 1 (the winner) always stays. A later candidate stays only with evidence of both
+    kinds:
+    1. its generated images activate the unit: at least one is in the overall top-k of
+       D_gen (its weight is not -1), and their mean activation is at least
+       ``min_activation`` of the way from the median activation over D_gen to the mean of
+       Label 1's images (a scale- and sign-free measure);
+    2. the unit's own activating images show it: at least ``min_captions`` of their
+       ``captions`` name every word of it (a plural 's' aside).
+    Rule and defaults were chosen on the toy world's fc and conv4 units (whose units are
+    all but monosemantic, so a sound rule keeps few). A secondary label is supported there
+    when a concept it names detects the unit with average precision >= 0.5: with the
+    consensus summariser, 2 of the 3 kept are (``results/toyworld_benchmark.md``), against
+    39 of 92 under the rule "an image in the top-k and half Label 1's final score".
+    """
+    from dnd.stages.summarize import said_in
+
+    best = sel.order[0]
+    acts = np.asarray(sel.activations)
+    owner = np.asarray(sel.image_candidate)
+    median, top = float(np.median(acts)), float(acts[owner == best].mean())
+
+    def responds(c: int) -> bool:
+        if sel.weights[c] == -1 or top <= median:
+            return False
+        return (float(acts[owner == c].mean()) - median) / (top - median) >= min_activation
+
+    def shown(c: int) -> bool:
+        if not captions:  # nothing to show it: only a rule that asks for nothing passes
+            return min_captions == 0
+        named = sum(said_in(sel.candidates[c], [cap]) for cap in captions)
+        return named >= min_captions * len(captions)
+
+    return (best, *(c for c in sel.order[1:] if responds(c) and shown(c)))
+
+
+# Brightest pixel value (0-255) of an image that counts as blank.
+_BLANK_MAX = 2
+
+
+def _usable(image: Image.Image | Exception) -> Image.Image | Exception:
+    """The image, or :class:`CannotRender` when it is blank: Stable Diffusion's safety
+    checker replaces an image it blocks with an all-black one. A dark but real image (a
+    photo of a black background) has brighter pixels than ``_BLANK_MAX`` somewhere."""
+    if isinstance(image, Exception):
+        return image
+    if max(high for _, high in image.convert("RGB").getextrema()) <= _BLANK_MAX:
+        return CannotRender("the generator returned an all-black image (e.g. one its "
+                            "safety checker blocked)")
+    return image

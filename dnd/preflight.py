@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
     from dnd.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -364,67 +362,12 @@ def check(needs: Iterable[Need]) -> None:
 # ----------------------------------------------------------------- what a command needs
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device for ``device`` (``auto``: CUDA when present, else CPU); a device
-    this machine lacks raises a ConfigError naming it and the alternative."""
-    import torch
-
-    from dnd.config import ConfigError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r} is not a device name: use auto, cpu, cuda, "
-                          "cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: this machine has no usable CUDA GPU "
-                              "(torch.cuda.is_available() is False); use --device cpu, or "
-                              "auto to take a GPU when there is one")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"device {device!r}: Apple MPS is not available on this "
-                              "machine; use --device cpu or auto")
-    elif dev.type != "cpu":
-        backend = getattr(torch, dev.type, None)
-        available = getattr(backend, "is_available", None)
-        if available is None or not available():
-            raise ConfigError(f"device {device!r} is not available on this machine; use "
-                              "auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def _stage_runs(config: RunConfig, stage: str) -> bool:
-    from dnd.config import STAGES
-
-    return STAGES.index(config.stop_after) >= STAGES.index(stage)
-
-
 def _backends_used(config: RunConfig) -> list[tuple[Any, str, dict[str, Any]]]:
-    """(registry, name, options) of every backend the run's stages load, as
-    :func:`dnd.pipeline.load_llm` and :func:`dnd.pipeline.load_models` build them."""
-    if not _stage_runs(config, "captions"):
-        return []
-    from dnd.backends import registered
+    """(registry, name, options) of every backend the run's stages load, the backends they
+    need included (:func:`dnd.backends.factory.backends_used`); checks their options."""
+    from dnd.backends.factory import backends_used
 
-    caps, llms, gens, encs = registered()
-    cap = config.captioner
-    if cap.name == "chat":  # a vision chat model through an LLM backend
-        used = [(llms, cap.options.get("llm", "openai"), cap.options.get("llm_options", {}))]
-    else:
-        used = [(caps, cap.name, cap.options)]
-    if _stage_runs(config, "candidates") and config.summarizer == "llm":
-        used.append((llms, config.llm.name, config.llm.options))
-    if _stage_runs(config, "labels"):
-        used += [(gens, config.generator.name, config.generator.options),
-                 (encs, config.encoder.name, config.encoder.options)]
-    return used
+    return [(registry, b.name, b.options) for registry, b in backends_used(config)]
 
 
 def run_needs(config: RunConfig, *, target: bool = True, backends: bool = True) -> list[Need]:
@@ -439,11 +382,14 @@ def run_needs(config: RunConfig, *, target: bool = True, backends: bool = True) 
 
 
 def check_run(config: RunConfig, *, target: Any = None, models: Any = None) -> None:
-    """The preflight of ``dnd describe``: the run's device and any device a backend option
-    names, then every model the run will load (the target unless ``target`` is given, the
-    backends unless ``models`` are), all before any of them is loaded."""
+    """The preflight of ``dnd describe``: the backends' names and options, the run's device
+    and any device a backend option names, then every model the run will load (the target
+    unless ``target`` is given, the backends unless ``models`` are), all before any of them
+    is loaded."""
+    from dnd.backends.base import resolve_device
+
     used = _backends_used(config) if models is None else []
     for device in [config.device] + [o["device"] for _, _, o in used
                                      if isinstance(o.get("device"), str)]:
-        check_device(device)
+        resolve_device(device)
     check(run_needs(config, target=target is None, backends=models is None))

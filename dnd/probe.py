@@ -9,8 +9,9 @@ spec string (see :func:`open_probe`):
                             ``.npz`` with ``images`` [N, 32, 32, 3] uint8 (and ``labels``)
 - ``PATH.npz``              the same npz layout, CIFAR-10 class names assumed if ``classes``
                             is absent
-- ``toyworld:N``            N rendered toy-world scenes (seeds from TOY_PROBE_START on,
-                            disjoint from the seeds the toy models were trained on)
+- ``SCHEME:ARG``            any scheme in ``PROBE_SCHEMES``: ``cifar10``, ``cifar100`` and
+                            those plug-ins add (the toy world's ``toyworld:N``: N rendered
+                            scenes, see :mod:`dnd.toyworld.probe`)
 
 Several specs are concatenated in order. Files that are not images are skipped at listing
 time; images that fail to decode are found during the activation pass. Both are counted and
@@ -19,16 +20,17 @@ reported once, never crash a run.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dnd import plugins
 from dnd.io import stable_hash
+from dnd.registry import Registry
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -138,7 +140,44 @@ def _open_npz(path: Path, name: str) -> ArrayProbe:
                       labels=labels, class_names=classes, images=images, source=str(path))
 
 
+# Spec prefixes before the first ':' -> ``open(arg) -> ProbeSet`` for the text after it.
+PROBE_SCHEMES = Registry("probe scheme")
+
+
+def probe_scheme(name: str, usage: str) -> Callable[[Callable[[str], ProbeSet]],
+                                                    Callable[[str], ProbeSet]]:
+    """Decorator: ``open(arg) -> ProbeSet`` opens the spec ``name:arg``; ``usage`` (e.g.
+    ``"toyworld:N"``) is how error messages show the form. Raise :class:`ProbeError` for
+    a bad ``arg``."""
+
+    def deco(fn: Callable[[str], ProbeSet]) -> Callable[[str], ProbeSet]:
+        fn.usage = usage
+        return PROBE_SCHEMES.register(name)(fn)
+
+    return deco
+
+
+def _spec_forms() -> str:
+    """The spec forms, for error messages: 'a folder of images, PATH.npz, cifar10:PATH, ...
+    or toyworld:N' (every registered scheme)."""
+    forms = ["a folder of images", "PATH.npz"] + [
+        getattr(PROBE_SCHEMES.get(n), "usage", f"{n}:ARG") for n in PROBE_SCHEMES.names()]
+    return ", ".join(forms[:-1]) + " or " + forms[-1]
+
+
+@probe_scheme("cifar10", usage="cifar10:PATH")
+def _open_cifar10(arg: str) -> ArrayProbe:
+    return _open_cifar("cifar10", Path(arg))
+
+
+@probe_scheme("cifar100", usage="cifar100:PATH")
+def _open_cifar100(arg: str) -> ArrayProbe:
+    return _open_cifar("cifar100", Path(arg))
+
+
 def _open_cifar(kind: str, path: Path) -> ArrayProbe:
+    if not path.exists():
+        raise ProbeError(f"{kind} probing set not found: {path}")
     if path.suffix == ".npz":
         return _open_npz(path, kind)
     import torchvision
@@ -151,36 +190,6 @@ def _open_cifar(kind: str, path: Path) -> ArrayProbe:
     return ArrayProbe(name=kind, ids=[f"{kind}/{i}" for i in range(len(ds.data))],
                       labels=list(ds.targets), class_names=list(ds.classes), images=ds.data,
                       source=str(path))
-
-
-TOY_PROBE_START = 2_000_000  # toy training uses seeds < 1e6, held-out evaluation 1e6..2e6
-
-
-@dataclass
-class ToyWorldProbe(ProbeSet):
-    """N toy-world scenes rendered from seeds ``offset .. offset+N-1``."""
-
-    offset: int = TOY_PROBE_START
-
-    def load(self, i: int) -> Image.Image:
-        return _toy_image(self.offset + i).copy()  # a copy: callers may draw on it
-
-    def fingerprint(self) -> str:
-        return stable_hash({"kind": "toyworld", "n": len(self), "offset": self.offset})
-
-
-@functools.lru_cache(maxsize=8192)  # ~100 MB of 64-px renders at most
-def _toy_image(seed: int) -> Image.Image:
-    """The render of toy scene ``seed``. Cached: the pipeline loads each top image several
-    times (crops, captions, scoring) and rendering costs ~1 ms, a quarter of a toy run."""
-    from dnd.toyworld.render import render_scene
-
-    return render_scene(seed).image
-
-
-def clear_render_cache() -> None:
-    """Forget cached toy-world renders (benchmarks time cold runs)."""
-    _toy_image.cache_clear()
 
 
 @dataclass
@@ -214,8 +223,7 @@ def open_probe(specs: str | Sequence[str]) -> ProbeSet:
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
-        raise ProbeError("no probing set given: pass --probe PATH (a folder of images, "
-                         "cifar10:PATH, PATH.npz or toyworld:N)")
+        raise ProbeError(f"no probing set given: pass --probe SPEC ({_spec_forms()})")
     parts = [_open_one(s) for s in specs]
     for s, p in zip(specs, parts):
         if len(p) == 0:
@@ -225,23 +233,16 @@ def open_probe(specs: str | Sequence[str]) -> ProbeSet:
 
 
 def _open_one(spec: str) -> ProbeSet:
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in ("cifar10", "cifar100"):
-        path = Path(rest)
-        if not path.exists():
-            raise ProbeError(f"{kind} probing set not found: {path}")
-        return _open_cifar(kind, path)
-    if sep and kind == "toyworld":
-        try:
-            n = int(rest)
-        except ValueError:
-            raise ProbeError(f"toyworld probing set needs a count, e.g. toyworld:2000; "
-                             f"got {spec!r}") from None
-        return ToyWorldProbe(name=f"toyworld:{n}", ids=[f"toy/{i}" for i in range(n)])
+    # Only a registered scheme makes a prefix special: 'C:\\images' or 'runs/a:b' stay paths.
+    scheme, sep, arg = spec.partition(":")
+    if sep and scheme in PROBE_SCHEMES:
+        return PROBE_SCHEMES.get(scheme)(arg)
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
         return _open_npz(path, "cifar10" if "cifar10" in path.name else path.stem)
     if not path.exists():
-        raise ProbeError(f"probing set not found: {spec!r} (expected a folder of images, "
-                         "cifar10:PATH, cifar100:PATH, PATH.npz or toyworld:N)")
+        # A plug-in that failed to load may be the one that provides this scheme.
+        note = plugins.failure_note() if sep and scheme.isidentifier() else ""
+        raise ProbeError(f"probing set not found: {spec!r} (expected {_spec_forms()})"
+                         + note)
     return FolderProbe.open(path)

@@ -1,7 +1,9 @@
 """Name -> factory registries for swappable parts (targets, captioners, LLMs, ...).
 
 One factory per kind; registering a name twice raises, so a plug-in can never silently
-replace another. CLI choices come from ``Registry.names()``.
+replace another. CLI choices come from ``Registry.names()``. Every lookup (``get``,
+``names``, ``in``, ``create``) first loads the installed plug-ins, once (:mod:`dnd.plugins`),
+so their parts are there without the caller importing anything.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from typing import Any
+
+from dnd import plugins
 
 
 class Registry:
@@ -30,17 +34,22 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        plugins.load_plugins()
         return sorted(self._factories)
 
     def __contains__(self, name: str) -> bool:
+        plugins.load_plugins()
         return name in self._factories
 
     def get(self, name: str) -> Callable[..., Any]:
-        """The factory for ``name``; an unknown name raises with close matches listed."""
+        """The factory for ``name``; an unknown name raises with close matches listed (and
+        the plug-ins that failed to load, one of which may provide it)."""
+        plugins.load_plugins()
         try:
             return self._factories[name]
         except KeyError:
-            raise KeyError(unknown_name_message(self.kind, name, self.names())) from None
+            raise KeyError(unknown_name_message(self.kind, name, self.names())
+                           + plugins.failure_note()) from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)

@@ -3,10 +3,16 @@
 ```
 <run>/config.yaml                 resolved config (never secrets)
 <run>/activations/<key>/          float16 memmap + validity mask + meta.json (cache)
-<run>/units/<layer>/<unit>.json   one record per finished unit, written atomically
+<run>/units/<layer>/<unit>.json   one record per unit (dnd.record), written atomically
 <run>/labels.csv                  Neuron ID,Label 1,Label 2,Label 3
+<run>/cache/captions/             captions by captioner and image pixels (JsonCache)
+<run>/cache/llm/                  LLM replies by request (JsonCache)
+<run>/cache/generated/            generated images' features and thumbnails (FeatureCache)
+<run>/report/                     the HTML report (dnd.report)
 <run>/run.lock                    held by the process using the run (see RunLock)
 ```
+
+:class:`RunStore` is the only code that builds these paths.
 
 Re-running the same command continues: finished units are not redone. A run directory
 never mixes results of two different configs (see :meth:`RunStore.check`), and is used by
@@ -30,8 +36,10 @@ from typing import Any
 
 import yaml
 
-from dnd.config import STAGES, ConfigError, RunConfig, save_config
+from dnd.cache import FeatureCache, JsonCache
+from dnd.config import ConfigError, RunConfig, save_config
 from dnd.io import FileLock, LockBusy, atomic_write_json, atomic_write_text
+from dnd.record import NEURON, RecordError, UnitRecord
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +172,10 @@ class RunStore:
         summary, crop rules, ...). Unit ranges and speed settings may change between runs.
         Writes nothing, so it can run before any other check.
         """
-        path = self.root / "config.yaml"
-        if not path.is_file():
+        if not self.config_path.is_file():
             return
         try:
-            old = RunConfig.from_dict(yaml.safe_load(path.read_text()))
+            old = self.load_config()
         except (ConfigError, yaml.YAMLError) as e:
             # E.g. a run made by an older dnd whose settings no longer exist.
             raise RunDirConflict(
@@ -186,40 +193,81 @@ class RunStore:
         """Create the directory and save the resolved config (after :meth:`check`)."""
         self.check(config)
         self.root.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.root / "config.yaml")
+        save_config(config, self.config_path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def load_config(self) -> RunConfig:
+        """The run's saved config (raises OSError, ConfigError or yaml.YAMLError)."""
+        return RunConfig.from_dict(yaml.safe_load(self.config_path.read_text()))
 
     @property
     def activations_dir(self) -> Path:
         return self.root / "activations"
 
-    def unit_path(self, layer: str, unit: int) -> Path:
-        return self.root / "units" / safe_name(layer) / f"{int(unit)}.json"
+    @property
+    def caption_cache(self) -> JsonCache:
+        return JsonCache(self.root / "cache" / "captions")
 
-    def read_unit(self, layer: str, unit: int) -> dict[str, Any] | None:
-        """The unit's record, or None if absent or unreadable (a partial write)."""
-        try:
-            return json.loads(self.unit_path(layer, unit).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    @property
+    def llm_cache(self) -> JsonCache:
+        return JsonCache(self.root / "cache" / "llm")
+
+    @property
+    def features(self) -> FeatureCache:
+        """Step 3's generated images (features for scoring, thumbnails for the report)."""
+        return FeatureCache(self.root / "cache" / "generated")
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.root / "labels.csv"
+
+    def _units_dir(self, layer: str, basis: str = NEURON) -> Path:
+        # Neurons keep the plain layer folder; another basis gets its own beside it.
+        name = safe_name(layer) if basis == NEURON else f"{safe_name(layer)}@{safe_name(basis)}"
+        return self.root / "units" / name
+
+    def unit_path(self, layer: str, unit: int, basis: str = NEURON) -> Path:
+        return self._units_dir(layer, basis) / f"{int(unit)}.json"
+
+    def layers(self) -> list[str]:
+        """Folder names under units/ (one per layer and basis), sorted."""
+        units = self.root / "units"
+        return sorted(p.name for p in units.iterdir() if p.is_dir()) if units.is_dir() else []
+
+    def read_unit(self, layer: str, unit: int, basis: str = NEURON) -> UnitRecord | None:
+        """The unit's record, or None if absent or unreadable (a partial write). A record
+        from a newer dnd raises :class:`dnd.record.RecordError`."""
+        return _read(self.unit_path(layer, unit, basis))
 
     def unit_done(self, layer: str, unit: int, stage: str) -> bool:
         """True if the unit's record has reached ``stage`` (or a later one)."""
         rec = self.read_unit(layer, unit)
-        return rec is not None and rec.get("stage") in STAGES[STAGES.index(stage):]
+        return rec is not None and rec.reached(stage)
 
-    def write_unit(self, layer: str, unit: int, record: dict[str, Any]) -> Path:
-        return atomic_write_json(self.unit_path(layer, unit), record)
+    def write_unit(self, record: UnitRecord) -> Path:
+        # Durable: a unit record is the result of minutes of model calls.
+        return atomic_write_json(self.unit_path(record.layer, record.unit, record.basis),
+                                 record.to_json())
 
-    def records(self, layer: str) -> list[dict[str, Any]]:
+    def records(self, layer: str, basis: str = NEURON) -> list[UnitRecord]:
         """All readable unit records of ``layer``, by unit id."""
-        folder = self.root / "units" / safe_name(layer)
-        recs = []
-        for p in folder.glob("*.json") if folder.is_dir() else []:
-            try:
-                recs.append(json.loads(p.read_text()))
-            except json.JSONDecodeError:
-                continue
-        return sorted(recs, key=lambda r: r["unit"])
+        return self._records_in(self._units_dir(layer, basis))
+
+    def all_records(self) -> list[UnitRecord]:
+        """Every readable unit record of every layer, by layer folder then unit id."""
+        return [r for name in self.layers() for r in self._records_in(self.root / "units" / name)]
+
+    @staticmethod
+    def _records_in(folder: Path) -> list[UnitRecord]:
+        recs = [_read(p) for p in folder.glob("*.json")] if folder.is_dir() else []
+        return sorted((r for r in recs if r is not None), key=lambda r: r.unit)
 
     def write_labels(self, layer: str) -> Path:
         """labels.csv in the reference format, one row per unit that has labels."""
@@ -227,10 +275,20 @@ class RunStore:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(LABELS_HEADER)
         for rec in self.records(layer):
-            labels = rec.get("labels")
-            if labels:
-                w.writerow([rec["unit"], *(labels + ["", "", ""])[:3]])
-        return atomic_write_text(self.root / "labels.csv", buf.getvalue())
+            if rec.labels:
+                w.writerow([rec.unit, *(list(rec.labels) + ["", "", ""])[:3]])
+        return atomic_write_text(self.labels_path, buf.getvalue())
+
+
+def _read(path: Path) -> UnitRecord | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    try:
+        return UnitRecord.from_json(data)
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}") from None
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -6,8 +6,8 @@ spatial activation maps can be put back on the original image (ALGORITHM.md Step
 reference code stretches a centre-crop map over the uncropped image; we do not).
 
 Targets come from the ``TARGETS`` registry by name (``resnet50``, ``timm:vit_base_patch16_224``,
-``efficientnet-lite0``, ``toyworld-cnn``) or from :meth:`Target.from_module` for any
-``nn.Module`` in the Python API.
+``efficientnet-lite0``, and those plug-ins add, e.g. the toy world's ``toyworld-cnn``) or from
+:meth:`Target.from_module` for any ``nn.Module`` in the Python API.
 """
 
 from __future__ import annotations
@@ -185,8 +185,10 @@ class Target:
             raise ValueError(unknown_name_message("layer", name, self.layer_names())
                              + f" (model {self.name})") from None
 
+    @property
     def identity(self) -> dict:
-        """What must match for cached activations to be reused."""
+        """What must match for cached activations to be reused (an attribute, like the
+        backends' ``identity``)."""
         return {"model": self.name, "weights": self.weights_id,
                 "preprocess": self.preprocess.to_dict()}
 
@@ -261,8 +263,9 @@ def num_units(target: Target, layer: str) -> int:
 TARGETS = Registry("model")
 
 
-def _load_weights_file(module: nn.Module, path: str) -> str:
-    """Load a state dict from safetensors or a tensors-only torch file; returns its id."""
+def load_weights_file(module: nn.Module, path: str) -> str:
+    """Load a state dict from safetensors or a tensors-only torch file into ``module``;
+    returns the file's id for ``Target.weights_id`` (a plug-in's factory uses it too)."""
     from dnd.io import bytes_hash
 
     p = Path(path)
@@ -292,7 +295,7 @@ def _torchvision_target(name: str, weights: str) -> Target:
         module, wid = torchvision.models.get_model(name, weights=None), "random"
     elif _is_weights_file(weights):
         module = torchvision.models.get_model(name, weights=None)
-        wid = _load_weights_file(module, weights)
+        wid = load_weights_file(module, weights)
     else:
         w = default if weights == "DEFAULT" else weights_enum[weights]
         with _no_empty_cache_folders():

@@ -9,7 +9,7 @@ from tiny_blip import teach, tiny_blip
 
 from dnd.backends.caption import ChatCaptioner, TransformersCaptioner
 from dnd.cache import JsonCache
-from dnd.stages.caption import CaptionStage, image_hash
+from dnd.stages.caption import BatchCaptioner, image_hash
 
 RED, BLUE = Image.new("RGB", (40, 40), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 0, 255))
 CAPTIONS = ["a red square on a green background", "a blue circle"]
@@ -56,13 +56,13 @@ class CountingCaptioner:
 
 def test_caption_stage_dedupes_across_units_and_caches(tmp_path):
     cap = CountingCaptioner()
-    stage = CaptionStage(cap, JsonCache(tmp_path))
+    stage = BatchCaptioner(cap, JsonCache(tmp_path))
     red_copy = Image.new("RGB", (40, 40), (255, 0, 0))
     out = stage({0: [RED, BLUE], 1: [red_copy, RED]})
     assert out == {0: ["(255, 0, 0)", "(0, 0, 255)"], 1: ["(255, 0, 0)", "(255, 0, 0)"]}
     assert cap.seen == 2  # two distinct images among four
     assert image_hash(RED) == image_hash(red_copy) != image_hash(BLUE)
-    again = CaptionStage(cap, JsonCache(tmp_path))({5: [BLUE]})
+    again = BatchCaptioner(cap, JsonCache(tmp_path))({5: [BLUE]})
     assert again == {5: ["(0, 0, 255)"]} and cap.seen == 2  # served from the cache
 
 

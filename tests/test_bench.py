@@ -27,7 +27,7 @@ def test_per_unit_path_gives_identical_records_and_does_more_work(tmp_path):
     batched, naive = r["batched"], r["naive"]
     assert r["differences"] == []
     assert set(batched["records"]) == {0, 1, 2, 3}
-    assert all(len(rec["labels"]) >= 1 for rec in batched["records"].values())
+    assert all(len(rec.labels) >= 1 for rec in batched["records"].values())
     assert batched["captioned"][0] < naive["captioned"][0]
     assert batched["generated"][0] < naive["generated"][0]
     assert set(batched["stage_seconds"]) == {"activations", "crops", "captions", "candidates",
@@ -61,8 +61,9 @@ class _FirstWordsChat:
 def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypatch):
     from dnd.backends.llm import LLMS
     from dnd.bench import bench_describe, describe_bench_lines
+    from dnd.record import LLMUsage
 
-    monkeypatch.setitem(LLMS._factories, "first-words", lambda: _FirstWordsChat())
+    monkeypatch.setitem(LLMS._factories, "first-words", lambda device="cpu": _FirstWordsChat())
     r = bench_describe(units="0-2", n_probe=300, compare_naive=True, llm="first-words",
                        work_dir=tmp_path)
     assert r["differences"] == []
@@ -72,10 +73,10 @@ def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypat
     assert naive == 3 and batched <= naive
     for run in ("batched", "naive"):
         for rec in r[run]["records"].values():
-            assert rec["candidates"]["usage"] == {"requests": 1, "prompt_tokens": 50,
-                                                  "completion_tokens": 3, "cached": 0}
+            assert rec.candidates.usage == LLMUsage(requests=1, prompt_tokens=50,
+                                                    completion_tokens=3, cached=0)
     concepts = {c for rec in r["batched"]["records"].values()
-                for c in rec["candidates"]["concepts"]}
+                for c in rec.candidates.concepts}
     assert concepts and all(0 < len(c.split()) <= 5 for c in concepts)
     text = "\n".join(describe_bench_lines(r, "dnd bench describe --llm first-words"))
     assert "| LLM requests answered (after the run's deduplication) |" in text
@@ -85,14 +86,22 @@ def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypat
 
 
 def test_same_results_names_the_unit_and_field_that_differ():
-    from dnd.bench import same_results
+    import dataclasses
 
-    a = {0: {"captions": ["a red circle"], "labels": ["red circle"],
-             "candidates": {"concepts": ["red circle"]}, "selection": {"order": [0]}}}
-    b = {0: {**a[0], "labels": ["blue star"]}}
+    from dnd.bench import same_results
+    from dnd.record import Candidates, Scoring, UnitRecord
+
+    rec = UnitRecord("fc", 0, captions=("a red circle",),
+                     candidates=Candidates(0, ("red circle", "blue star")),
+                     scoring=Scoring(("red circle",)))
+    a = {0: rec}
+    b = {0: dataclasses.replace(rec, scoring=Scoring(("blue star",)))}
     assert same_results(a, a) == []
     (diff,) = same_results(a, b)
-    assert diff.startswith("unit 0: labels")
+    assert diff == "unit 0: labels ('red circle',) != ('blue star',)"
+    assert same_results(a, {}) == ["unit 0: captions ('a red circle',) != None",
+                                   "unit 0: labels ('red circle',) != None",
+                                   "unit 0: candidates ('red circle', 'blue star') != None"]
 
 
 def test_paper_configs_are_stable_diffusion_v1_5_and_blip_base():
@@ -150,3 +159,25 @@ def test_paper_scale_bench_refuses_a_cpu_only_machine_without_tiny(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         run_cli([50], 8, tiny=False, out_dir="results")
+
+
+def test_per_unit_llm_sends_one_request_at_a_time():
+    """The per-unit baseline's LLM path: a batch goes out as one single-request call after
+    another, and a failed request comes back as its exception, in order."""
+    from dnd.backends.llm import ChatReply, ChatRequest
+    from dnd.bench import _OneAtATime
+
+    calls = []
+
+    class Chat:
+        cache_identity = {"backend": "fake"}
+
+        def complete_many(self, requests):
+            calls.append([r.messages[0]["content"] for r in requests])
+            return [RuntimeError("boom") if r.messages[0]["content"] == "bad"
+                    else ChatReply((r.messages[0]["content"].upper(),)) for r in requests]
+
+    reqs = [ChatRequest(({"role": "user", "content": t},), 0.0) for t in ("a", "bad", "c")]
+    out = _OneAtATime(Chat()).complete_many(reqs)
+    assert calls == [["a"], ["bad"], ["c"]]
+    assert out[0].text == "A" and out[2].text == "C" and isinstance(out[1], RuntimeError)

@@ -10,7 +10,7 @@ from dnd.activations import compute_activations
 from dnd.probe import open_probe
 from dnd.stages.crop import (
     CropConfig,
-    CropStage,
+    Cropper,
     attention_boxes,
     box_iou,
     normalize_map,
@@ -29,7 +29,7 @@ def step1(colour_probe, tmp_path):
     target, probe = colour_target(), open_probe(str(folder))
     acts = compute_activations(target, probe, ["pool"], tmp_path / "acts", progress=False)["pool"]
     idx, _ = acts.top_images([0, 1], 6)
-    out = CropStage(target, CropConfig(top_n=6, top_k=10))(probe, "pool", [0, 1], idx,
+    out = Cropper(target, CropConfig(top_n=6, top_k=10))(probe, "pool", [0, 1], idx,
                                                            progress=False)
     return out, red, green, probe
 
@@ -57,7 +57,7 @@ def test_top_images_keep_a_small_map_and_the_region_it_covers(step1):
     # Red square at original x 40..56, y 20..36 -> view 24..40 -> pooled cells 6..9, 5..8.
     ys, xs = np.nonzero(m == m.max())
     assert set(xs) <= set(range(6, 10)) and set(ys) <= set(range(5, 9))
-    assert "map" in top.to_dict() and "map" not in out[0].crops[0].to_dict()
+    assert "map" in top.to_json() and "map" not in out[0].crops[0].to_json()
 
 
 def test_two_separated_blobs_give_two_crops(step1):
@@ -84,8 +84,8 @@ def test_fc_layer_has_no_crops(colour_probe, tmp_path):
     target, probe = colour_target(), open_probe(str(folder))
     acts = compute_activations(target, probe, ["fc"], tmp_path / "a", progress=False)["fc"]
     idx, _ = acts.top_images([0], 5)
-    out = CropStage(target, CropConfig(top_n=5, top_k=3))(probe, "fc", [0], idx, progress=False)
-    assert out[0].crops == [] and len(out[0].activating) == 3
+    out = Cropper(target, CropConfig(top_n=5, top_k=3))(probe, "fc", [0], idx, progress=False)
+    assert out[0].crops == () and len(out[0].activating) == 3
 
 
 def test_otsu_matches_brute_force():

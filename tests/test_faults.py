@@ -4,13 +4,19 @@ reason, the others finish, and --retry-failed redoes only the failed ones."""
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
 
+import pytest
 from conftest import colour_target
 
+from dnd.backends.factory import Models
 from dnd.backends.llm import ChatReply, LLMError
 from dnd.cli import main
 from dnd.config import RunConfig
-from dnd.pipeline import Models, describe
+from dnd.pipeline import describe
 
 
 class ColourCaptioner:
@@ -209,19 +215,18 @@ def test_out_of_memory_halves_the_batch_then_fails_the_units_with_a_reason(colou
 
 
 def test_layer_names_cannot_write_outside_the_run_directory(tmp_path):
+    from dnd.record import UnitRecord
     from dnd.store import RunStore
 
     store = RunStore(tmp_path / "run")
-    path = store.write_unit("../../escape", 3, {"unit": 3})
+    path = store.write_unit(UnitRecord("../../escape", 3))
     assert tmp_path / "run" in path.resolve().parents
     assert not (tmp_path / "escape").exists()
 
 
-def test_records_are_flushed_to_disk_but_caches_and_report_files_are_not(tmp_path, monkeypatch):
-    """Unit records must survive a power cut; files recomputed when damaged skip the
-    (slow) flush. Either way the write is atomic: the old file or the new one."""
-    import os
-
+def test_atomic_write_flushes_unless_told_not_to(tmp_path, monkeypatch):
+    """The io helper: a write is flushed (fsync) by default and not with ``durable=False``;
+    either way it is atomic and leaves no temporary file. Which stores flush: below."""
     from dnd.io import atomic_write_bytes, atomic_write_text
 
     flushed = []
@@ -232,3 +237,73 @@ def test_records_are_flushed_to_disk_but_caches_and_report_files_are_not(tmp_pat
     atomic_write_bytes(tmp_path / "thumb.jpg", b"jpeg", durable=False)
     assert len(flushed) == 1 and (tmp_path / "thumb.jpg").read_bytes() == b"jpeg"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+class RedLLM:
+    """Every reply names the red unit's concept (so Step 3 generates and caches images)."""
+
+    cache_identity = {"backend": "red"}
+
+    def complete_many(self, requests):
+        return [ChatReply(("red thing",) * r.n) for r in requests]
+
+
+# Files of a run written atomically, by whether each write is flushed before it replaces
+# the old file (fnmatch patterns, relative to the run directory). Flushed: what model calls
+# paid for or a resumed run relies on (records, caption and LLM-reply caches, labels, the
+# config, the activations' metadata). Not flushed: what is recomputed when damaged, where
+# the flush would slow thousands of small writes (the whole report is rebuilt from the
+# records).
+FLUSHED = ("units/*", "cache/captions/*", "cache/llm/*", "labels.csv", "config.yaml",
+           "activations/*/meta.json")
+NOT_FLUSHED = ("cache/generated/*", "report/img/*", "report/units/*", "report/index.html")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_which_stores_of_a_run_flush_their_writes_to_disk(colour_probe, tmp_path, monkeypatch):
+    """A whole run on the colour network (records, caches, labels, report) with os.fsync and
+    os.replace counted per file: every write of a store in FLUSHED is flushed, no write of
+    one in NOT_FLUSHED is, and no file is written outside both lists."""
+    from fnmatch import fnmatch
+
+    from test_score_stage import ColourGenerator, MeanColourEncoder
+
+    folder, _, _ = colour_probe
+    run = tmp_path / "run"
+    writes, flushes = Counter(), Counter()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        # The descriptor is the temporary sibling ".<name>.<random>.tmp" of the final file.
+        temp = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        final = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", temp.name)
+        flushes[temp.parent / final.group(1) if final else temp] += 1
+        real_fsync(fd)
+
+    def replace(src, dst):
+        writes[Path(dst)] += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    models = Models(captioner=ColourCaptioner(), llm=RedLLM(), generator=ColourGenerator(),
+                    encoder=MeanColourEncoder())
+    config = RunConfig.from_dict({"model": "colournet", "layer": "pool", "probe": [str(folder)],
+                                  "units": "0-1", "crop": {"top_n": 3},
+                                  "summarize": {"num_samples": 2}})
+    res = describe(config, run, target=colour_target(), models=models, progress=False)
+    monkeypatch.undo()
+    assert res.failed == {} and res.done_now == [0, 1]
+
+    written = {str(p.relative_to(run)): n for p, n in writes.items() if run in p.parents}
+    flushed = {str(p.relative_to(run)): n for p, n in flushes.items() if run in p.parents}
+    assert set(flushed) <= set(written) and sum(flushed.values()) == sum(flushes.values())
+    for rel, n in written.items():
+        durable = [pat for pat in FLUSHED if fnmatch(rel, pat)]
+        recomputed = [pat for pat in NOT_FLUSHED if fnmatch(rel, pat)]
+        assert durable or recomputed, f"{rel}: a new store; add it to FLUSHED or NOT_FLUSHED"
+        # Unit records are written once per stage, and each of those writes is flushed.
+        assert flushed.get(rel, 0) == (n if durable else 0), (rel, n, flushed.get(rel, 0))
+    for pattern in FLUSHED + NOT_FLUSHED:  # the run wrote every kind of file
+        assert any(fnmatch(rel, pattern) for rel in written), pattern
+    assert written["units/pool/0.json"] > 1

@@ -62,8 +62,13 @@ def run_all(root: Path) -> dict[str, Path]:
 
 
 def _records(run_dir: Path) -> dict[str, dict]:
+    """Record files by "<layer>/<unit>", without the schema version (the committed records
+    predate the field; the layout is otherwise the same)."""
     files = sorted((run_dir / "units").rglob("*.json"))
-    return {f"{p.parent.name}/{p.stem}": json.loads(p.read_text()) for p in files}
+    out = {f"{p.parent.name}/{p.stem}": json.loads(p.read_text()) for p in files}
+    for rec in out.values():
+        rec.pop("schema", None)
+    return out
 
 
 def _same(a, b, where: str, problems: list[str]) -> None:

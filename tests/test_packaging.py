@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli, the same parser
+    import tomli as tomllib
 
-tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -294,25 +294,3 @@ def test_cli_help_documents_every_flag(capsys):
                  "--stop-after", "--batch-size", "--workers", "--device", "--chunk-units",
                  "--top-n", "--top-k", "--max-crops", "--run-dir", "--config", "--quiet"):
         assert flag in text
-
-
-def test_per_unit_llm_sends_one_request_at_a_time():
-    """The per-unit baseline's LLM path: a batch goes out as one single-request call after
-    another, and a failed request comes back as its exception, in order."""
-    from dnd.backends.llm import ChatReply, ChatRequest
-    from dnd.pipeline import _OneAtATime
-
-    calls = []
-
-    class Chat:
-        cache_identity = {"backend": "fake"}
-
-        def complete_many(self, requests):
-            calls.append([r.messages[0]["content"] for r in requests])
-            return [RuntimeError("boom") if r.messages[0]["content"] == "bad"
-                    else ChatReply((r.messages[0]["content"].upper(),)) for r in requests]
-
-    reqs = [ChatRequest(({"role": "user", "content": t},), 0.0) for t in ("a", "bad", "c")]
-    out = _OneAtATime(Chat()).complete_many(reqs)
-    assert calls == [["a"], ["bad"], ["c"]]
-    assert out[0].text == "A" and out[2].text == "C" and isinstance(out[1], RuntimeError)

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 
 from dnd.config import RunConfig, save_config
+from dnd.io import atomic_write_json
+from dnd.record import UnitRecord
 from dnd.report import add_cli, build_report, export_rating
 from dnd.report.build import script_json
 from dnd.stages.select import select_concept
@@ -28,31 +30,30 @@ def make_run(root):
     run.mkdir()
     save_config(RunConfig(model="tiny", layer="fc", probe=[str(probe)],
                           summarizer="consensus"), run / "config.yaml")
-    gen = run / "cache" / "generated"
-    gen.mkdir(parents=True)
     store = RunStore(run)
+    store.features.root.mkdir(parents=True)
     for unit, cands in ((0, ["red circle", "dotted"]), (1, [XSS, "blue sky"])):
         sel = select_concept(cands, np.array([[5.0, 4.0], [1.0, 0.5]]),
-                             np.full((2, 4), 0.5), k=2, beta=2).to_dict()
-        keys = {c: [f"k{unit}{j}{n}" for n in range(2)] for j, c in enumerate(cands)}
+                             np.full((2, 4), 0.5), k=2, beta=2).to_json()
+        keys = {c: [f"abc{unit}{j}{n}" for n in range(2)] for j, c in enumerate(cands)}
         for ks in keys.values():
             for k in ks:
-                Image.new("RGB", (32, 32), "gray").save(gen / f"{k}.jpg")
+                Image.new("RGB", (32, 32), "gray").save(store.features.thumbnail(k))
         ev = [{"index": 0, "image": "0.png", "box": None, "activation": 3.0},
               {"index": 1, "image": "1.png", "box": [8, 4, 40, 30], "activation": 2.0}]
-        store.write_unit("fc", unit, {
+        store.write_unit(UnitRecord.from_json({
             "layer": "fc", "unit": unit, "model": "tiny", "stage": "labels",
             "top_images": ev[:1] + [dict(ev[1], box=None)],
             "crops": ev[1:], "activating_images": ev,
             "captions": ["a red thing", f"caption {XSS}"],
-            "candidates": {"unit": unit, "concepts": cands, "simplified": ["red", "blue"],
+            "candidates": {"unit": unit, "concepts": cands,
                            "replies": [f"reply {XSS}"], "error": None},
             "generated": keys, "selection": sel, "labels": sel["labels"],
-            "interpretability": 0.5 + unit / 10, "dropped": {}})
-    store.write_unit("fc", 2, {"layer": "fc", "unit": 2, "stage": "crops",
-                               "error": f"captions: boom {XSS}", "failed_at": "captions",
-                               "top_images": [{"index": 3, "image": "3.png", "box": None,
-                                               "activation": 1.0}]})
+            "interpretability": 0.5 + unit / 10, "dropped": {}}))
+    store.write_unit(UnitRecord.from_json({
+        "layer": "fc", "unit": 2, "stage": "crops", "error": f"captions: boom {XSS}",
+        "failed_at": "captions",
+        "top_images": [{"index": 3, "image": "3.png", "box": None, "activation": 1.0}]}))
     return run
 
 
@@ -77,13 +78,12 @@ def test_unit_pages_show_scores_boxes_and_escaped_text(tmp_path):
     run = make_run(tmp_path)
     build_report(run)
     page0 = (run / "report" / "units" / "fc" / "0.html").read_text()
-    rec = RunStore(run).read_unit("fc", 0)
-    sel = rec["selection"]
+    sel = RunStore(run).read_unit("fc", 0).scoring.selection
     assert '<h1 id=label>red circle</h1>' in page0 and "<title>fc #0: red circle" in page0
     assert "id=candidates" in page0 and "image-product weight" in page0
     for i in range(2):
-        assert f"{sel['final_scores'][i]:.3f}" in page0
-        assert f"{sel['rank_scores'][i]:.3f}" in page0
+        assert f"{sel.final_scores[i]:.3f}" in page0
+        assert f"{sel.rank_scores[i]:.3f}" in page0
     assert "won with the best final score" in page0
     # The crop box is drawn over the original image in its pixel space (64 x 48).
     assert 'viewBox="0 0 64 48"' in page0 and '<rect x="8" y="4" width="32" height="26"/>' in page0
@@ -183,7 +183,7 @@ def _unit(store, unit, **fields):
     rec = {"layer": "fc", "unit": unit, "model": "tiny", "stage": "labels", "top_images": top,
            "crops": [], "activating_images": top, "captions": ["a", "b"],
            "labels": [f"concept {unit}"], "interpretability": 0.6}
-    store.write_unit("fc", unit, {**rec, **fields})
+    store.write_unit(UnitRecord.from_json({**rec, **fields}))
 
 
 def test_linear_layer_page_promises_no_heatmap_or_crops(tmp_path):
@@ -207,12 +207,34 @@ def test_linear_layer_page_promises_no_heatmap_or_crops(tmp_path):
 
 def test_records_with_extra_fields_still_render(tmp_path):
     run = make_run(tmp_path)
-    _unit(RunStore(run), 3, fallback={"stage": "candidates", "why": "LLM down"},
-          candidates={"concepts": ["a"], "sources": {"a": [0, 1]}, "new_field": 1},
-          future={"anything": [1, 2]})
+    store = RunStore(run)
+    top = [{"index": 0, "image": "0.png", "box": None, "activation": 3.0, "later": 1}]
+    atomic_write_json(store.unit_path("fc", 3), {  # as a later dnd might write it
+        "schema": 1, "layer": "fc", "unit": 3, "stage": "labels", "top_images": top,
+        "crops": [], "activating_images": top, "labels": ["concept 3"],
+        "fallback": "nothing could be rendered",
+        "candidates": {"unit": 3, "concepts": ["a"], "sources": [["llm"]], "new_field": 1},
+        "future": {"anything": [1, 2]}})
     cards = _cards(build_report(run).read_text())
     assert cards[-1]["unit"] == 3 and cards[-1]["labels"] == ["concept 3"]
-    assert "<h1 id=label>concept 3</h1>" in (run / "report/units/fc/3.html").read_text()
+    assert cards[-1]["fallback"] is True
+    page = (run / "report/units/fc/3.html").read_text()
+    assert "<h1 id=label>concept 3</h1>" in page and "nothing could be rendered." in page
+    assert "<li>a <span class=src>(from llm)</span></li>" in page
+
+
+def test_record_from_a_newer_dnd_stops_the_report_naming_the_file(tmp_path, capsys):
+    import argparse
+
+    run = make_run(tmp_path)
+    path = RunStore(run).unit_path("fc", 7)
+    atomic_write_json(path, {"schema": 99, "layer": "fc", "unit": 7})
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["report", str(run)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "schema 99 is newer" in err and "upgrade dnd" in err
 
 
 def test_run_stopped_early_says_so_instead_of_no_label(tmp_path):
@@ -222,10 +244,8 @@ def test_run_stopped_early_says_so_instead_of_no_label(tmp_path):
     store = RunStore(run)
     for unit in (0, 1):  # as `--stop-after crops` leaves them: top images and crops only
         rec = store.read_unit("fc", unit)
-        store.write_unit("fc", unit, {k: rec[k] for k in ("layer", "unit", "model",
-                                                          "top_images", "crops",
-                                                          "activating_images")}
-                         | {"stage": "crops"})
+        store.write_unit(UnitRecord(rec.layer, rec.unit, stage="crops", model=rec.model,
+                                    crops=rec.crops))
     text = build_report(run).read_text()
     assert "stopped after the <b>crops</b> stage" in text
     assert "<code>--stop-after crops</code>" in text
@@ -245,8 +265,8 @@ def test_failed_card_shows_a_short_reason_and_the_page_the_full_error(tmp_path):
     long_error = ("candidates: LLM request failed after 5 attempts: 503 Service Unavailable "
                   + "upstream said <busy> " * 50 + "\nTraceback (most recent call last): ...")
     assert len(long_error) > 1000
-    RunStore(run).write_unit("fc", 2, {"layer": "fc", "unit": 2, "stage": "captions",
-                                       "error": long_error, "failed_at": "candidates"})
+    RunStore(run).write_unit(UnitRecord("fc", 2, stage="captions", error=long_error,
+                                        failed_at="candidates"))
     text = build_report(run).read_text()
     card = _cards(text)[2]
     assert len(card["error"]) <= 120 and card["error"].endswith("\u2026")

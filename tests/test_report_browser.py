@@ -81,23 +81,23 @@ def test_cards_tell_the_truth_about_stopped_failed_and_low_units(tmp_path, brows
     from test_report import CONV4_INTERP, _unit
 
     from dnd.config import RunConfig, save_config
+    from dnd.record import UnitRecord
     from dnd.store import RunStore
 
     run = make_run(tmp_path)
     store = RunStore(run)
     for unit, score in enumerate(CONV4_INTERP, 3):  # conv4's unit 25 becomes unit 28
         _unit(store, unit, interpretability=score)
-    store.write_unit("fc", 2, {"layer": "fc", "unit": 2, "stage": "captions",
-                               "failed_at": "candidates",
-                               "error": "candidates: 503 " + "retrying " * 120})
+    store.write_unit(UnitRecord("fc", 2, stage="captions", failed_at="candidates",
+                                error="candidates: 503 " + "retrying " * 120))
     long_name = "n01440764_" + "x" * 70 + ".JPEG"  # no space to break at
     top = [{"index": i, "image": f"{long_name}{i}", "box": None, "activation": 1.0}
            for i in range(3)]
     _unit(store, 40, top_images=top, activating_images=top)
     # Unit 41 is where `--stop-after crops` leaves a unit.
-    store.write_unit("fc", 41, {"layer": "fc", "unit": 41, "stage": "crops",
-                                "top_images": top[:1], "crops": [],
-                                "activating_images": top[:1]})
+    store.write_unit(UnitRecord.from_json({"layer": "fc", "unit": 41, "stage": "crops",
+                                           "top_images": top[:1], "crops": [],
+                                           "activating_images": top[:1]}))
     save_config(RunConfig(model="tiny", layer="fc", probe=[str(tmp_path / "probe")],
                           summarizer="consensus", stop_after="crops"), run / "config.yaml")
     browser.get(build_report(run).as_uri())

@@ -8,7 +8,8 @@ from conftest import colour_target
 from PIL import Image
 
 from dnd.backends.base import CannotRender
-from dnd.stages.score import ScoreConfig, ScoreStage, UnitInput, secondary_evidence
+from dnd.cache import FeatureCache
+from dnd.stages.score import ConceptScorer, ScoreConfig, UnitInput, secondary_evidence
 from dnd.stages.select import select_concept
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -67,39 +68,39 @@ def _red_images(n=4):
 
 def test_red_unit_picks_red_and_cache_makes_reruns_free(tmp_path):
     gen = ColourGenerator()
-    stage = ScoreStage(colour_target(), "pool", "mean", gen, MeanColourEncoder(), tmp_path,
-                       ScoreConfig(images_per_concept=4, beta=2))
+    stage = ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
+                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=2))
     units = [UnitInput(0, ["blue", "red square", "green", "banana"], _red_images()),
              UnitInput(2, ["blue", "green"], _red_images(2))]
     out = stage(units)
     r = out[0]
-    assert r["labels"][0] == "red square"
-    assert r["dropped"] == {"banana": "no colour in 'a realistic photo of banana'"}
-    sel = r["selection"]
-    assert sel["candidates"] == ["blue", "red square", "green"]
+    assert r.labels[0] == "red square"
+    assert r.dropped == {"banana": "no colour in 'a realistic photo of banana'"}
+    sel = r.selection
+    assert sel.candidates == ("blue", "red square", "green")
     # The red images hold the 4 best ranks (the others give exactly 0 on unit 0).
-    red = [i for i, c in enumerate(sel["image_candidate"]) if c == 1]
-    assert sorted(sel["ranks"][i] for i in red) == [1, 2, 3, 4]
-    assert sel["positions"][1] == 0 and sel["weights"][1] > 0
+    red = [i for i, c in enumerate(sel.image_candidate) if c == 1]
+    assert sorted(sel.ranks[i] for i in red) == [1, 2, 3, 4]
+    assert sel.positions[1] == 0 and sel.weights[1] > 0
     # Unit 2 (blue detector) prefers blue.
-    assert out[2]["labels"][0] == "blue"
+    assert out[2].labels[0] == "blue"
     # 4 concepts x 4 seeds, "blue"/"green" shared by both units: 16 requests, not 24.
     assert gen.calls == 16
-    again = ScoreStage(colour_target(), "pool", "mean", gen, MeanColourEncoder(), tmp_path,
-                       ScoreConfig(images_per_concept=4, beta=2))(units)
+    again = ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
+                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=2))(units)
     assert gen.calls == 16 + 4  # only the unrenderable "banana" is asked again
-    assert again[0]["selection"] == sel
+    assert again[0].selection == sel
     assert len(list(tmp_path.glob("*.jpg"))) == 12  # thumbnails of the renderable images
 
 
 def test_labels_deduplicated_by_text_similarity(tmp_path):
-    stage = ScoreStage(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                       tmp_path, ScoreConfig(images_per_concept=3, beta=2))
+    stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
+                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=3, beta=2))
     out = stage([UnitInput(0, ["red", "red square", "blue", "green"], _red_images())])[0]
     # "red" and "red square" embed identically (similarity 1 > 0.81): only one is kept, and
     # blue and green have no image in the top-k of the red unit: no secondary label at all.
-    assert out["labels"] in (["red"], ["red square"])
-    assert out["interpretability"] == pytest.approx(1.0, abs=1e-6)
+    assert out.labels in (("red",), ("red square",))
+    assert out.interpretability == pytest.approx(1.0, abs=1e-6)
 
 
 def test_secondary_labels_need_evidence_worked_example():
@@ -123,19 +124,19 @@ def test_secondary_labels_need_evidence_worked_example():
 
 
 def test_unit_with_only_unrenderable_candidates_gets_a_marked_fallback_label(tmp_path):
-    stage = ScoreStage(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                       tmp_path, ScoreConfig(images_per_concept=2))
+    stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
+                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=2))
     out = stage([UnitInput(1, ["banana", "blocked red"], _red_images(2))])[1]
-    assert "error" not in out and out["labels"] == ["banana"]
-    assert "no candidate could be rendered" in out["fallback"]
-    assert "all-black" in out["dropped"]["blocked red"]
-    assert "selection" not in out and out["interpretability"] is not None
+    assert out.labels == ("banana",)
+    assert "no candidate could be rendered" in out.fallback
+    assert "all-black" in out.dropped["blocked red"]
+    assert out.selection is None and out.interpretability is not None
 
 
 def test_blank_images_are_left_out_and_the_rest_scored(tmp_path):
-    stage = ScoreStage(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                       tmp_path, ScoreConfig(images_per_concept=4, beta=1))
+    stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
+                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=1))
     out = stage([UnitInput(0, ["flaky red", "blue"], _red_images())])[0]
-    assert out["labels"][0] == "flaky red"
-    assert len(out["generated"]["flaky red"]) == 2  # seeds 1 and 3 came back black
-    assert out["selection"]["image_candidate"].count(0) == 2
+    assert out.labels[0] == "flaky red"
+    assert len(out.generated["flaky red"]) == 2  # seeds 1 and 3 came back black
+    assert out.selection.image_candidate.count(0) == 2

@@ -162,10 +162,10 @@ def test_ragged_candidates_map_to_concatenated_sim_columns():
 
 def test_selection_round_trips_through_json():
     sel = select_concept(CANDS, ACTS, SIM, k=3, beta=2)
-    d = json.loads(json.dumps(sel.to_dict()))
+    d = json.loads(json.dumps(sel.to_json()))
     assert d["labels"] == ["dog", "cat", "car"]
     assert d["weights"] == [0.25, 0.5, 0.75]
-    assert Selection.from_dict(d) == sel
+    assert Selection.from_json(d) == sel
     with pytest.raises(AttributeError):
         sel.order = (0, 1, 2)  # frozen
 

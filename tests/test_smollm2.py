@@ -46,7 +46,7 @@ def test_smollm2_batched_replies_equal_replies_one_at_a_time(smol):
     """The shared prompt head is computed once per batch and sampling is seeded per
     reply, yet every reply is what the request gets alone."""
     from dnd.backends.llm import ChatRequest
-    from dnd.stages.summarize import load_prompt
+    from dnd.prompting import load_prompt
 
     prompt = load_prompt("summarize_concept.v2")
     captions = ["1. a red circle on a striped background\n2. a red circle",

@@ -19,10 +19,10 @@ from dnd.backends.llm import (
     OpenAIChatConfig,
 )
 from dnd.cache import JsonCache
+from dnd.prompting import load_prompt, prompt_dirs
 from dnd.stages.summarize import (
     VAGUE_LAST_WORDS,
     Candidates,
-    ConsensusConfig,
     ConsensusSummarizer,
     LLMUsage,
     Rejection,
@@ -32,8 +32,6 @@ from dnd.stages.summarize import (
     concept_problem,
     concepts_in_reply,
     join_candidates,
-    load_prompt,
-    prompt_dirs,
     split_concepts,
     with_background_variants,
 )
@@ -292,7 +290,7 @@ def test_candidates_and_config_round_trip():
     c = Candidates(3, ("a", "b"), (("llm",), ("consensus",)), ("A",),
                    (Rejection("x x", "a repeated word"),), ("p.v1",), LLMUsage(2, 30, 4, 1),
                    "because", None)
-    assert Candidates.from_dict(c.to_dict()) == c
+    assert Candidates.from_json(c.to_json()) == c
     cfg = SummarizeConfig(num_samples=3, seed=4)
     assert SummarizeConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError):
@@ -370,7 +368,7 @@ def test_consensus_embedder_orders_equally_supported_phrases():
         return np.array([[3.0 * ("sofa" in t) + 0.1, "cat" in t, "dog" in t, "rug" in t]
                          for t in texts])
 
-    summarizer = ConsensusSummarizer(ConsensusConfig(max_candidates=2), embed=embed)
+    summarizer = ConsensusSummarizer(embed=embed, max_candidates=2)
     results = summarizer.summarize({0: captions, 1: RED})
     assert results[0].concepts[0] == "sofa" and len(results[0].concepts) == 2
     assert results[1].concepts[0] == "red circle"  # support still comes first

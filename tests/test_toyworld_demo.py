@@ -20,9 +20,10 @@ def test_mentions_needs_every_word_through_any_synonym():
 
 
 def test_agreement_counts_only_units_with_clear_truth():
-    records = [{"unit": 0, "labels": ["scarlet disc", "x"]},
-               {"unit": 1, "labels": ["blue", "blue square"]},
-               {"unit": 2, "labels": ["stripes"]}]
+    from dnd.record import Scoring, UnitRecord
+
+    records = [UnitRecord("fc", u, scoring=Scoring(labels)) for u, labels in
+               [(0, ("scarlet disc", "x")), (1, ("blue", "blue square")), (2, ("stripes",))]]
     agreement, rows = _agreement("fc", records, {0: "red circle", 1: "blue square", 2: None})
     assert agreement == LayerAgreement("fc", units=3, judged=2, label1=1, top3=2)
     assert [r["label1_agrees"] for r in rows] == [True, False, False]

@@ -9,6 +9,7 @@ Builders:
   - ``tiny_hf_clip(tmp)`` / ``tiny_hf_clip_dir(tmp)``: transformers CLIP model, image
     processor and tokenizer.
   - ``tiny_open_clip(tmp)`` / ``tiny_open_clip_dir(tmp)``: open_clip model, preprocess, tokenizer.
+  - ``tiny_chat_model_dir(tmp)``: a chat LLM folder (Llama + word-level tokenizer).
 """
 
 from __future__ import annotations
@@ -193,3 +194,33 @@ def tiny_open_clip(tmp: str | Path):
     name = f"local-dir:{tiny_open_clip_dir(tmp)}"
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def tiny_chat_model_dir(tmp: str | Path) -> Path:
+    """A folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load: a random-weight
+    Llama (width 16, 1 layer) and a word-level tokenizer (``w0`` ... ``w54``, ``hello``,
+    ``caption``, ``concept``) with a chat template. Special tokens and line breaks are
+    suppressed, so every reply has exactly its token cap of words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant", ":", "\n"]
+    words += [f"w{i}" for i in range(55)] + ["hello", "caption", "concept"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n "
+        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.suppress_tokens = [0, 1, 2, 3, 8]
+    out = Path(tmp) / "tiny_chat"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -3,7 +3,10 @@
 Every backend exposes ``identity`` (a JSON-able dict: backend name, model id, settings that
 change outputs) used in cache keys, so a cached caption or image is never reused for a
 different model or setting. Backends are created by name from their registry:
-``CAPTIONERS.create("blip", device="cuda")``.
+``CAPTIONERS.create("blip", device="cuda")``; every factory takes the keyword ``device``
+(local models go there, API clients accept and ignore it). A run builds them with
+:func:`dnd.backends.factory.build`, which checks the options first. Also here: the one
+device resolver (:func:`resolve_device`) and the empty-tokenizer check.
 """
 
 from __future__ import annotations
@@ -70,11 +73,58 @@ class ImageTextEncoder(Protocol):
         ...
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when present, else CPU."""
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The one device resolver of dnd. ``None``/``"auto"`` -> CUDA when present, else CPU;
+    anything else must be a device this machine has: ``cuda`` without a GPU, ``cuda:N``
+    beyond the count, ``mps`` off Apple silicon or a misspelt name raise a ConfigError
+    naming it and the alternatives."""
+    from dnd.config import ConfigError  # dnd.config imports the stages, which import this
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name: use auto, cpu, cuda, "
+                          "cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r}: this machine has no usable CUDA GPU "
+                              "(torch.cuda.is_available() is False); use --device cpu, or "
+                              "auto to take a GPU when there is one")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {str(device)!r}: this machine has {count} CUDA "
+                              f"device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {str(device)!r}: Apple MPS is not available on this "
+                              "machine; use --device cpu or auto")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"device {str(device)!r} is not available on this machine; use "
+                              "auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+# An offline load of an uncached model can "succeed" with a near-empty tokenizer instead of
+# raising (DESIGN.md): CLIPTokenizer comes back with 2 tokens, BertTokenizer with its 5
+# special tokens. Ten separates those from every real vocabulary, down to the word-level
+# ones of the tiny test models (13 tokens and up); real models have tens of thousands.
+MIN_TOKENS = 10
+
+
+def check_tokenizer_size(size: int, source: str) -> None:
+    """Raise ValueError when a loaded tokenizer of ``source`` (a model id or folder) holds
+    fewer than ``MIN_TOKENS`` tokens: its files did not load."""
+    if size < MIN_TOKENS:
+        raise ValueError(
+            f"the tokenizer of {source!r} has only {size} tokens: it did not load. Offline "
+            f"(HF_HUB_OFFLINE=1) an uncached model can yield an empty tokenizer instead of "
+            f"an error; download the model to the Hugging Face cache or pass a local folder."
+        )
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

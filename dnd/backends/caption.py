@@ -15,18 +15,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dnd.backends.base import CAPTIONERS, pick_device, run_batched
+from dnd.backends.base import CAPTIONERS, check_tokenizer_size, resolve_device, run_batched
+from dnd.backends.factory import Dependency, declare
+from dnd.backends.llm import LLMS
 from dnd.preflight import Need, declares_needs, hub_model
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP2_OPT = "Salesforce/blip2-opt-2.7b"
-
-
-def _check_tokenizer(tokenizer, model_id: str) -> None:
-    # Offline loads can return a near-empty tokenizer instead of raising (DESIGN.md).
-    if len(tokenizer) < 10:
-        raise RuntimeError(f"tokenizer of {model_id!r} loaded with only {len(tokenizer)} "
-                           "tokens: the model files are missing or incomplete")
 
 
 class TransformersCaptioner:
@@ -37,7 +32,8 @@ class TransformersCaptioner:
     text prefix for conditional captioning (kept out of the returned caption).
     """
 
-    def __init__(self, model_id: str = BLIP_BASE, *, kind: str = "blip", device: str = "auto",
+    def __init__(self, model_id: str = BLIP_BASE, *, kind: str = "blip",
+                 device: str | torch.device | None = "auto",
                  dtype: str = "auto", batch_size: int = 32, max_new_tokens: int = 32,
                  min_length: int = 5, num_beams: int = 1, prompt: str | None = None,
                  model: Any = None, processor: Any = None):
@@ -45,12 +41,12 @@ class TransformersCaptioner:
             raise ValueError(f"kind must be 'blip' or 'blip2', got {kind!r}")
         if min_length > max_new_tokens:
             raise ValueError(f"min_length ({min_length}) > max_new_tokens ({max_new_tokens})")
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.dtype = (torch.float16 if self.device.type == "cuda" else torch.float32) \
             if dtype == "auto" else getattr(torch, dtype)
         if model is None or processor is None:
             model, processor = self._load(model_id, kind)
-        _check_tokenizer(processor.tokenizer, model_id)
+        check_tokenizer_size(len(processor.tokenizer), model_id)
         self.model = model.to(self.device, self.dtype).eval()
         self.processor = processor
         self.batch_size = batch_size
@@ -101,13 +97,17 @@ class TransformersCaptioner:
 
 
 @CAPTIONERS.register("blip")
-def _blip(model_id: str = BLIP_BASE, **kw) -> TransformersCaptioner:
-    return TransformersCaptioner(model_id, kind="blip", **kw)
+@declare(options=TransformersCaptioner, exclude=("kind",))
+def _blip(model_id: str = BLIP_BASE, *, device: str | torch.device | None = None,
+          **kw: Any) -> TransformersCaptioner:
+    return TransformersCaptioner(model_id, kind="blip", device=device, **kw)
 
 
 @CAPTIONERS.register("blip2")
-def _blip2(model_id: str = BLIP2_OPT, **kw) -> TransformersCaptioner:
-    return TransformersCaptioner(model_id, kind="blip2", **kw)
+@declare(options=TransformersCaptioner, exclude=("kind",))
+def _blip2(model_id: str = BLIP2_OPT, *, device: str | torch.device | None = None,
+           **kw: Any) -> TransformersCaptioner:
+    return TransformersCaptioner(model_id, kind="blip2", device=device, **kw)
 
 
 @declares_needs(CAPTIONERS, "blip")
@@ -141,13 +141,14 @@ class ChatCaptioner:
 
     def __init__(self, llm: Any, *, prompt_name: str = "caption_image.v1", max_side: int = 512,
                  temperature: float = 0.0):
-        from dnd.stages.summarize import load_prompt
+        from dnd.prompting import load_prompt
 
         self.llm = llm
         self.prompt = load_prompt(prompt_name)
         self.max_side = max_side
         self.temperature = temperature
-        self.identity = {"backend": "chat", **dict(llm.cache_identity),
+        # The chat model's identity nested: its own "backend" key must not replace ours.
+        self.identity = {"backend": "chat", "llm": dict(llm.cache_identity),
                          "prompt": self.prompt.id, "max_side": max_side,
                          "temperature": temperature}
 
@@ -174,5 +175,9 @@ class ChatCaptioner:
 
 
 @CAPTIONERS.register("chat")
-def _chat(llm: Any, **kw) -> ChatCaptioner:
+@declare(options=ChatCaptioner, depends_on=(Dependency("llm", LLMS, default="openai"),))
+def _chat(llm: Any, *, device: str | torch.device | None = None, **kw: Any) -> ChatCaptioner:
+    """Options: ``llm`` (an LLM backend name, default openai) and ``llm_options`` choose the
+    chat model, built first (:mod:`dnd.backends.factory`) on the run's device;
+    ``device`` is not used here: the captioner itself runs no model."""
     return ChatCaptioner(llm, **kw)

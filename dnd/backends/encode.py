@@ -17,22 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dnd.backends.base import ENCODERS, normalize_rows, pick_device, run_batched
+from dnd.backends.base import (
+    ENCODERS,
+    check_tokenizer_size,
+    normalize_rows,
+    resolve_device,
+    run_batched,
+)
 from dnd.preflight import Need, declares_needs, hub_model, open_clip_needs
 from dnd.registry import unknown_name_message
-
-# Real CLIP vocabularies hold ~49k tokens; an empty offline load holds 2 or 3.
-MIN_VOCAB = 100
-
-
-def check_tokenizer_size(size: int, source: str) -> None:
-    """Raise when a loaded tokenizer has fewer than ``MIN_VOCAB`` tokens."""
-    if size < MIN_VOCAB:
-        raise ValueError(
-            f"the tokenizer of {source!r} has only {size} tokens: it did not load. Offline "
-            f"(HF_HUB_OFFLINE=1) an uncached model can yield an empty tokenizer instead of "
-            f"an error; download the model to the Hugging Face cache or pass a local folder."
-        )
 
 
 class _ClipEncoder:
@@ -46,7 +39,7 @@ class _ClipEncoder:
         """Settings shared by every CLIP-like encoder (batch_size already checked before the
         model loaded); refuses an empty tokenizer; puts ``net`` in eval mode."""
         check_tokenizer_size(vocab_size, source)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.batch_size = int(batch_size)
         self.model = net.to(self.device).eval()
 

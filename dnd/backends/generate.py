@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dnd.backends.base import GENERATORS, GenRequest, pick_device, run_batched
+from dnd.backends.base import GENERATORS, GenRequest, resolve_device, run_batched
 from dnd.preflight import Need, declares_needs, hub_model
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -48,7 +48,7 @@ class DiffusersGenerator:
                              f"got {height}x{width}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.steps, self.guidance_scale = int(steps), float(guidance_scale)
         self.height, self.width, self.batch_size = int(height), int(width), int(batch_size)

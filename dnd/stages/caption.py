@@ -8,14 +8,14 @@ under (captioner identity, pixel hash), so re-runs and overlapping runs caption 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from PIL import Image
 
 from dnd.backends.base import Captioner
 from dnd.cache import JsonCache
 from dnd.io import bytes_hash, stable_hash
-from dnd.probe import ProbeSet
+from dnd.record import UnitRecord
+from dnd.stages.base import RunContext
 
 
 def image_hash(image: Image.Image) -> str:
@@ -24,28 +24,36 @@ def image_hash(image: Image.Image) -> str:
     return bytes_hash(f"{im.size}".encode() + im.tobytes())
 
 
-def evidence_image(probe: ProbeSet, evidence: Mapping[str, Any]) -> Image.Image:
-    """The pixels of an activating-image record: the probe image, cropped to its box."""
-    image = probe.load(int(evidence["index"]))
-    box = evidence.get("box")
-    return image.crop(tuple(box)) if box else image
-
-
 class CaptionStage:
-    """Caption the activating images of many units with one injected captioner."""
+    """Step 2.1 as a pipeline stage (:mod:`dnd.stages.base`): every unit's activating
+    images captioned by :class:`BatchCaptioner` with the run's captioner and cache."""
 
-    def __init__(self, captioner: Captioner, cache: JsonCache | None, *, dedupe: bool = True):
-        """``cache`` None and ``dedupe`` False: caption every image as given (the per-unit
-        benchmark baseline)."""
+    name = "captions"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.captioner = BatchCaptioner(ctx.models.captioner, ctx.caption_cache)
+
+    def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
+        probe = self.ctx.probe
+        caps = self.captioner({r.unit: [e.pixels(probe) for e in r.crops.activating]
+                               for r in records})
+        return [r.finish(self.name, captions=tuple(caps[r.unit]),
+                         captioner=self.captioner.captioner.identity) for r in records]
+
+
+class BatchCaptioner:
+    """Caption the images of many units with one injected captioner."""
+
+    def __init__(self, captioner: Captioner, cache: JsonCache | None):
+        """``cache`` None: nothing is reused between calls."""
         self.captioner = captioner
         self.cache = cache
-        self.dedupe = dedupe
 
     def __call__(self, images: Mapping[int, Sequence[Image.Image]]) -> dict[int, list[str]]:
         """unit -> its images' captions, in order. Each distinct image is captioned once."""
         # 1. Dedupe by pixels across all units.
-        keys = {u: [image_hash(im) if self.dedupe else f"{u}/{i}" for i, im in enumerate(ims)]
-                for u, ims in images.items()}
+        keys = {u: [image_hash(im) for im in ims] for u, ims in images.items()}
         unique: dict[str, Image.Image] = {}
         for u, ims in images.items():
             for k, im in zip(keys[u], ims):

@@ -24,9 +24,10 @@ from scipy import ndimage
 
 from dnd.activations import iter_batches
 from dnd.probe import ProbeSet
+from dnd.record import Box, Evidence, UnitCrops, UnitRecord
+from dnd.stages.base import RunContext
 from dnd.target import Target, capture, split_output
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, end exclusive
 MAP_SIDE = 16  # activation maps kept in unit records are pooled to at most this size
 
 
@@ -50,48 +51,6 @@ class CropConfig:
         for name in ("iou_between", "iou_image"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"crop.{name} must be in [0, 1], got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """One image shown to later stages: a probe image or a crop of one.
-
-    ``box`` is None for the whole image; otherwise original-image pixels.
-    ``activation`` is the unit's summary activation on it (float32 forward pass).
-    """
-
-    index: int
-    image_id: str
-    box: Box | None
-    activation: float
-    # Top images only: the unit's activation map, average-pooled to at most MAP_SIDE x
-    # MAP_SIDE, and the region of the original image it covers (for heatmap overlays).
-    act_map: tuple[tuple[float, ...], ...] | None = None
-    view_box: Box | None = None
-
-    def to_dict(self) -> dict:
-        d = {"index": self.index, "image": self.image_id,
-             "box": list(self.box) if self.box else None, "activation": self.activation}
-        if self.act_map is not None:
-            d["map"] = [list(row) for row in self.act_map]
-            d["view_box"] = list(self.view_box)
-        return d
-
-
-@dataclass(frozen=True)
-class UnitCrops:
-    """Step 1 output for one unit: top images, their crops, and the top-K activating images."""
-
-    layer: str
-    unit: int
-    top: list[Evidence]
-    crops: list[Evidence]
-    activating: list[Evidence]
-
-    def to_dict(self) -> dict:
-        return {"top_images": [e.to_dict() for e in self.top],
-                "crops": [e.to_dict() for e in self.crops],
-                "activating_images": [e.to_dict() for e in self.activating]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,6 +138,26 @@ def attention_boxes(act_map: np.ndarray, size: int, *, max_crops: int = 4,
 # ---------------------------------------------------------------------------------------
 
 class CropStage:
+    """Step 1 as a pipeline stage (:mod:`dnd.stages.base`): each unit's top images from
+    the run's activations, then :class:`Cropper`."""
+
+    name = "crops"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.cropper = Cropper(ctx.target, ctx.config.crop)
+
+    def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
+        ctx, cfg = self.ctx, self.ctx.config
+        units = [r.unit for r in records]
+        top_idx, _ = ctx.activations.top_images(units, cfg.crop.top_n)
+        out = self.cropper(ctx.probe, ctx.layer, units, top_idx, summary=cfg.summary,
+                           workers=cfg.workers, progress=ctx.progress)
+        return [r.finish(self.name, model=ctx.target.name, weights=ctx.target.weights_id,
+                         crops=out[r.unit]) for r in records]
+
+
+class Cropper:
     """Attention crops and re-scoring for many units of one layer at once."""
 
     def __init__(self, target: Target, config: CropConfig | None = None):
@@ -209,7 +188,7 @@ class CropStage:
             crops = [Evidence(i, probe.ids[i], b, crop_scores[(u, i, b)])
                      for i in idx for b in boxes.get((u, i), [])]
             pool = sorted(top + crops, key=lambda e: (-e.activation, e.index, e.box or ()))
-            out[u] = UnitCrops(layer, u, top, crops, pool[:cfg.top_k])
+            out[u] = UnitCrops(tuple(top), tuple(crops), tuple(pool[:cfg.top_k]))
         return out
 
     def _maps_and_boxes(self, probe, layer, tops, summary, workers, progress):

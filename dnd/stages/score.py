@@ -15,10 +15,8 @@ exactly the numbers an uninterrupted one would, without generating again.
 
 from __future__ import annotations
 
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +24,11 @@ import torch
 from PIL import Image
 
 from dnd.backends.base import CannotRender, Generator, GenRequest, ImageTextEncoder, run_batched
-from dnd.io import atomic_write_bytes, stable_hash
+from dnd.cache import FeatureCache
+from dnd.io import stable_hash
+from dnd.record import Scoring, Selection, UnitRecord
+from dnd.stages.base import RunContext
 from dnd.stages.select import (
-    Selection,
     deduplicate_labels,
     interpretability_score,
     select_concept,
@@ -80,18 +80,36 @@ class UnitInput:
 
 
 class ScoreStage:
+    """Step 3 as a pipeline stage (:mod:`dnd.stages.base`): :class:`ConceptScorer` with
+    the run's generator, encoder and generated-image folder."""
+
+    name = "labels"
+
+    def __init__(self, ctx: RunContext):
+        cfg = ctx.config
+        self.ctx = ctx
+        self.scorer = ConceptScorer(ctx.target, ctx.layer, cfg.summary, ctx.models.generator,
+                                    ctx.models.encoder, ctx.features, cfg.score)
+
+    def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
+        probe = self.ctx.probe
+        out = self.scorer([UnitInput(r.unit, r.candidates.concepts,
+                                     [e.pixels(probe) for e in r.crops.activating],
+                                     r.captions) for r in records])
+        return [r.finish(self.name, scoring=out[r.unit]) for r in records]
+
+
+class ConceptScorer:
     """Generate, score and select for many units of one layer."""
 
     def __init__(self, target: Target, layer: str, summary: str, generator: Generator,
-                 encoder: ImageTextEncoder, cache_dir: str | Path,
-                 config: ScoreConfig | None = None, *, reuse: bool = True):
-        """``reuse`` False never reads the feature cache (the per-unit benchmark baseline
-        regenerates every image); features are still written for the report."""
+                 encoder: ImageTextEncoder, features: FeatureCache,
+                 config: ScoreConfig | None = None):
+        """``features``: generated images' features and thumbnails, read and written."""
         self.target, self.layer, self.summary = target, layer, summary
         self.generator, self.encoder = generator, encoder
-        self.cache_dir = Path(cache_dir)
+        self.features = features
         self.config = config or ScoreConfig()
-        self.reuse = reuse
 
     def prompt(self, concept: str) -> str:
         return self.config.prompt_template.format(concept=concept)
@@ -99,13 +117,13 @@ class ScoreStage:
     def request_key(self, req: GenRequest) -> str:
         """Cache key of one generated image's features (see module docstring)."""
         return stable_hash({"generator": self.generator.identity, "prompt": req.prompt,
-                            "seed": req.seed, "target": self.target.identity(),
+                            "seed": req.seed, "target": self.target.identity,
                             "layer": self.layer, "summary": self.summary,
                             "encoder": self.encoder.identity,
                             "size": self.config.gen_image_size})
 
-    def __call__(self, units: Sequence[UnitInput]) -> dict[int, dict[str, Any]]:
-        """unit -> result dict (labels, selection, generated image keys, ...)."""
+    def __call__(self, units: Sequence[UnitInput]) -> dict[int, Scoring]:
+        """unit -> its labels, selection and generated images."""
         cfg = self.config
         # 1. Requests of every (unit, concept), deduplicated.
         reqs = {c: [GenRequest(self.prompt(c), cfg.seed + j)
@@ -124,7 +142,7 @@ class ScoreStage:
             out[u.unit] = self._select(u, reqs, feats, emb, text_emb, text_row)
         return out
 
-    def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> dict[str, Any]:
+    def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> Scoring:
         cfg = self.config
         # A candidate is scored on its usable images; one with none is dropped.
         keys = {c: [k for k in map(self.request_key, reqs[c])
@@ -135,10 +153,9 @@ class ScoreStage:
         interpretability = interpretability_score(emb) if len(emb) >= 2 else None
         if not kept:
             # Nothing to score: Label 1 is the best supported candidate, marked unscored.
-            return {"labels": list(u.candidates[:1]), "dropped": dropped,
-                    "interpretability": interpretability,
-                    "fallback": "no candidate could be rendered, so none was scored; Label 1 "
-                                "is the summariser's best supported candidate"}
+            return Scoring(tuple(u.candidates[:1]), interpretability, dropped, fallback=(
+                "no candidate could be rendered, so none was scored; Label 1 is the "
+                "summariser's best supported candidate"))
         gen_acts = [np.array([feats[k]["acts"][u.unit] for k in keys[c]]) for c in kept]
         gen_emb = np.stack([feats[k]["emb"] for c in kept for k in keys[c]])
         sel = select_concept(kept, gen_acts, emb @ gen_emb.T, k=len(u.activating),
@@ -149,21 +166,16 @@ class ScoreStage:
         labels_idx = deduplicate_labels(evidence,
                                         t @ t.T, max_labels=cfg.max_labels,
                                         threshold=cfg.dedup_threshold)
-        return {
-            "labels": [kept[i] for i in labels_idx],
-            "selection": sel.to_dict(),
-            "generated": {c: keys[c] for c in kept},
-            "prompts": {c: self.prompt(c) for c in kept},
-            "dropped": dropped,
-            "interpretability": interpretability,
-        }
+        return Scoring(tuple(kept[i] for i in labels_idx), interpretability, dropped, sel,
+                       generated={c: tuple(keys[c]) for c in kept},
+                       prompts={c: self.prompt(c) for c in kept})
 
     # -- generated images -> cached features ----------------------------------------------
 
     def _features(self, requests: Sequence[GenRequest]) -> dict[str, Any]:
         """key -> {"acts": [n_units] float32, "emb": [d] float32} or the CannotRender."""
         unique = {self.request_key(r): r for r in requests}
-        feats: dict[str, Any] = {k: self._load(k) for k in unique}
+        feats: dict[str, Any] = {k: self.features.get(k) for k in unique}
         todo = [k for k, f in feats.items() if f is None]
         if not todo:
             return feats
@@ -180,7 +192,7 @@ class ScoreStage:
             embs = self.encoder.encode_images(pics)
             for (k, im), a, e in zip(ok, acts, embs):
                 feats[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
-                self._save(k, feats[k], im)
+                self.features.put(k, feats[k]["acts"], feats[k]["emb"], im)
         return feats
 
     def _resize(self, im: Image.Image) -> Image.Image:
@@ -199,27 +211,6 @@ class ScoreStage:
             return list(s.float().cpu().numpy())
 
         return run_batched(run, images, self.config.batch_size, "scoring generated images")
-
-    def _load(self, key: str) -> dict[str, np.ndarray] | None:
-        if not self.reuse:
-            return None
-        path = self.cache_dir / f"{key}.npz"
-        try:
-            with np.load(path) as z:
-                return {"acts": z["acts"], "emb": z["emb"]}
-        except (FileNotFoundError, ValueError, OSError, KeyError):
-            return None  # absent or a partial write: recompute
-
-    def _save(self, key: str, feat: Mapping[str, np.ndarray], image: Image.Image) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, acts=feat["acts"], emb=feat["emb"])
-        # A cache: damaged entries are recomputed, so no flush to disk (see atomic_write_bytes).
-        atomic_write_bytes(self.cache_dir / f"{key}.npz", buf.getvalue(), durable=False)
-        thumb = image.convert("RGB")
-        thumb.thumbnail((128, 128))
-        jbuf = io.BytesIO()
-        thumb.save(jbuf, format="JPEG", quality=85)
-        atomic_write_bytes(self.cache_dir / f"{key}.jpg", jbuf.getvalue(), durable=False)
 
 
 def secondary_evidence(sel: Selection, captions: Sequence[str], min_activation: float = 0.5,

@@ -18,15 +18,13 @@ Tie rules (all deterministic):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
 
 from dnd.metrics import cosine_matrix
+from dnd.record import Selection
 from dnd.registry import Registry
 
 # name -> fn(ranks of one candidate's images [n_c], beta) -> score; lower is better.
@@ -49,54 +47,6 @@ def mean_rank(ranks: np.ndarray, beta: int) -> float:
 def squared_mean_rank(ranks: np.ndarray, beta: int) -> float:
     """Mean squared rank of all the candidate's images (``beta`` unused)."""
     return float(np.mean(ranks**2))
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Everything needed to see why a label won. Per-image fields have length
-    n_generated (D_gen order, see module docstring); per-candidate fields length C."""
-
-    candidates: tuple[str, ...]
-    rank_score_name: str
-    beta: int
-    k: int
-    image_candidate: tuple[int, ...]  # [n_generated] candidate index owning each image
-    activations: tuple[float, ...]  # [n_generated] unit's summary activation
-    ranks: tuple[float, ...]  # [n_generated] 1 = highest activation, ties averaged
-    top_k: tuple[int, ...]  # generated-image indices in the overall top-k, best first
-    rank_scores: tuple[float, ...]  # [C] lower is better
-    positions: tuple[int, ...]  # [C] 0 = best rank score
-    weights: tuple[float, ...]  # [C] image-product weight, -1 if no image in top_k
-    final_scores: tuple[float, ...]  # [C] (C - position) x weight
-    order: tuple[int, ...]  # candidate indices, best final score first
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """All candidates, best first: labels[0] is the description, [1:3] Labels 2-3."""
-        return tuple(self.candidates[i] for i in self.order)
-
-    @property
-    def label(self) -> str:
-        return self.candidates[self.order[0]]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (lists, floats, ints, strs), plus the derived ``labels``."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        out["labels"] = list(self.labels)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Selection:
-        """Inverse of ``to_dict`` (the derived ``labels`` entry is ignored)."""
-        return cls(
-            **{
-                f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
-                for f in dataclasses.fields(cls)
-            }
-        )
 
 
 def select_concept(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,93 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-import dnd
 from dnd.backends.llm import ChatLLM, ChatReply, ChatRequest
-
-# ------------------------------------------------------------------------ prompts
-
-_PROMPT_NAME = re.compile(r"(?P<base>[a-z0-9_]+)\.v(?P<version>\d+)")
-
-
-def prompt_dirs() -> list[Path]:
-    """Where prompts are looked up: the repository's ``prompts/`` next to the package (a
-    source checkout or editable install), then the copy installed inside the package."""
-    package = Path(dnd.__file__).resolve().parent
-    return [package.parent / "prompts", package / "prompts"]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A versioned chat prompt: system text, few-shot pairs, and a user template whose
-    ``{placeholders}`` are filled with ``str.format`` (plain names only)."""
-
-    name: str
-    version: int
-    system: str
-    examples: tuple[tuple[str, str], ...]
-    user: str
-
-    def __post_init__(self) -> None:
-        _placeholders(self.user, self.id)  # fail at load time, not at the first request
-
-    @property
-    def id(self) -> str:
-        """``name.vN``: the prompt's identity in cache keys and results."""
-        return f"{self.name}.v{self.version}"
-
-    @property
-    def fields(self) -> frozenset[str]:
-        """The placeholder names ``messages`` must be given."""
-        return _placeholders(self.user, self.id)
-
-    def messages(self, **fields: str) -> list[dict[str, str]]:
-        """The chat: system, the few-shot pairs, then the filled-in user template."""
-        if set(fields) != self.fields:
-            raise ValueError(
-                f"prompt {self.id} takes fields {sorted(self.fields)}, got {sorted(fields)}"
-            )
-        chat = [{"role": "system", "content": self.system}]
-        for user, assistant in self.examples:
-            chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        chat.append({"role": "user", "content": self.user.format(**fields)})
-        return chat
-
-
-def _placeholders(template: str, prompt_id: str) -> frozenset[str]:
-    names = set()
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        # Plain names only: '{x.attr}' or '{x[0]}' would reach into the values.
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(f"prompt {prompt_id}: unsupported placeholder {{{name}}}")
-        names.add(name)
-    return frozenset(names)
-
-
-def load_prompt(name: str, prompts_dir: str | Path | None = None) -> Prompt:
-    """Load ``<name>.yaml`` (e.g. ``"summarize_concept.v2"``) from ``prompts_dir`` or,
-    by default, the first of ``prompt_dirs()`` that has it."""
-    match = _PROMPT_NAME.fullmatch(name)
-    if not match:
-        raise ValueError(f"prompt names look like 'summarize_concept.v2', got {name!r}")
-    dirs = [Path(prompts_dir)] if prompts_dir is not None else prompt_dirs()
-    path = next((d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"prompt {name!r} not found in {[str(d) for d in dirs]}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    version = int(match["version"])
-    if not isinstance(data, dict) or data.get("version") != version:
-        raise ValueError(f"{path}: expected a mapping with 'version: {version}'")
-    try:
-        examples = tuple((str(e["user"]), str(e["assistant"])) for e in data.get("examples", []))
-        return Prompt(match["base"], version, str(data["system"]).strip(), examples,
-                      str(data["user"]))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: malformed prompt ({exc!r})") from exc
-
+from dnd.prompting import check_prompt_name, load_prompt
+from dnd.record import Candidates, LLMUsage, Rejection
 
 # --------------------------------------------------------------------- normalising
 
@@ -240,73 +156,6 @@ def concept_problem(concept: str, max_words: int) -> str | None:
 # ---------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """A reply the summariser did not use, and why."""
-
-    reply: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class LLMUsage:
-    """What a unit's summary cost: requests sent (cached ones included), tokens as the
-    backend counted them, and how many of the requests were answered from the cache."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: int = 0
-
-    def plus(self, reply: ChatReply) -> LLMUsage:
-        return LLMUsage(self.requests + 1, self.prompt_tokens + reply.prompt_tokens,
-                        self.completion_tokens + reply.completion_tokens,
-                        self.cached + int(reply.cached))
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Candidate concepts for one unit, best supported first.
-
-    ``sources`` gives, per concept, where it came from (``llm``, ``consensus``;
-    ``background-variant`` for an added '<concept> background'). ``replies`` holds the
-    raw LLM replies, ``rejected`` the replies not used and why, ``usage`` the LLM's cost.
-    ``fallback`` says why the candidates come from a fallback source (e.g. every LLM reply
-    was rejected). ``error`` is set (and ``concepts`` empty) when the unit failed.
-    """
-
-    unit: int
-    concepts: tuple[str, ...]
-    sources: tuple[tuple[str, ...], ...] = ()
-    replies: tuple[str, ...] = ()
-    rejected: tuple[Rejection, ...] = ()
-    prompt_versions: tuple[str, ...] = ()
-    usage: LLMUsage = LLMUsage()
-    fallback: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Candidates:
-        return cls(
-            unit=int(d["unit"]),
-            concepts=tuple(d["concepts"]),
-            sources=tuple(tuple(s) for s in d.get("sources", ())),
-            replies=tuple(d.get("replies", ())),
-            rejected=tuple(Rejection(**r) for r in d.get("rejected", ())),
-            prompt_versions=tuple(d.get("prompt_versions", ())),
-            usage=LLMUsage(**d.get("usage", {})),
-            fallback=d.get("fallback"),
-            error=d.get("error"),
-        )
-
-
 def _check_units(captions: Mapping[int, Sequence[str]]) -> dict[int, list[str]]:
     """Captions per unit, stripped, empty ones dropped; unit ids must be ints >= 0."""
     units = {}
@@ -375,8 +224,7 @@ class SummarizeConfig:
         if self.max_reasks < 0 or self.consensus_extra < 0 or self.seed < 0:
             raise ValueError("max_reasks, consensus_extra and seed must be >= 0")
         for name in (self.concept_prompt, self.merge_prompt):
-            if not _PROMPT_NAME.fullmatch(name):
-                raise ValueError(f"prompt names look like 'summarize_concept.v2', got {name!r}")
+            check_prompt_name(name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -555,38 +403,37 @@ CAPTION_STOPWORDS = frozenset(
 _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
-@dataclass(frozen=True)
-class ConsensusConfig:
-    """Settings of ``ConsensusSummarizer``: phrases of 1..``max_n`` words."""
-
-    max_n: int = 4
-    max_candidates: int = 6
-
-    def __post_init__(self) -> None:
-        if self.max_n < 1 or self.max_candidates < 1:
-            raise ValueError("max_n and max_candidates must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# The consensus summariser's two settings are constants, not run config: no run has needed
+# other values. Phrases of up to 4 words cover "red circle on stripes"; 6 candidates is what
+# the LLM summariser keeps by default (summarize.max_candidates).
+CONSENSUS_MAX_WORDS = 4
+CONSENSUS_MAX_CANDIDATES = 6
 
 
 class ConsensusSummarizer:
     """Candidates without an LLM: the phrases most captions share.
 
-    A phrase is a word n-gram (n = 1..max_n) that neither starts nor ends with a stopword;
+    A phrase is a word n-gram (n = 1..``max_n``) that neither starts nor ends with a stopword;
     its support is the number of captions containing it. A phrase inside a longer one
     with the same support is dropped ('red' when 'red circle' is in as many captions).
     Phrases rank by support, then, given ``embed`` (texts -> array of embeddings), by
-    cosine similarity to the mean caption embedding, else by length. Deterministic.
+    cosine similarity to the mean caption embedding, else by length; the first
+    ``max_candidates`` are kept. Deterministic.
     """
 
     def __init__(
         self,
-        config: ConsensusConfig | None = None,
         embed: Callable[[list[str]], np.ndarray] | None = None,
+        *,
+        max_n: int = CONSENSUS_MAX_WORDS,
+        max_candidates: int = CONSENSUS_MAX_CANDIDATES,
     ):
-        self.config = config or ConsensusConfig()
+        if max_n < 1 or max_candidates < 1:
+            raise ValueError(f"max_n and max_candidates must be >= 1, got {max_n}, "
+                             f"{max_candidates}")
         self.embed = embed
+        self.max_n = max_n
+        self.max_candidates = max_candidates
 
     def summarize(self, captions: Mapping[int, Sequence[str]]) -> dict[int, Candidates]:
         """Candidates for every unit (one embedding call for all units)."""
@@ -603,7 +450,7 @@ class ConsensusSummarizer:
                 support,
                 key=lambda p: (-support[p], -sim.get(p, 0.0), -len(p.split()), p),
             )
-            concepts = tuple(ranked[: self.config.max_candidates])
+            concepts = tuple(ranked[: self.max_candidates])
             error = None if concepts else "no words left after removing stopwords"
             results[unit] = Candidates(unit, concepts, tuple(("consensus",) for _ in concepts),
                                        error=error)
@@ -615,7 +462,7 @@ class ConsensusSummarizer:
         for caption in captions:
             words = _WORD.findall(caption.lower())
             grams = set()
-            for n in range(1, self.config.max_n + 1):
+            for n in range(1, self.max_n + 1):
                 for i in range(len(words) - n + 1):
                     gram = tuple(words[i : i + n])
                     if gram[0] not in CAPTION_STOPWORDS and gram[-1] not in CAPTION_STOPWORDS:

@@ -4,16 +4,21 @@
 - encoder ``toyworld``: the tiny CLIP trained on the world's captions
 - captioner ``toyworld``: the tiny BLIP trained on the world's captions and crop captions
 
-All run offline on CPU from the weights committed under ``dnd/toyworld/weights``.
+All run offline from the weights committed under ``dnd/toyworld/weights``: the captioner and
+the encoder on the run's device, the renderer on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
 from dnd.backends.base import CAPTIONERS, ENCODERS, GENERATORS, CannotRender, GenRequest
+from dnd.backends.caption import TransformersCaptioner
+from dnd.backends.factory import declare
+from dnd.toyworld.blip import toy_captioner
 
 
 class ToyWorldGenerator:
@@ -36,12 +41,14 @@ class ToyWorldGenerator:
 
 
 @GENERATORS.register("toyworld")
-def _toy_generator(size: int = 64) -> ToyWorldGenerator:
+@declare(options=ToyWorldGenerator)
+def _toy_generator(size: int = 64, *, device: Any = None) -> ToyWorldGenerator:
+    """``device`` is accepted and ignored: scenes are drawn on the CPU."""
     return ToyWorldGenerator(size=size)
 
 
 @ENCODERS.register("toyworld")
-def _toy_encoder(device: str | None = None, batch_size: int = 256):
+def _toy_encoder(device: Any = None, batch_size: int = 256):
     from dnd.backends.encode import OpenClipEncoder
     from dnd.toyworld.clip import load_toy_clip
 
@@ -51,7 +58,7 @@ def _toy_encoder(device: str | None = None, batch_size: int = 256):
 
 
 @CAPTIONERS.register("toyworld")
-def _toy_captioner(device: str = "cpu", **kw):
-    from dnd.toyworld.blip import toy_captioner
-
+@declare(options=(toy_captioner, TransformersCaptioner), exclude=("model_id", "kind"))
+def _toy_captioner(*, device: Any = None, **kw: Any):
+    """``toy_captioner``'s options and the ``TransformersCaptioner`` settings it passes on."""
     return toy_captioner(device=device, **kw)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dnd.io import atomic_write_text
+from dnd.record import UnitRecord
 from dnd.report.build import comparison_page
 from dnd.store import RunStore
 from dnd.toyworld.demo import describe_toy_layers, layer_truths, mentions, probe_scenes
@@ -127,21 +128,21 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
     for layer, _ in layers:
         res = full[layer]
         truths = layer_truths(layer, res, scenes)
-        recs = {m: {r["unit"]: r for r in RunStore(run[layer].run_dir).records(layer)}
+        recs = {m: {r.unit: r for r in RunStore(run[layer].run_dir).records(layer)}
                 for m, run in runs.items()}
         acts = np.asarray(res.activations.values[:, res.units], dtype=np.float32)
         cd = clip_dissect(acts, image_emb, concepts, text_emb).labels(1)
         common = Counter(t for t in truths.values() if t).most_common(1)
         constant = common[0][0] if common else ""
         consensus = recs["DnD (consensus summariser)"]
-        labels = {m: {u: (r.get("labels") or [""])[0] for u, r in rs.items()}
+        labels = {m: {u: (r.labels or ("",))[0] for u, r in rs.items()}
                   for m, rs in recs.items()}
         labels |= {
             "DnD, no best-concept selection": {
-                u: (r.get("candidates", {}).get("concepts") or [""])[0]
+                u: (r.candidates.concepts if r.candidates else ("",))[0]
                 for u, r in consensus.items()},
             "DnD, no summariser (top image's caption)": {
-                u: (r.get("captions") or [""])[0] for u, r in consensus.items()},
+                u: (r.captions or ("",))[0] for u, r in consensus.items()},
             "CLIP-Dissect (toy CLIP)": {u: cd[i][0] for i, u in enumerate(res.units)},
             "constant label (most common truth)": {u: constant for u in res.units},
         }
@@ -150,14 +151,13 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
             cells[m].append(f"{ok}/{judged} ({100 * ok / judged:.1f}%)" if judged else "-")
         column = {u: i for i, u in enumerate(res.units)}
         for m, rs in recs.items():
-            secondary = [(u, x) for u, r in rs.items() for x in (r.get("labels") or [])[1:3]]
+            secondary = [(u, x) for u, r in rs.items() for x in r.labels[1:3]]
             supported = sum(label_support(x, acts[:, column[u]], names, present) >= 0.5
                             for u, x in secondary)
             bad = sum(concept_problem(x, 5) is not None
-                      for r in rs.values() for x in r.get("labels") or [])
-            fallbacks = sum(bool(r.get("fallback") or r.get("candidates", {}).get("fallback"))
-                            for r in rs.values())
-            no_label = sum(not r.get("labels") for r in rs.values())
+                      for r in rs.values() for x in r.labels)
+            fallbacks = sum(bool(r.fallbacks) for r in rs.values())
+            no_label = sum(not r.labels for r in rs.values())
             usage = _usage(rs)
             extra[m].append(
                 f"{supported}/{len(secondary)}" + (f" ({100 * supported / len(secondary):.0f}%)"
@@ -200,7 +200,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
     return lines
 
 
-def _usage(records: dict[int, dict]) -> tuple[float, float, float]:
+def _usage(records: dict[int, UnitRecord]) -> tuple[float, float, float]:
     """Mean LLM requests, prompt tokens and completion tokens per unit."""
     from dnd.bench import llm_usage
 
@@ -215,6 +215,6 @@ def _share_llm_cache(source: Path, dest: Path, layers: list[str]) -> None:
     if source == dest:
         return
     for layer in layers:
-        src = source / layer / "cache" / "llm"
+        src = RunStore(source / layer).llm_cache.root
         if src.is_dir():
-            shutil.copytree(src, dest / layer / "cache" / "llm", dirs_exist_ok=True)
+            shutil.copytree(src, RunStore(dest / layer).llm_cache.root, dirs_exist_ok=True)

@@ -25,8 +25,9 @@ import numpy as np
 from dnd.config import load_config
 from dnd.io import atomic_write_json, atomic_write_text
 from dnd.pipeline import describe
-from dnd.probe import TOY_PROBE_START
+from dnd.record import UnitRecord
 from dnd.store import RunStore
+from dnd.toyworld.probe import TOY_PROBE_START
 
 
 def mentions(label: str, concept: str) -> bool:
@@ -61,13 +62,13 @@ class LayerAgreement:
         return "| " + " | ".join(self.cells()) + " |"
 
 
-def _agreement(layer: str, records: list[dict], truths: dict[int, str | None]) -> tuple[
+def _agreement(layer: str, records: list[UnitRecord], truths: dict[int, str | None]) -> tuple[
         LayerAgreement, list[dict]]:
     rows = []
     for rec in records:
-        truth = truths.get(rec["unit"])
-        labels = rec.get("labels") or []
-        rows.append({"unit": rec["unit"], "truth": truth, "labels": labels,
+        truth = truths.get(rec.unit)
+        labels = list(rec.labels)
+        rows.append({"unit": rec.unit, "truth": truth, "labels": labels,
                      "label1_agrees": bool(truth and labels and mentions(labels[0], truth)),
                      "top3_agrees": bool(truth and any(mentions(x, truth) for x in labels))})
     judged = [r for r in rows if r["truth"]]
@@ -80,7 +81,8 @@ def describe_toy_layers(root: Path, n_probe: int, layers: list[tuple[str, str]],
                         overrides: dict | None = None, progress: bool = True) -> dict:
     """Run the ``toyworld`` preset on each (layer, units) under ``root/<layer>``; the
     models (an LLM included) are loaded once for all layers."""
-    from dnd.pipeline import load_llm, load_models, resolve_device
+    from dnd.backends.base import resolve_device
+    from dnd.backends.factory import load_llm, load_models
 
     results, models = {}, None
     for layer, units in layers:
@@ -157,7 +159,7 @@ def write_top_page(root: Path, table: list[LayerAgreement], details: dict[str, l
 
     rows = []
     for a in table:
-        report = root / a.layer / "report" / "index.html"
+        report = RunStore(root / a.layer).report_dir / "index.html"
         link = (f'<a href="{esc(quote(f"{a.layer}/report/index.html"))}">report</a>'
                 if report.is_file() else "no report (see the run's log)")
         rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in a.cells())

@@ -2,7 +2,8 @@
 
 64 classes ("red circle", ..., "pink hexagon"), so the final layer ``fc`` has one unit per
 named concept pair and intermediate blocks ``conv1``..``conv4`` carry spatial maps whose
-ground truth the toy world knows exactly (see ``groundtruth.py``).
+ground truth the toy world knows exactly (see ``groundtruth.py``). Importing this module
+registers the target ``toyworld-cnn`` in :data:`dnd.target.TARGETS`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dnd.target import TARGETS, Preprocess, Target, load_weights_file
 from dnd.toyworld.world import COLOURS, SHAPES, SceneSpec
 
 CLASS_NAMES: list[str] = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -106,3 +108,20 @@ def load_toy_cnn(weights_dir: str | Path = WEIGHTS_DIR) -> ToyCNN:
     model = ToyCNN(tuple(config["widths"]), len(CLASS_NAMES))
     model.load_state_dict(load_file(str(weights_dir / "toy_cnn.safetensors")))
     return model.eval()
+
+
+@TARGETS.register("toyworld-cnn")
+def _toyworld_cnn(weights: str = "DEFAULT") -> Target:
+    """The trained ToyCNN (``DEFAULT``: the committed weights; ``none``: random; or a file)."""
+    module = load_toy_cnn() if weights == "DEFAULT" else ToyCNN()
+    if weights.lower() == "none":
+        wid = "random"
+    elif weights == "DEFAULT":
+        wid = "toyworld-cnn.committed"
+    else:
+        wid = load_weights_file(module, weights)
+    pp = TOY_PREPROCESS
+    return Target(name="toyworld-cnn", module=module.eval(),
+                  preprocess=Preprocess(resize=pp["size"], crop=pp["size"],
+                                        mean=tuple(pp["mean"]), std=tuple(pp["std"])),
+                  weights_id=wid, class_names=list(CLASS_NAMES))

@@ -1,0 +1,56 @@
+"""Steps 2.2-2.4 as a pipeline stage: candidate concepts from each unit's captions.
+
+Which summariser runs is ``config.summarizer``: ``consensus`` (the phrases the captions
+share, no LLM), ``llm`` (:class:`dnd.stages.summarize.Summarizer`) or ``llm+consensus``
+(the LLM's candidates joined by up to ``summarize.consensus_extra`` shared phrases). When
+every LLM reply of a unit is rejected, the shared phrases stand in, marked as a fallback;
+a failed LLM request fails the unit instead (it is retried on the next run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from dnd.record import UnitRecord
+from dnd.stages.base import RunContext
+from dnd.stages.summarize import ConsensusSummarizer, Summarizer, join_candidates
+
+
+class CandidateStage:
+    """See the module docstring; the contract is in :mod:`dnd.stages.base`."""
+
+    name = "candidates"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        enc = ctx.models.encoder
+        self.consensus = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None)
+        self.summarizer = (Summarizer(ctx.models.llm, ctx.config.summarize)
+                           if ctx.config.uses_llm else None)
+
+    def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
+        captions = {r.unit: list(r.captions) for r in records}
+        phrases = self.consensus.summarize(captions)
+        if self.summarizer is None:
+            cands = phrases
+        else:
+            cands = self.summarizer.summarize(captions)
+            extra = self.ctx.config.summarize.consensus_extra
+            for u, c in cands.items():
+                if self.ctx.config.summarizer == "llm+consensus" and c.ok:
+                    cands[u] = join_candidates(c, phrases[u], extra)
+                elif c.ok and not c.concepts:
+                    cands[u] = dataclasses.replace(
+                        join_candidates(c, phrases[u], len(phrases[u].concepts)),
+                        fallback=f"the LLM gave no usable concept in {len(c.replies)} "
+                                 "replies; candidates are the captions' shared phrases")
+        out = []
+        for r in records:
+            c = cands[r.unit]
+            if c.ok and c.concepts:
+                out.append(r.finish(self.name, candidates=c))
+            else:
+                out.append(r.fail(self.name, f"candidates: {c.error or 'no candidate concept'}",
+                                  candidates=c))
+        return out

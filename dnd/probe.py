@@ -157,7 +157,7 @@ def probe_scheme(name: str, usage: str) -> Callable[[Callable[[str], ProbeSet]],
     return deco
 
 
-def _spec_forms() -> str:
+def spec_forms() -> str:
     """The spec forms, for error messages: 'a folder of images, PATH.npz, cifar10:PATH, ...
     or toyworld:N' (every registered scheme)."""
     forms = ["a folder of images", "PATH.npz"] + [
@@ -223,7 +223,7 @@ def open_probe(specs: str | Sequence[str]) -> ProbeSet:
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
-        raise ProbeError(f"no probing set given: pass --probe SPEC ({_spec_forms()})")
+        raise ProbeError(f"no probing set given: pass --probe SPEC ({spec_forms()})")
     parts = [_open_one(s) for s in specs]
     for s, p in zip(specs, parts):
         if len(p) == 0:
@@ -243,6 +243,6 @@ def _open_one(spec: str) -> ProbeSet:
     if not path.exists():
         # A plug-in that failed to load may be the one that provides this scheme.
         note = plugins.failure_note() if sep and scheme.isidentifier() else ""
-        raise ProbeError(f"probing set not found: {spec!r} (expected {_spec_forms()})"
+        raise ProbeError(f"probing set not found: {spec!r} (expected {spec_forms()})"
                          + note)
     return FolderProbe.open(path)

@@ -155,7 +155,7 @@ def test_chat_captioner_gets_its_declared_chat_model(chat_config):
     assert isinstance(cap, ChatCaptioner) and cap.max_side == 256
     assert isinstance(cap.llm, OpenAIChat)
     assert (cap.llm.config.model, cap.llm.config.base_url) == ("vision", "http://127.0.0.1:9/v1")
-    assert cap.identity["model"] == "vision"
+    assert cap.identity["backend"] == "chat" and cap.identity["llm"]["model"] == "vision"
     (llm_reg, llm), (cap_reg, own) = backends_used(chat_config)
     assert (llm_reg.kind, llm.name, llm.options["model"]) == ("llm", "openai", "vision")
     assert (cap_reg.kind, own) == ("captioner", BackendConfig("chat", {"max_side": 256}))

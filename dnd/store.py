@@ -246,11 +246,6 @@ class RunStore:
         from a newer dnd raises :class:`dnd.record.RecordError`."""
         return _read(self.unit_path(layer, unit, basis))
 
-    def unit_done(self, layer: str, unit: int, stage: str) -> bool:
-        """True if the unit's record has reached ``stage`` (or a later one)."""
-        rec = self.read_unit(layer, unit)
-        return rec is not None and rec.reached(stage)
-
     def write_unit(self, record: UnitRecord) -> Path:
         # Durable: a unit record is the result of minutes of model calls.
         return atomic_write_json(self.unit_path(record.layer, record.unit, record.basis),

@@ -31,16 +31,21 @@ class CandidateStage:
 
     def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
         captions = {r.unit: list(r.captions) for r in records}
-        phrases = self.consensus.summarize(captions)
         if self.summarizer is None:
-            cands = phrases
+            cands = self.consensus.summarize(captions)
         else:
             cands = self.summarizer.summarize(captions)
+            pooled = self.ctx.config.summarizer == "llm+consensus"
+            # Shared phrases only where they are used: every unit when pooling, else the
+            # units whose LLM replies were all rejected.
+            need = [u for u, c in cands.items() if c.ok and (pooled or not c.concepts)]
+            phrases = self.consensus.summarize({u: captions[u] for u in need}) if need else {}
             extra = self.ctx.config.summarize.consensus_extra
-            for u, c in cands.items():
-                if self.ctx.config.summarizer == "llm+consensus" and c.ok:
+            for u in need:
+                c = cands[u]
+                if pooled:
                     cands[u] = join_candidates(c, phrases[u], extra)
-                elif c.ok and not c.concepts:
+                else:
                     cands[u] = dataclasses.replace(
                         join_candidates(c, phrases[u], len(phrases[u].concepts)),
                         fallback=f"the LLM gave no usable concept in {len(c.replies)} "

@@ -173,7 +173,7 @@ def describe_per_unit(config, run_dir: Path, target, probe, models
     """
     from dnd.cache import FeatureCache
     from dnd.config import parse_units
-    from dnd.pipeline import advance, build_stages
+    from dnd.pipeline import activation_pass, advance, build_stages
     from dnd.record import UnitRecord
     from dnd.stages.base import RunContext
     from dnd.store import RunStore
@@ -182,9 +182,7 @@ def describe_per_unit(config, run_dir: Path, target, probe, models
     store = RunStore(run_dir)
     store.save_config(config)
     start = time.perf_counter()
-    acts = compute_activations(target, probe, [config.layer], store.activations_dir,
-                               summary=config.summary, batch_size=config.batch_size,
-                               progress=False)[config.layer]
+    acts = activation_pass(config, store, target, probe, progress=False)
     seconds = {"activations": time.perf_counter() - start}
     if models.llm is not None:
         models = dataclasses.replace(models, llm=_OneAtATime(models.llm))

@@ -95,9 +95,7 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     store.save_config(config)
     # 2. One pass over the probing set (or a matching cached one).
     started = time.perf_counter()
-    acts = compute_activations(target, probe, [config.layer], store.activations_dir,
-                               summary=config.summary, batch_size=config.batch_size,
-                               workers=config.workers, progress=progress)[config.layer]
+    acts = activation_pass(config, store, target, probe, progress)
     seconds = {"activations": time.perf_counter() - started}
     n_bad = int((~acts.valid).sum())
     if config.stop_after == "activations":
@@ -132,6 +130,15 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
         _report(store.root)
     return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
                      n_bad, seconds, [u for u in units if u not in todo], failed_before)
+
+
+def activation_pass(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
+                    progress: bool) -> LayerActivations:
+    """The layer's activations [images, units] over the probing set, computed once into the
+    run's activation cache (or read from a matching cached pass)."""
+    return compute_activations(target, probe, [config.layer], store.activations_dir,
+                               summary=config.summary, batch_size=config.batch_size,
+                               workers=config.workers, progress=progress)[config.layer]
 
 
 def build_stages(ctx: RunContext) -> list[Stage]:

@@ -112,9 +112,11 @@ class RunConfig:
             d.pop(k)
         d["crop"].pop("batch_size")
         d["score"].pop("batch_size")
+        # The LLM section is absent when the summariser uses no LLM (to_dict).
         for backend in ("captioner", "llm", "generator", "encoder"):
-            d[backend]["options"] = {k: v for k, v in d[backend]["options"].items()
-                                     if k not in SPEED_OPTIONS}
+            if backend in d:
+                d[backend]["options"] = {k: v for k, v in d[backend]["options"].items()
+                                         if k not in SPEED_OPTIONS}
         return d
 
 

@@ -15,7 +15,7 @@ from dnd.cli import main
 from dnd.config import ConfigError, RunConfig, load_config, parse_units
 from dnd.pipeline import describe
 from dnd.probe import ProbeError, open_probe
-from dnd.store import RunDirConflict
+from dnd.store import RunDirConflict, RunStore
 from dnd.target import Preprocess, hook_count, split_output
 
 
@@ -237,6 +237,13 @@ def test_naming_an_llm_switches_a_consensus_preset_or_is_an_error(tmp_path):
     import yaml
     (tmp_path / "saved.yaml").write_text(yaml.safe_dump(consensus.to_dict()))
     assert load_config(tmp_path / "saved.yaml") == consensus
+    # ... and a consensus run directory opens again (resume compares results keys)
+    assert "llm" not in consensus.results_key()
+    store = RunStore(tmp_path / "consensus-run")
+    store.save_config(consensus)
+    store.check(load_config(tmp_path / "saved.yaml"))
+    with pytest.raises(RunDirConflict, match="summarizer: 'consensus' -> 'llm'"):
+        store.check(switched)
 
 
 def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):

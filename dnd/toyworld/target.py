@@ -3,7 +3,9 @@
 64 classes ("red circle", ..., "pink hexagon"), so the final layer ``fc`` has one unit per
 named concept pair and intermediate blocks ``conv1``..``conv4`` carry spatial maps whose
 ground truth the toy world knows exactly (see ``groundtruth.py``). Importing this module
-registers the target ``toyworld-cnn`` in :data:`dnd.target.TARGETS`.
+registers two targets in :data:`dnd.target.TARGETS`: ``toyworld-cnn`` (trained on the
+classification loss alone) and ``toyworld-planted`` (the same network, with chosen hidden
+channels also trained to fire on known concepts: ``planted.py``).
 """
 
 from __future__ import annotations
@@ -81,47 +83,75 @@ def preprocess(images: Iterable[Image.Image] | np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def save_toy_cnn(model: ToyCNN, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``toy_cnn.safetensors`` + ``toy_cnn.json`` (widths, classes, preprocessing)."""
+CNN_STEM = "toy_cnn"  # toy_cnn.safetensors + toy_cnn.json in WEIGHTS_DIR: toyworld-cnn
+PLANTED_STEM = "toy_planted"  # the same for toyworld-planted (dnd.toyworld.planted)
+
+
+def save_toy_cnn(model: ToyCNN, out_dir: str | Path, extra: dict | None = None,
+                 stem: str = CNN_STEM) -> Path:
+    """Write ``<stem>.safetensors`` + ``<stem>.json`` (widths, classes, preprocessing and
+    ``extra``, e.g. the training record) into ``out_dir``; returns the weights' path."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    widths = [model.conv1[0].out_channels, model.conv2[0].out_channels,
-              model.conv3[0].out_channels, model.conv4[0].out_channels]
+    widths = [getattr(model, f"conv{i}")[0].out_channels for i in range(1, 5)]
     config = {"widths": widths, "class_names": CLASS_NAMES, "preprocess": TOY_PREPROCESS,
               **(extra or {})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / "toy_cnn.safetensors"))
-    (out_dir / "toy_cnn.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir / "toy_cnn.safetensors"
+    save_file(state, str(out_dir / f"{stem}.safetensors"))
+    (out_dir / f"{stem}.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir / f"{stem}.safetensors"
 
 
-def load_toy_cnn(weights_dir: str | Path = WEIGHTS_DIR) -> ToyCNN:
-    """The trained ToyCNN from ``weights_dir`` (default: the committed weights), eval mode."""
+def load_toy_cnn(weights_dir: str | Path = WEIGHTS_DIR, stem: str = CNN_STEM) -> ToyCNN:
+    """The trained ToyCNN ``<stem>`` from ``weights_dir`` (default: the committed
+    toyworld-cnn weights; ``stem=PLANTED_STEM``: toyworld-planted's), eval mode."""
     from safetensors.torch import load_file
 
     weights_dir = Path(weights_dir)
-    config = json.loads((weights_dir / "toy_cnn.json").read_text())
+    config_path = weights_dir / f"{stem}.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; train it with `python -m "
+                                f"dnd.toyworld.train` (`--only planted` for {PLANTED_STEM})")
+    config = json.loads(config_path.read_text())
     if config["class_names"] != CLASS_NAMES:
-        raise ValueError(f"{weights_dir} was trained for other classes than CLASS_NAMES")
+        raise ValueError(f"{config_path} was trained for other classes than CLASS_NAMES")
     model = ToyCNN(tuple(config["widths"]), len(CLASS_NAMES))
-    model.load_state_dict(load_file(str(weights_dir / "toy_cnn.safetensors")))
+    model.load_state_dict(load_file(str(weights_dir / f"{stem}.safetensors")))
     return model.eval()
+
+
+def _toy_target(name: str, stem: str, weights: str) -> Target:
+    """Target ``name``: a ToyCNN with the committed ``<stem>`` weights (``DEFAULT``),
+    random ones (``none``) or a weights file."""
+    from dnd.io import bytes_hash
+
+    if weights == "DEFAULT":
+        module = load_toy_cnn(stem=stem)
+        # The file's hash, so activations cached for older weights are never reused.
+        data = (WEIGHTS_DIR / f"{stem}.safetensors").read_bytes()
+        wid = f"{name}.committed:{bytes_hash(data)}"
+    elif weights.lower() == "none":
+        module, wid = ToyCNN(), "random"
+    else:
+        module = ToyCNN()
+        wid = load_weights_file(module, weights)
+    pp = TOY_PREPROCESS
+    return Target(name=name, module=module.eval(),
+                  preprocess=Preprocess(resize=pp["size"], crop=pp["size"],
+                                        mean=tuple(pp["mean"]), std=tuple(pp["std"])),
+                  weights_id=wid, class_names=list(CLASS_NAMES))
 
 
 @TARGETS.register("toyworld-cnn")
 def _toyworld_cnn(weights: str = "DEFAULT") -> Target:
     """The trained ToyCNN (``DEFAULT``: the committed weights; ``none``: random; or a file)."""
-    module = load_toy_cnn() if weights == "DEFAULT" else ToyCNN()
-    if weights.lower() == "none":
-        wid = "random"
-    elif weights == "DEFAULT":
-        wid = "toyworld-cnn.committed"
-    else:
-        wid = load_weights_file(module, weights)
-    pp = TOY_PREPROCESS
-    return Target(name="toyworld-cnn", module=module.eval(),
-                  preprocess=Preprocess(resize=pp["size"], crop=pp["size"],
-                                        mean=tuple(pp["mean"]), std=tuple(pp["std"])),
-                  weights_id=wid, class_names=list(CLASS_NAMES))
+    return _toy_target("toyworld-cnn", CNN_STEM, weights)
+
+
+@TARGETS.register("toyworld-planted")
+def _toyworld_planted(weights: str = "DEFAULT") -> Target:
+    """ToyCNN whose channels listed in ``dnd.toyworld.planted.PLANTED`` fire on known
+    concepts (``DEFAULT``: the committed weights; ``none``: random; or a file)."""
+    return _toy_target("toyworld-planted", PLANTED_STEM, weights)

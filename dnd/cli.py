@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "against ground truth",
                           description="Describe the toy CNN's final layer and hidden units "
                           "with the toyworld preset (offline, CPU, a few minutes) and print "
-                          "how often the labels name the ground-truth concept.")
+                          "how often the labels name the ground-truth concept; then the "
+                          "planted units of toyworld-planted's conv4 (each trained to fire "
+                          "on a known concept), judged per kind.")
     demo.add_argument("--run-dir", default="runs/demo",
                       help="where the run directories and agreement table go "
                       "(default runs/demo; re-running resumes)")

@@ -351,9 +351,28 @@ def _toyworld_benchmark(spec: TableSpec, resolve, embedders, cache_dir, progress
                          n_probe=int(spec.options.get("n_probe", 2000)), progress=progress)
 
 
+_PLANTED_OPTIONS = {"n_probe", "free_units", "llm", "n_boot", "seed"}
+
+
+def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
+    from dnd.toyworld.planted_benchmark import run_planted_benchmark
+
+    o = spec.options
+    unknown = sorted(set(o) - _PLANTED_OPTIONS)
+    if unknown:
+        raise ValueError(f"table {spec.name}: unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_PLANTED_OPTIONS))}")
+    return run_planted_benchmark(Path(cache_dir) / "toyworld-planted",
+                                 n_probe=int(o.get("n_probe", 2000)),
+                                 free_units=int(o.get("free_units", 16)), llm=o.get("llm"),
+                                 n_boot=int(o.get("n_boot", 2000)), seed=int(o.get("seed", 0)),
+                                 progress=progress)
+
+
 # kind -> fn(spec, resolve, embedders, cache_dir, progress) -> markdown lines
 RUNNERS: dict[str, Callable[..., list[str]]] = {
     "toyworld_benchmark": _toyworld_benchmark,
+    "toyworld_planted": _toyworld_planted,
     "final_layer": _final_layer,
     "classifier_search": _classifier_search,
     "milan": _milan,

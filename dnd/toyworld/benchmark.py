@@ -75,6 +75,37 @@ def _llm_available(name: str) -> str | None:
     return None
 
 
+def dnd_runs(root: Path, n_probe: int, layers: list[tuple[str, str]], *, llm: str | None,
+             overrides: dict | None = None, progress: bool = False
+             ) -> tuple[dict[str, dict], list[str], str | None]:
+    """The DnD rows' runs (row name -> layer -> ``RunResult``), each in its folder under
+    ``root``: the toyworld preset (consensus summariser), the same without attention
+    crops and, when the LLM backend ``llm`` can run here, the LLM summariser alone and with
+    the consensus phrases. ``overrides`` go to every run (e.g. another ``model``).
+
+    Returns (runs, the LLM rows that ran, what the LLM rows need when they cannot run)."""
+    base = dict(overrides or {})
+    runs = {"DnD (consensus summariser)": describe_toy_layers(
+        root / "dnd", n_probe, layers, overrides=base, progress=progress)}
+    runs["DnD, no attention crops"] = describe_toy_layers(
+        root / "dnd-nocrops", n_probe, layers, overrides={**base, "crop.max_crops": 0},
+        progress=progress)
+    missing = _llm_available(llm) if llm else None
+    llm_rows: list[str] = []
+    if llm and not missing:
+        name = LLM_NAMES.get(llm, llm)
+        for summarizer, row in (("llm", f"DnD, LLM summariser ({name})"),
+                                ("llm+consensus", f"DnD, LLM summariser ({name}) + consensus "
+                                                  "phrases")):
+            folder = root / f"dnd-{summarizer.replace('+', '-')}-{llm}"
+            _share_llm_cache(root / f"dnd-llm-{llm}", folder, [layer for layer, _ in layers])
+            runs[row] = describe_toy_layers(folder, n_probe, layers, progress=progress,
+                                            overrides={**base, "summarizer": summarizer,
+                                                       "llm.name": llm})
+            llm_rows.append(row)
+    return runs, llm_rows, missing
+
+
 def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = "conv4",
                   hidden_units: str = "0-31", llm: str | None = "smollm2",
                   progress: bool = False) -> list[str]:
@@ -93,24 +124,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
 
     root = Path(root)
     layers = [("fc", "all"), (hidden_layer, hidden_units)]
-    runs = {"DnD (consensus summariser)": describe_toy_layers(root / "dnd", n_probe, layers,
-                                                             progress=progress)}
-    runs["DnD, no attention crops"] = describe_toy_layers(
-        root / "dnd-nocrops", n_probe, layers, overrides={"crop.max_crops": 0},
-        progress=progress)
-    missing = _llm_available(llm) if llm else None
-    llm_rows: list[str] = []
-    if llm and not missing:
-        name = LLM_NAMES.get(llm, llm)
-        for summarizer, row in (("llm", f"DnD, LLM summariser ({name})"),
-                                ("llm+consensus", f"DnD, LLM summariser ({name}) + consensus "
-                                                  "phrases")):
-            folder = root / f"dnd-{summarizer.replace('+', '-')}-{llm}"
-            _share_llm_cache(root / f"dnd-llm-{llm}", folder, [layer for layer, _ in layers])
-            runs[row] = describe_toy_layers(folder, n_probe, layers, progress=progress,
-                                            overrides={"summarizer": summarizer,
-                                                       "llm.name": llm})
-            llm_rows.append(row)
+    runs, llm_rows, missing = dnd_runs(root, n_probe, layers, llm=llm, progress=progress)
     full = runs["DnD (consensus summariser)"]
     scenes = probe_scenes(n_probe)
     names, present = image_labels(scenes)

@@ -121,6 +121,9 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
     Writes ``<root>/<layer>/`` run directories (each with its report),
     ``<root>/agreement.{md,json}`` and ``<root>/index.html``, a page linking both layers'
     reports with the agreement table and every unit's labels next to its ground truth.
+    Then the short version of the planted-unit benchmark (``planted_demo``: the planted
+    units of ``toyworld-planted``'s conv4, run in ``<root>/planted/conv4``), added to
+    ``agreement.md`` and printed.
     """
     root = Path(root)
     results = describe_toy_layers(root, n_probe, [("fc", "all"), (hidden_layer, hidden_units)],
@@ -139,11 +142,15 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
           "captions share, no LLM); `dnd tables --only toyworld_benchmark` also measures "
           "an LLM summariser.\n\n"
           + "\n".join(lines) + "\n")
+    from dnd.toyworld.planted_benchmark import planted_demo
+
+    md += "\n" + "\n".join(planted_demo(root / "planted", n_probe, progress=progress)) + "\n"
     atomic_write_text(root / "agreement.md", md)
     atomic_write_json(root / "agreement.json", details)
     top = write_top_page(root, table, details)
     print(md)
-    print(f"Reports of both layers: {top}")
+    print(f"Reports of both layers: {top}; the planted units' report: "
+          f"{RunStore(root / 'planted' / 'conv4').report_dir / 'index.html'}")
     return table
 
 

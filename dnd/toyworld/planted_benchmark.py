@@ -1,0 +1,748 @@
+"""Planted-unit benchmark: DnD, its ablations and baselines on ``toyworld-planted``.
+
+The planted channels of that target (:data:`dnd.toyworld.planted.PLANTED`) were trained to
+fire on known concepts, so every label of theirs can be judged exactly; a few free
+channels per layer are judged too, by the toy world's AP ground truth (as in
+:mod:`dnd.toyworld.benchmark`: only units a concept clearly explains, AP >= 0.5).
+
+Judges (each number of the table names the one it uses):
+
+- ``keyword``: the demo's keyword match with synonyms (:func:`dnd.toyworld.demo.mentions`:
+  a label names a concept when it names every word of it, each through any synonym). A
+  label is correct when it names ONE of the unit's concepts: either concept of a
+  polysemantic unit, either part of a compositional one.
+- ``strict``: the same, except that a compositional unit's label must name EVERY part
+  ("blue object on stripes"; "blue" alone is wrong), and that the label may name no other
+  concept of the toy world (colour, shape, background kind, text) than the unit's own:
+  "red star" is wrong for a unit that fires on everything red. Without that second rule a
+  whole-scene caption ("a red star and a blue ring on a striped background") would be
+  right for most units at once, and the top images' raw captions would beat every method.
+  Free units are judged by the keyword rule under both judges: their AP truth is only the
+  single concept that explains them best, and such a unit may well fire on "pink cross"
+  rather than on everything pink.
+
+A local unit's concept is judged without its "small" (a "small star" unit is named by
+"star"): the concept is the object, and whether a caption calls a distractor small is the
+captioner's habit, not the unit's.
+
+Scores, per method:
+
+- Label 1 correct, per unit kind and per layer (strict judge; compositional units also
+  with the keyword judge);
+- polysemantic recall: both concepts named among Labels 1-3 (keyword judge, any label);
+- Labels 2-3 precision: the share of secondary labels of planted units naming one of the
+  unit's concepts (keyword judge: any part of a compositional unit);
+- calibration: AUROC of the interpretability score (``UnitRecord.scoring``) as a predictor
+  of "Label 1 correct" (strict judge), over planted units and over every judged unit (DnD
+  runs only: the other rows have no score of their own label);
+- 95% percentile bootstrap intervals, units resampled (seeded): each method's Label 1
+  accuracy per kind, and the paired difference full DnD minus each other row.
+
+Methods and their Labels 1-3:
+
+- the DnD runs of :func:`dnd.toyworld.benchmark.dnd_runs` on ``toyworld-planted``: the
+  ``toyworld`` preset (consensus summariser), no attention crops (``crop.max_crops 0``)
+  and, with ``llm``, the LLM summariser rows (slower): their labels;
+- no best-concept selection: the full run's first three candidates, in summariser order;
+- activation rank only: the full run's candidates ordered by their rank score alone
+  (ALGORITHM.md Step 3.3: how strongly their generated images fire the unit), without the
+  CLIP image-product weight of Step 3.4-3.5;
+- no summariser: the full run's captions of its top activating images (distinct, first 3);
+- CLIP-Dissect with the toy CLIP over :func:`dnd.toyworld.benchmark.concept_set`: its
+  three best concepts;
+- a constant label: the concept most common among the layer's judged units.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dnd.io import atomic_write_text
+from dnd.record import UnitRecord
+from dnd.toyworld.demo import mentions
+
+PLANTED_MODEL = "toyworld-planted"
+KEYWORD, STRICT = "keyword", "strict"
+JUDGES = (KEYWORD, STRICT)
+FREE = "free"  # kind of an unplanted unit, judged by its AP ground truth
+FULL = "DnD (consensus summariser)"
+NO_SELECTION = "DnD, no best-concept selection"
+RANK_ONLY = "DnD, activation rank only (no image-product weight)"
+NO_SUMMARISER = "DnD, no summariser (top images' captions)"
+CLIP_DISSECT = "CLIP-Dissect (toy CLIP)"
+CONSTANT = "constant label (most common truth)"
+# Issue 16's goals for full DnD: (what, scope, threshold); scope is a kind or a score name.
+GOALS = (("Label 1 correct, monosemantic", "monosemantic", 0.95),
+         ("Label 1 correct, local", "local", 0.85),
+         ("Label 1 correct, textual", "textual", 0.80),
+         ("Label 1 correct, compositional (strict)", "compositional", 0.70),
+         ("polysemantic both-concepts recall", "recall", 0.60),
+         ("Labels 2-3 precision", "precision", 0.80),
+         ("interpretability-score AUROC (planted)", "auroc", 0.80))
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What unit ``unit`` of ``layer`` is known to respond to: its ``kind`` (a planted kind
+    or :data:`FREE`) and the ``concepts`` a label may name (``small`` already dropped from
+    a local unit's concept)."""
+
+    layer: str
+    unit: int
+    kind: str
+    concepts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.concepts or not all(isinstance(c, str) and c for c in self.concepts):
+            raise ValueError(f"truth of {self.layer}:{self.unit} needs non-empty concept "
+                             f"names, got {self.concepts!r}")
+
+    @classmethod
+    def of_planted(cls, unit) -> Truth:
+        """The truth of a :class:`dnd.toyworld.planted.PlantedUnit`."""
+        from dnd.toyworld.planted import SMALL
+
+        concepts = tuple(c.removeprefix(SMALL) if unit.kind == "local" else c
+                         for c in unit.concepts)
+        return cls(unit.layer, unit.unit, unit.kind, concepts)
+
+    @property
+    def text(self) -> str:
+        """e.g. ``polysemantic: red circle | striped`` (``&`` joins compositional parts)."""
+        joiner = " & " if self.kind == "compositional" else " | "
+        return f"{self.kind}: {joiner.join(self.concepts)}"
+
+
+def _check_judge(judge: str) -> None:
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+
+
+def label_correct(label: str, truth: Truth, judge: str = STRICT) -> bool:
+    """Whether ``label`` names ``truth`` under ``judge`` (module docstring): one of its
+    concepts; with the strict judge, for a planted unit, every part of a compositional
+    one and nothing else (:func:`other_concepts` empty)."""
+    _check_judge(judge)
+    hits = [mentions(label, c) for c in truth.concepts]
+    if judge == KEYWORD or truth.kind == FREE:
+        return any(hits)
+    named = all(hits) if truth.kind == "compositional" else any(hits)
+    return named and not other_concepts(label, truth)
+
+
+def both_named(labels: Sequence[str], truth: Truth) -> bool:
+    """Whether Labels 1-3 (``labels[:3]``) name every concept of ``truth`` between them
+    (polysemantic recall; keyword judge)."""
+    return all(any(mentions(x, c) for x in labels[:3]) for c in truth.concepts)
+
+
+def other_concepts(label: str, truth: Truth) -> tuple[str, ...]:
+    """The toy world's concepts (colours, shapes, background kinds, text) that ``label``
+    names (keyword match) and ``truth`` does not: how over-specific a label is. The strict
+    judge counts a label naming any as wrong; the keyword judge does not, so under it a
+    whole-scene caption ("a blue square on a striped gray background") can be right for
+    several different units at once."""
+    from dnd.toyworld.world import concept_names
+
+    own = {w for c in truth.concepts for w in c.split()}
+    return tuple(c for c in concept_names() if c not in own and mentions(label, c))
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One method's Labels 1-3 of one unit, with its truth and, for DnD runs, the unit's
+    interpretability score (None when the method has none or the unit got none)."""
+
+    truth: Truth
+    labels: tuple[str, ...]
+    interpretability: float | None = None
+
+    def correct(self, judge: str = STRICT) -> bool:
+        """Label 1 is correct under ``judge`` (False when there is no Label 1)."""
+        return bool(self.labels) and label_correct(self.labels[0], self.truth, judge)
+
+    @property
+    def both(self) -> bool:
+        return both_named(self.labels, self.truth)
+
+    @property
+    def over_specific(self) -> bool:
+        """Label 1 names a concept the unit does not have (:func:`other_concepts`)."""
+        return bool(self.labels) and bool(other_concepts(self.labels[0], self.truth))
+
+    @property
+    def secondary(self) -> tuple[bool, ...]:
+        """Per Label 2-3: names one of the unit's concepts (keyword judge)."""
+        return tuple(label_correct(x, self.truth, KEYWORD) for x in self.labels[1:3])
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``hits`` of ``n``, with the 95% bootstrap interval of hits / n (None: not computed)."""
+
+    hits: int
+    n: int
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def value(self) -> float | None:
+        return self.hits / self.n if self.n else None
+
+    def cell(self) -> str:
+        """``17/19 (89%)``, ``17/19 (89%) [74, 100]`` with an interval, ``-`` when empty."""
+        if not self.n:
+            return "-"
+        text = f"{self.hits}/{self.n} ({100 * self.hits / self.n:.0f}%)"
+        if self.low is not None:
+            text += f" [{100 * self.low:.0f}, {100 * self.high:.0f}]"
+        return text
+
+
+def rate(flags: Sequence[bool], n_boot: int = 0, seed: int = 0) -> Rate:
+    """The share of true ``flags``; with ``n_boot`` > 0 its percentile bootstrap 95%
+    interval (flags resampled with replacement, ``seed``)."""
+    from dnd.metrics import bootstrap_ci
+
+    flags = [bool(f) for f in flags]
+    if not flags or n_boot <= 0:
+        return Rate(sum(flags), len(flags))
+    _, low, high = bootstrap_ci(np.asarray(flags, dtype=float), n_boot=n_boot, seed=seed)
+    return Rate(sum(flags), len(flags), low, high)
+
+
+def label1_by(judged: Sequence[Judged], key: Callable[[Judged], str], judge: str = STRICT,
+              n_boot: int = 0, seed: int = 0) -> dict[str, Rate]:
+    """Label 1 accuracy of each group of ``judged`` (``key``: unit -> group, e.g. its
+    kind or layer), groups in first-seen order."""
+    groups: dict[str, list[bool]] = {}
+    for j in judged:
+        groups.setdefault(key(j), []).append(j.correct(judge))
+    return {g: rate(flags, n_boot, seed) for g, flags in groups.items()}
+
+
+def polysemantic_recall(judged: Sequence[Judged]) -> Rate:
+    """Polysemantic units whose Labels 1-3 name both concepts."""
+    return rate([j.both for j in judged if j.truth.kind == "polysemantic"])
+
+
+def secondary_precision(judged: Sequence[Judged]) -> Rate:
+    """Labels 2-3 of planted units naming one of the unit's concepts (free units skipped:
+    their AP truth is one concept among several the unit may detect)."""
+    return rate([s for j in judged if j.truth.kind != FREE for s in j.secondary])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """AUROC of the interpretability score for "Label 1 correct" over ``n`` scored units
+    (``correct`` of them correct), with its 95% bootstrap interval; ``auroc`` is None when
+    one class is missing. ``unscored``: judged units without a score (left out)."""
+
+    auroc: float | None
+    n: int
+    correct: int
+    unscored: int
+    low: float | None = None
+    high: float | None = None
+
+    def cell(self) -> str:
+        if self.auroc is None:
+            return f"- ({self.correct}/{self.n} correct)"
+        ci = f" [{self.low:.2f}, {self.high:.2f}]" if self.low is not None else ""
+        return f"{self.auroc:.2f}{ci} ({self.correct}/{self.n} correct)"
+
+
+def calibration(judged: Sequence[Judged], judge: str = STRICT, n_boot: int = 0,
+                seed: int = 0) -> Calibration:
+    """:class:`Calibration` of the units of ``judged`` that have an interpretability score.
+    Resamples holding one class only are skipped (their AUROC is undefined)."""
+    from dnd.metrics import auroc
+
+    scored = [j for j in judged if j.interpretability is not None]
+    scores = np.array([j.interpretability for j in scored], dtype=float)
+    y = np.array([j.correct(judge) for j in scored], dtype=bool)
+    unscored = len(judged) - len(scored)
+    if y.all() or not y.any():  # also covers no scored unit
+        return Calibration(None, len(y), int(y.sum()), unscored)
+    value = auroc(scores, y)
+    if n_boot <= 0:
+        return Calibration(value, len(y), int(y.sum()), unscored)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].any() and not y[idx].all():
+            samples.append(auroc(scores[idx], y[idx]))
+    if not samples:  # a handful of units: no resample holds both classes
+        return Calibration(value, len(y), int(y.sum()), unscored)
+    low, high = np.quantile(samples, [0.025, 0.975])
+    return Calibration(value, len(y), int(y.sum()), unscored, float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Mean of a - b over paired units (accuracy difference, in [-1, 1]) and its 95%
+    bootstrap interval (units resampled)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    @property
+    def text(self) -> str:
+        """``+12 [+3, +21]``: percentage points."""
+        return f"{100 * self.mean:+.0f} [{100 * self.low:+.0f}, {100 * self.high:+.0f}]"
+
+    def cell(self) -> str:
+        """:attr:`text`, then ``*`` (escaped for markdown) when the interval excludes 0."""
+        return self.text + (" \\*" if self.excludes_zero else "")
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000,
+                      seed: int = 0) -> Difference:
+    """Accuracy of ``a`` minus accuracy of ``b``, both [n] correctness flags of the same
+    units in the same order; the interval resamples units (pairs kept together)."""
+    from dnd.metrics import bootstrap_ci
+
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"need two non-empty flag lists of one length, got {len(a)} and "
+                         f"{len(b)}")
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    mean, low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    return Difference(mean, low, high, len(diff))
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def dnd_labels(rec: UnitRecord) -> tuple[str, ...]:
+    """A DnD run's Labels 1-3."""
+    return rec.labels[:3]
+
+
+def first_candidates(rec: UnitRecord) -> tuple[str, ...]:
+    """No best-concept selection: the summariser's first three candidates."""
+    return rec.candidates.concepts[:3] if rec.candidates else ()
+
+
+def by_rank_score(rec: UnitRecord) -> tuple[str, ...]:
+    """Activation rank only: the candidates by rank score (lower first; ties keep the
+    summariser's order), first three; () when the unit was not scored."""
+    sel = rec.scoring.selection if rec.scoring else None
+    if sel is None:
+        return ()
+    order = sorted(range(len(sel.candidates)), key=lambda i: (sel.rank_scores[i], i))
+    return tuple(sel.candidates[i] for i in order[:3])
+
+
+def top_captions(rec: UnitRecord) -> tuple[str, ...]:
+    """No summariser: the captions of the top activating images, distinct, first three."""
+    return tuple(dict.fromkeys(rec.captions or ()))[:3]
+
+
+def most_common_concept(truths: Sequence[Truth]) -> str:
+    """The concept named by most of ``truths`` (first seen wins a tie); '' when none."""
+    common = Counter(c for t in truths for c in t.concepts).most_common(1)
+    return common[0][0] if common else ""
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _unit_spec(layer: str, free_units: int) -> tuple[list[int], list[int]]:
+    """(planted channels, the first ``free_units`` other channels) of ``layer``."""
+    from dnd.toyworld.planted import units_of
+
+    planted = [u.unit for u in units_of(layer)]
+    if not planted:
+        raise ValueError(f"layer {layer!r} has no planted unit; planted layers: "
+                         f"{', '.join(_planted_layers())}")
+    taken, free, u = set(planted), [], 0
+    while len(free) < free_units:
+        if u not in taken:
+            free.append(u)
+        u += 1
+    return planted, free
+
+
+def _planted_layers() -> list[str]:
+    from dnd.toyworld.planted import planted_layers
+
+    return planted_layers()
+
+
+def check_trained_for_planted(weights: str = "DEFAULT") -> None:
+    """Refuse weights trained for other planted units than :data:`PLANTED` (judging them
+    against today's list would score wrong truths). Reads the ``training.planted_units`` of
+    the weights' ``toy_planted.json`` (for a file: the ``.json`` beside it); weights without
+    that record are not checked (a warning says so)."""
+    import logging
+
+    from dnd.toyworld.planted import PLANTED
+    from dnd.toyworld.target import PLANTED_STEM, WEIGHTS_DIR
+
+    path = (WEIGHTS_DIR / f"{PLANTED_STEM}.json" if weights == "DEFAULT"
+            else Path(weights).with_suffix(".json"))
+    record = (json.loads(path.read_text()).get("training", {}).get("planted_units")
+              if path.is_file() else None)
+    if not record:
+        logging.getLogger(__name__).warning(
+            "%s: no record of the planted units these weights were trained for; not checked "
+            "against PLANTED", path)
+        return
+    trained = [(u["layer"], int(u["unit"]), u["kind"], tuple(u["concepts"])) for u in record]
+    wanted = [(u.layer, u.unit, u.kind, u.concepts) for u in PLANTED]
+    if trained != wanted:
+        diff = next(((a, b) for a, b in zip(trained, wanted) if a != b),
+                    (f"{len(trained)} units", f"{len(wanted)} units"))
+        raise ValueError(f"{path}: these weights were trained for other planted units than "
+                         f"dnd.toyworld.planted.PLANTED (trained {diff[0]}, PLANTED has "
+                         f"{diff[1]}); retrain with `python -m dnd.toyworld.train --only "
+                         f"planted` or restore the PLANTED they were trained for")
+
+
+def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
+                          layers: Sequence[str] | None = None, free_units: int = 16,
+                          llm: str | None = None, n_boot: int = 2000, seed: int = 0,
+                          weights: str = "DEFAULT", progress: bool = False) -> list[str]:
+    """Describe the planted units (and the first ``free_units`` free channels) of each of
+    ``layers`` (default: every planted layer) of ``toyworld-planted`` on ``n_probe``
+    probing renders with every method, judge them and return the tables (markdown lines).
+
+    ``llm``: LLM backend of the (slower) LLM-summariser rows; None leaves them out.
+    ``n_boot`` resamples (seeded with ``seed``) for every interval. ``weights``: the
+    target's weights (``DEFAULT``: the committed ones; or a ``toy_planted.safetensors``
+    file, e.g. a fresh training run's, for a run before committing it). Also writes
+    ``<root>/compare.html`` (every unit's Label 1 per method beside its truth) and
+    ``<root>/units.json`` (every unit's Labels 1-3 and verdicts per method).
+    """
+    from dnd.baselines.clip_dissect import clip_dissect
+    from dnd.probe import open_probe
+    from dnd.report.build import comparison_page
+    from dnd.store import RunStore
+    from dnd.toyworld.backends import _toy_encoder
+    from dnd.toyworld.benchmark import LLM_NAMES, concept_set, dnd_runs
+    from dnd.toyworld.demo import layer_truths, probe_scenes
+    from dnd.toyworld.planted import SUMMARY, units_of
+
+    root = Path(root)
+    layers = list(layers or _planted_layers())
+    if free_units < 0 or n_probe < 1:
+        raise ValueError(f"need free_units >= 0 and n_probe >= 1, got {free_units}, "
+                         f"{n_probe}")
+    check_trained_for_planted(weights)
+    chosen = {layer: _unit_spec(layer, free_units) for layer in layers}
+    specs = [(layer, ",".join(map(str, sorted(p + f)))) for layer, (p, f) in chosen.items()]
+    runs, llm_rows, missing = dnd_runs(root, n_probe, specs, llm=llm, progress=progress,
+                                       overrides={"model": PLANTED_MODEL,
+                                                  "weights": weights, "summary": SUMMARY})
+    scenes = probe_scenes(n_probe)
+    encoder = _toy_encoder()
+    probe = open_probe(f"toyworld:{n_probe}")
+    image_emb = encoder.encode_images([probe.load(i) for i in range(len(probe))])
+    concepts = concept_set()
+    text_emb = encoder.encode_texts(concepts)
+
+    methods = [*runs, NO_SELECTION, RANK_ONLY, NO_SUMMARISER, CLIP_DISSECT, CONSTANT]
+    judged: dict[str, list[Judged]] = {m: [] for m in methods}
+    free_described = 0
+    compare: dict[str, dict] = {}
+    crops: dict[str, list[int]] = {}  # kind -> [crop boxes made, crops kept, images kept]
+    for layer, (_, free) in chosen.items():
+        res = runs[FULL][layer]
+        ap = layer_truths(layer, res, scenes)
+        truths = [Truth.of_planted(u) for u in units_of(layer)]
+        truths += [Truth(layer, u, FREE, (ap[u],)) for u in free if ap.get(u)]
+        free_described += len(free)
+        recs = {m: {r.unit: r for r in RunStore(run[layer].run_dir).records(layer)}
+                for m, run in runs.items()}
+        acts = np.asarray(res.activations.values[:, res.units], dtype=np.float32)
+        cd = clip_dissect(acts, image_emb, concepts, text_emb).labels(3)
+        cd_of = {u: tuple(cd[i]) for i, u in enumerate(res.units)}
+        constant = most_common_concept(truths)
+        full = recs[FULL]
+        for t in truths:
+            for m, rs in recs.items():
+                rec = rs.get(t.unit)
+                judged[m].append(Judged(t, dnd_labels(rec) if rec else (),
+                                        rec.scoring.interpretability
+                                        if rec and rec.scoring else None))
+            rec = full.get(t.unit)
+            if rec and rec.crops:
+                c = crops.setdefault(t.kind, [0, 0, 0])
+                c[0] += len(rec.crops.crops)
+                c[1] += sum(e.box is not None for e in rec.crops.activating)
+                c[2] += len(rec.crops.activating)
+            judged[NO_SELECTION].append(Judged(t, first_candidates(rec) if rec else ()))
+            judged[RANK_ONLY].append(Judged(t, by_rank_score(rec) if rec else ()))
+            judged[NO_SUMMARISER].append(Judged(t, top_captions(rec) if rec else ()))
+            judged[CLIP_DISSECT].append(Judged(t, cd_of[t.unit]))
+            judged[CONSTANT].append(Judged(t, (constant,)))
+        on_layer = {m: {j.truth.unit: j for j in js if j.truth.layer == layer}
+                    for m, js in judged.items()}
+        compare[layer] = {
+            "methods": methods, "truths": {t.unit: t.text for t in truths},
+            "labels": {m: {u: " \u00b7 ".join(j.labels) for u, j in js.items()}
+                       for m, js in on_layer.items()},
+            "agrees": {m: {u: j.correct(STRICT) for u, j in js.items()}
+                       for m, js in on_layer.items()},
+            "links": {t.unit: f"dnd/{layer}/report/units/{layer}/{t.unit}.html"
+                      for t in truths}}
+    atomic_write_text(root / "compare.html", comparison_page(
+        "toyworld-planted: DnD, ablations and baselines vs planted truth (Labels 1-3; green: "
+        "Label 1 correct, strict judge)", compare))
+    atomic_write_text(root / "units.json", json.dumps(_unit_rows(judged), indent=1) + "\n")
+    lines = planted_tables(judged, layers, n_probe=n_probe, n_boot=n_boot, seed=seed,
+                           free_described=free_described, dnd_rows=list(runs))
+    lines += ["", f"### Attention crops in {FULL}", "",
+              "Crops made from the units' activation maps, and how many of them the "
+              "re-scoring kept among the activating images (the images that are captioned; "
+              "ALGORITHM.md Step 1). A crop is enlarged to the network's input size before "
+              "re-scoring, so a unit that answers to small objects only sees a large one in "
+              "its crop.", ""]
+    lines += _md(["kind", "crops made", "crops among the activating images"],
+                 [[k, str(crops[k][0]), f"{crops[k][1]} of {crops[k][2]} images"]
+                  for k in _kinds(judged[FULL]) if k in crops])
+    name = LLM_NAMES.get(llm, llm) if llm else None
+    if llm and missing:
+        lines += ["", f"LLM-summariser rows not run: needs {missing}."]
+    elif llm_rows:
+        lines += ["", f"The LLM rows ({', '.join(llm_rows)}) run {name} on the CPU and take "
+                  "longer than the other rows; the second reuses the first's LLM "
+                  "replies."]
+    else:
+        lines += ["", "No LLM-summariser rows: this run used the consensus summariser only "
+                  "(`llm: smollm2` in eval/tables.yaml adds them; slower)."]
+    return lines
+
+
+def planted_demo(root: str | Path, n_probe: int = 2000, layer: str = "conv4",
+                 progress: bool = False) -> list[str]:
+    """The short version for ``dnd demo``: the planted units of ``layer`` described with
+    the ``toyworld`` preset on ``toyworld-planted`` (run directory ``<root>/<layer>``,
+    resumed when it exists), Label 1 correct per kind (strict judge) for DnD and for two
+    orderings of the same run's candidates: the summariser's (no best-concept selection)
+    and the rank score's alone. Returns markdown lines."""
+    from dnd.store import RunStore
+    from dnd.toyworld.demo import describe_toy_layers
+    from dnd.toyworld.planted import SUMMARY, units_of
+
+    check_trained_for_planted()
+    planted = units_of(layer)
+    units = ",".join(str(u.unit) for u in planted)
+    res = describe_toy_layers(Path(root), n_probe, [(layer, units)], progress=progress,
+                              overrides={"model": PLANTED_MODEL, "summary": SUMMARY})[layer]
+    recs = {r.unit: r for r in RunStore(res.run_dir).records(layer)}
+    rows = {FULL: dnd_labels, NO_SELECTION: first_candidates, RANK_ONLY: by_rank_score}
+    judged = {m: [Judged(Truth.of_planted(u), pick(recs[u.unit]) if u.unit in recs else ())
+                  for u in planted] for m, pick in rows.items()}
+    kinds = _kinds(judged[FULL])
+    table = [[m, *(label1_by(js, lambda j: j.truth.kind)[k].cell() for k in kinds),
+              rate([j.correct() for j in js]).cell()] for m, js in judged.items()]
+    return [f"The {len(planted)} planted units of `{PLANTED_MODEL}` {layer} (each trained to "
+            "fire on a known concept), Label 1 correct (strict judge: names the unit's concept, "
+            "every part of a compositional one, and no other concept). `dnd tables --only "
+            "toyworld_planted` runs the whole benchmark.", "",
+            *_md(["method", *kinds, "all"], table)]
+
+
+def _unit_rows(judged: dict[str, list[Judged]]) -> list[dict]:
+    """Per unit: its truth and, per method, Labels 1-3 and the verdicts."""
+    first = next(iter(judged.values()))
+    return [{"layer": j.truth.layer, "unit": j.truth.unit, "kind": j.truth.kind,
+             "concepts": list(j.truth.concepts),
+             "methods": {m: {"labels": list(js[i].labels),
+                             "label1_strict": js[i].correct(STRICT),
+                             "label1_keyword": js[i].correct(KEYWORD),
+                             "interpretability": js[i].interpretability}
+                         for m, js in judged.items()}}
+            for i, j in enumerate(first)]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _kinds(judged: Sequence[Judged]) -> list[str]:
+    """Kinds present, planted kinds in PLANTED's kind order, free last."""
+    from dnd.toyworld.planted import KINDS
+
+    present = {j.truth.kind for j in judged}
+    return [k for k in (*KINDS, FREE) if k in present]
+
+
+def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_probe: int,
+                   n_boot: int = 2000, seed: int = 0, free_described: int = 0,
+                   dnd_rows: Sequence[str] = (FULL,)) -> list[str]:
+    """The benchmark's markdown from judged units: ``judged`` maps each method to its
+    units, every method holding the same truths in the same order (paired differences
+    need it); ``dnd_rows``: the methods with interpretability scores; the first row of
+    ``judged`` is the reference of the differences."""
+    methods = list(judged)
+    ref = methods[0]
+    units = judged[ref]
+    for m, js in judged.items():
+        if [j.truth for j in js] != [j.truth for j in units]:
+            raise ValueError(f"method {m!r} is judged on other units than {ref!r}")
+    kinds = _kinds(units)
+    planted = [k for k in kinds if k != FREE]
+    count = Counter(j.truth.kind for j in units)
+    is_planted = [j.truth.kind != FREE for j in units]
+
+    def subset(js: Sequence[Judged], keep: Callable[[Judged], bool]) -> list[Judged]:
+        return [j for j in js if keep(j)]
+
+    lines = [
+        f"Labels of `{PLANTED_MODEL}` units on {n_probe} probing renders, judged against "
+        f"their planted concepts: {sum(is_planted)} planted units ("
+        + ", ".join(f"{count[k]} {k}" for k in planted) + f") in {', '.join(layers)}"
+        + (f", and {count[FREE]} free units whose AP ground truth is clear (of "
+           f"{free_described} described, AP >= 0.5)" if free_described else "")
+        + ". Judges: **keyword** = the label names one of the unit's concepts (keyword "
+        "match with synonyms: \"crimson disc\" names \"red circle\"); **strict** = the "
+        "same, and for a planted unit every part of a compositional concept and no other "
+        "colour, shape, background kind or text (\"red star\" is wrong for a unit that "
+        "fires on everything red); free units are judged by the keyword rule under both, "
+        "their AP truth being only their best single concept. Intervals: 95% percentile "
+        "bootstrap "
+        f"over units, {n_boot} resamples, seed {seed}. Rows without \"LLM\" use the "
+        "consensus summariser (no LLM).", "",
+        "### Label 1 correct per unit kind (strict judge unless marked)", ""]
+    head = ["method"]
+    for k in kinds:
+        head.append(f"{k} (AP truth)" if k == FREE else
+                    f"{k}, strict" if k == "compositional" else
+                    f"{k}, either concept" if k == "polysemantic" else k)
+        if k == "compositional":
+            head.append("compositional, keyword")
+    head.append("all planted, strict")
+    rows = []
+    for m in methods:
+        by_kind = label1_by(judged[m], lambda j: j.truth.kind, STRICT, n_boot, seed)
+        cells = [m]
+        for k in kinds:
+            cells.append(by_kind[k].cell())
+            if k == "compositional":
+                comp = subset(judged[m], lambda j: j.truth.kind == "compositional")
+                cells.append(rate([j.correct(KEYWORD) for j in comp], n_boot, seed).cell())
+        cells.append(rate([j.correct(STRICT) for j in judged[m] if j.truth.kind != FREE],
+                          n_boot, seed).cell())
+        rows.append(cells)
+    lines += _md(head, rows)
+
+    lines += ["", "### Label 1 correct per layer (planted units, strict judge)", ""]
+    rows = []
+    for m in methods:
+        per_layer = label1_by(subset(judged[m], lambda j: j.truth.kind != FREE),
+                              lambda j: j.truth.layer)
+        rows.append([m, *(per_layer.get(la, Rate(0, 0)).cell() for la in layers)])
+    lines += _md(["method", *layers], rows)
+
+    lines += ["", f"### {ref}: Label 1 correct per kind and layer (strict judge)", ""]
+    rows = []
+    for k in kinds:
+        per_layer = label1_by(subset(units, lambda j, k=k: j.truth.kind == k),
+                              lambda j: j.truth.layer)
+        rows.append([k, *(per_layer.get(la, Rate(0, 0)).cell() for la in layers),
+                     rate([j.correct(STRICT) for j in units if j.truth.kind == k]).cell()])
+    lines += _md(["kind", *layers, "all"], rows)
+
+    lines += ["", "### Polysemantic recall, Labels 2-3 and over-specific labels (keyword "
+              "judge)", "",
+              "Both concepts: polysemantic units whose Labels 1-3 name both of their "
+              "concepts. Labels 2-3 precision: secondary labels of planted units that name "
+              "one of the unit's concepts (any part of a compositional one); methods "
+              "without Labels 2-3 show `-`. Over-specific: judged units whose Label 1 also "
+              "names a colour, shape, background kind or text the unit does not respond "
+              "to (the strict judge counts such a Label 1 wrong; whole-scene captions "
+              "always name some).", ""]
+    rows = []
+    for m in methods:
+        no_label1 = sum(not j.labels for j in judged[m])
+        rows.append([m, polysemantic_recall(judged[m]).cell(),
+                     secondary_precision(judged[m]).cell(),
+                     rate([j.over_specific for j in judged[m]]).cell(), str(no_label1)])
+    lines += _md(["method", "polysemantic: both concepts in Labels 1-3",
+                  "Labels 2-3 precision (planted)", "Label 1 over-specific",
+                  "units without Label 1"], rows)
+
+    lines += ["", f"### {ref} minus each other row: Label 1 accuracy (strict judge)", "",
+              "Percentage points, paired over the same units, with the 95% bootstrap "
+              "interval; `*`: the interval excludes 0 (the two differ beyond resampling "
+              "noise).", ""]
+    rows, worse, better = [], [], []
+    for m in methods[1:]:
+        cells = [m]
+        for k in [*planted, "all planted"]:
+            keep = [i for i, j in enumerate(units)
+                    if (j.truth.kind == k if k != "all planted" else j.truth.kind != FREE)]
+            d = paired_difference([units[i].correct() for i in keep],
+                                  [judged[m][i].correct() for i in keep], n_boot, seed)
+            cells.append(d.cell())
+            if d.excludes_zero:
+                (worse if d.mean > 0 else better).append(f"{m} on {k} ({d.text})")
+        rows.append(cells)
+    lines += _md(["method", *planted, "all planted"], rows)
+    lines += ["", (f"Measurably worse than {ref} (interval above 0): "
+                   + "; ".join(worse) + ".") if worse else
+              f"No row is measurably worse than {ref} on any kind."]
+    if better:
+        lines += ["", f"Measurably better than {ref} (interval below 0): "
+                  + "; ".join(better) + "."]
+
+    lines += ["", "### Calibration: interpretability score as a predictor of a correct "
+              "Label 1 (strict judge)", "",
+              "AUROC with its 95% bootstrap interval; units without a score are left out.", ""]
+    rows = [[m, calibration(subset(judged[m], lambda j: j.truth.kind != FREE), STRICT,
+                            n_boot, seed).cell(),
+             calibration(judged[m], STRICT, n_boot, seed).cell()]
+            for m in dnd_rows if m in judged]
+    lines += _md(["method", "AUROC, planted units", "AUROC, all judged units"], rows)
+
+    lines += ["", f"### Goals of issue 16 ({ref})", ""]
+    lines += _md(["goal", "target", "reached", "met"], _goal_rows(units, n_boot, seed))
+    return lines
+
+
+def _goal_rows(units: Sequence[Judged], n_boot: int, seed: int) -> list[list[str]]:
+    """One row per goal of :data:`GOALS` that the judged kinds allow."""
+    planted = [j for j in units if j.truth.kind != FREE]
+    rows = []
+    for what, scope, target in GOALS:
+        if scope == "recall":
+            r: Rate | Calibration = polysemantic_recall(units)
+            value = r.value
+        elif scope == "precision":
+            r = secondary_precision(units)
+            value = r.value
+        elif scope == "auroc":
+            r = calibration(planted, STRICT, n_boot, seed)
+            value = r.auroc
+        else:
+            r = rate([j.correct(STRICT) for j in units if j.truth.kind == scope])
+            value = r.value
+        met = "-" if value is None else ("yes" if value >= target else "**no**")
+        shown = f">= {target:.2f}" if scope == "auroc" else f">= {100 * target:.0f}%"
+        rows.append([what, shown, r.cell(), met])
+    return rows

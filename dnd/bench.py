@@ -28,6 +28,7 @@ from dnd.io import atomic_write_text
 from dnd.probe import ArrayProbe
 from dnd.record import STAGES, UnitRecord
 from dnd.target import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
+from dnd.work import COUNTS, REFERENCE_PER_UNIT, Work, count_models, counting_target
 
 
 def _peak_rss_mb() -> float:
@@ -98,40 +99,6 @@ def write_activation_bench(out_dir: str | Path = "results", **kw) -> Path:
 # ---------------------------------------------------------------------------- describe
 
 
-class _Timed:
-    """A backend whose one batched ``method`` counts the items it was given and the
-    seconds it took; every other attribute is the wrapped backend's."""
-
-    def __init__(self, inner, method: str):
-        self._inner, self._method = inner, method
-        self.items, self.seconds = 0, 0.0
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if name != self._method:
-            return attr
-
-        def timed(items, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return attr(items, *args, **kwargs)
-            finally:
-                self.items += len(items)
-                self.seconds += time.perf_counter() - start
-
-        return timed
-
-
-def _timed_models(models):
-    """Fresh counters around the shared models: captions, generated images, encoded images."""
-    from dnd.backends.factory import Models
-
-    llm = _Timed(models.llm, "complete_many") if models.llm is not None else None
-    return Models(captioner=_Timed(models.captioner, "caption"), llm=llm,
-                  generator=_Timed(models.generator, "generate"),
-                  encoder=_Timed(models.encoder, "encode_images"))
-
-
 def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool) -> dict:
     """One timed describe run; its stage seconds, item counts and records."""
     from dnd.pipeline import describe
@@ -139,37 +106,39 @@ def _describe_once(config, run_dir: Path, target, probe, models, per_unit: bool)
     from dnd.toyworld.probe import clear_render_cache
 
     clear_render_cache()  # each run renders its probing images itself, as a fresh run would
-    timed = _timed_models(models)
     start = time.perf_counter()
     if per_unit:
-        seconds, failed, n_units = describe_per_unit(config, run_dir, target, probe, timed)
+        seconds, failed, n_units, work = describe_per_unit(config, run_dir, target, probe,
+                                                           models)
     else:
-        result = describe(config, run_dir, target=target, probe=probe, models=timed,
+        result = describe(config, run_dir, target=target, probe=probe, models=models,
                           progress=False)
         seconds, failed, n_units = result.seconds, result.failed, len(result.units)
+        work = result.work
     total = time.perf_counter() - start
     if len(failed) == n_units:  # nothing was measured
         raise RuntimeError(f"bench run failed for every unit, e.g.: "
                            f"{next(iter(failed.values()))}")
     records = {r.unit: r for r in RunStore(run_dir).records(config.layer)}
+    took = work.seconds.get
     return {"total_seconds": total, "stage_seconds": seconds, "failed": failed,
-            "n_units": n_units, "n_probe": len(probe),
-            "captioned": (timed.captioner.items, timed.captioner.seconds),
-            "generated": (timed.generator.items, timed.generator.seconds),
-            "encoded": (timed.encoder.items, timed.encoder.seconds),
-            "llm_requests": (timed.llm.items, timed.llm.seconds) if timed.llm else None,
+            "n_units": n_units, "n_probe": len(probe), "work": work,
+            "captioned": (work.captioned_images, took("captioner", 0.0)),
+            "generated": (work.generated_images, took("generator", 0.0)),
+            "encoded": (work.encoded_images, took("encoder", 0.0)),
+            "llm_requests": (work.llm_requests, took("llm", 0.0)),
             "records": records}
 
 
 def describe_per_unit(config, run_dir: Path, target, probe, models
-                      ) -> tuple[dict[str, float], dict[int, str], int]:
+                      ) -> tuple[dict[str, float], dict[int, str], int, Work]:
     """The speed baseline: the reference implementation's way, with models loaded once.
 
     The pipeline's own stages, composed differently: every unit goes alone through every
     stage, with no caption or LLM cache, a fresh generated-image cache per unit (so every
     image is generated again), and the LLM's requests sent one after another. It gives the
     same records as :func:`dnd.pipeline.describe`, only slower. Returns (stage -> seconds,
-    unit -> failure, number of units).
+    unit -> failure, number of units, its work counts).
     """
     from dnd.cache import FeatureCache
     from dnd.config import parse_units
@@ -181,23 +150,26 @@ def describe_per_unit(config, run_dir: Path, target, probe, models
 
     store = RunStore(run_dir)
     store.save_config(config)
-    start = time.perf_counter()
-    acts = activation_pass(config, store, target, probe, progress=False)
-    seconds = {"activations": time.perf_counter() - start}
+    units = parse_units(config.units, num_units(target, config.layer))
+    work = Work()
+    models = count_models(models, work)
     if models.llm is not None:
         models = dataclasses.replace(models, llm=_OneAtATime(models.llm))
     failed = {}
-    units = parse_units(config.units, num_units(target, config.layer))
-    for unit in units:
-        with tempfile.TemporaryDirectory() as features:
-            ctx = RunContext(config, target, probe, acts, models, caption_cache=None,
-                             features=FeatureCache(features), progress=False)
-            (rec,) = advance(build_stages(ctx), [UnitRecord(config.layer, unit)], store,
-                             seconds)
-        if rec.failed:
-            failed[unit] = rec.error
+    with counting_target(target, work):
+        start = time.perf_counter()
+        acts = activation_pass(config, store, target, probe, progress=False)
+        seconds = {"activations": time.perf_counter() - start}
+        for unit in units:
+            with tempfile.TemporaryDirectory() as features:
+                ctx = RunContext(config, target, probe, acts, models, caption_cache=None,
+                                 features=FeatureCache(features), progress=False)
+                (rec,) = advance(build_stages(ctx), [UnitRecord(config.layer, unit)], store,
+                                 seconds)
+            if rec.failed:
+                failed[unit] = rec.error
     store.write_labels(config.layer)
-    return seconds, failed, len(units)
+    return seconds, failed, len(units), work
 
 
 class _OneAtATime:
@@ -318,7 +290,7 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
                      for _, run in runs) + " |",
         *(["| LLM requests answered (after the run's deduplication) | "
            + " | ".join(_per_s(run["llm_requests"]) for _, run in runs) + " |",
-           *(f"| {what} per unit (unit records; reference: {REFERENCE_LLM[what]}) | "
+           *(f"| {what} per unit (unit records, cached replies included) | "
              + " | ".join(f"{llm_usage(run['records'])[key]:,.1f}" for _, run in runs)
              + " |" for what, key in (("LLM requests", "requests"),
                                        ("prompt tokens", "prompt_tokens"),
@@ -333,6 +305,18 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
         f"| peak RSS growth, batched run | {b['peak_rss_growth_mb']:.0f} MB |"
         + " |" * (len(runs) - 1),
     ]
+    lines += ["", "Work per unit (`dnd.work`: what the models were asked to do, the same on "
+              "any machine; a run's totals are in its `work.json`), beside the reference "
+              "implementation's loop (measured on 8 toy `fc` units at its settings: Q = 10 "
+              "images per concept, 50 denoising steps, K = 10, T = 5; `-`: not measured):",
+              "", "| work per unit | " + " | ".join(name for name, _ in runs)
+              + " | reference |", "| --- |" + " --- |" * (len(runs) + 1)]
+    for key in COUNTS:
+        ref = REFERENCE_PER_UNIT.get(key)
+        lines.append(f"| {key.replace('_', ' ')} | "
+                     + " | ".join(f"{run['work'].per_unit(run['n_units'])[key]:,.1f}"
+                                  for _, run in runs)
+                     + f" | {'-' if ref is None else f'{ref:,.1f}'} |")
     if n:
         ratio = units_per_min(b) / units_per_min(n)
         same = ("identical captions, candidates, labels, selection order and failures for "
@@ -346,13 +330,6 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
               "LLM call at a time (the reference implementation's way, with models loaded "
               "once)."]
     return lines
-
-
-# The reference implementation's LLM work per unit, measured by running its own loop
-# (Trustworthy-ML-Lab/Describe-and-Dissect) with the toy models and SmolLM2 on 8 fc units:
-# one request per caption (10), T = 5 concept requests, and a follow-up request for each
-# reply that lists several concepts. Its token counts were not measured ("-").
-REFERENCE_LLM = {"LLM requests": "17.1", "prompt tokens": "-", "completion tokens": "-"}
 
 
 def llm_usage(records: dict[int, UnitRecord]) -> dict[str, float]:

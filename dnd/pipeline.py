@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from dnd.record import STAGES, UnitRecord
 from dnd.stages.base import RunContext, Stage
 from dnd.store import RunLock, RunStore
 from dnd.target import Target, load_target, num_units
+from dnd.work import Work, count_models, counting_target
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds, this run
     already_done: list[int] = field(default_factory=list)
     failed_before: list[int] = field(default_factory=list)
+    work: Work = field(default_factory=Work)  # what this run asked of the models (dnd.work)
 
 
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
@@ -93,13 +97,34 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
                     len(probe.skipped), probe.skipped[0][0])
     models = models or load_models(config, device, llm)
     store.save_config(config)
+    work = Work()
+    with counting_target(target, work):
+        return _run(config, store, target, probe, count_models(models, work), units,
+                    progress, retry_failed, work)
+
+
+def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
+         models: Models, units: list[int], progress: bool, retry_failed: bool,
+         work: Work) -> RunResult:
+    """Steps 2-3 of :func:`_describe`: everything checked and loaded, models counted."""
+    invocation = {"id": uuid.uuid4().hex[:12],
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "layer": config.layer}
+
+    def save_work(units_processed: int) -> None:
+        store.save_work({**invocation, "units_processed": units_processed,
+                         "work": work.to_dict(),
+                         "per_unit": {k: round(v, 3)
+                                      for k, v in work.per_unit(units_processed).items()}})
+
     # 2. One pass over the probing set (or a matching cached one).
     started = time.perf_counter()
     acts = activation_pass(config, store, target, probe, progress)
     seconds = {"activations": time.perf_counter() - started}
     n_bad = int((~acts.valid).sum())
     if config.stop_after == "activations":
-        return RunResult(store.root, units, [], {}, acts, n_bad, seconds)
+        save_work(0)
+        return RunResult(store.root, units, [], {}, acts, n_bad, seconds, work=work)
     # 3. The per-unit stages, chunk by chunk, for units not finished by an earlier run.
     layer = config.layer
     records = {u: store.read_unit(layer, u) or UnitRecord(layer, u) for u in units}
@@ -125,11 +150,14 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
         chunk = [records[u] for u in todo[start:start + config.chunk_units]]
         failed.update({r.unit: r.error for r in advance(stages, chunk, store, seconds)
                        if r.failed})
+        save_work(start + len(chunk))
+    save_work(len(todo))
     store.write_labels(layer)
     if config.stop_after == "labels":
         _report(store.root)
     return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
-                     n_bad, seconds, [u for u in units if u not in todo], failed_before)
+                     n_bad, seconds, [u for u in units if u not in todo], failed_before,
+                     work)
 
 
 def activation_pass(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,

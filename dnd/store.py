@@ -5,6 +5,7 @@
 <run>/activations/<key>/          float16 memmap + validity mask + meta.json (cache)
 <run>/units/<layer>/<unit>.json   one record per unit (dnd.record), written atomically
 <run>/labels.csv                  Neuron ID,Label 1,Label 2,Label 3
+<run>/work.json                   what each describe invocation asked of the models (dnd.work)
 <run>/cache/captions/             captions by captioner and image pixels (JsonCache)
 <run>/cache/llm/                  LLM replies by request (JsonCache)
 <run>/cache/generated/            generated images' features and thumbnails (FeatureCache)
@@ -227,6 +228,30 @@ class RunStore:
     @property
     def labels_path(self) -> Path:
         return self.root / "labels.csv"
+
+    @property
+    def work_path(self) -> Path:
+        return self.root / "work.json"
+
+    def save_work(self, invocation: dict[str, Any]) -> Path:
+        """Add or update (same ``id``) one describe invocation's entry of
+        ``work.json`` (``{"invocations": [...], "total": {count: n}}``, totals over every
+        invocation). Unreadable old content is kept aside as ``work.json.bad``."""
+        from dnd.work import COUNTS
+
+        data: dict[str, Any] = {"invocations": []}
+        if self.work_path.is_file():
+            try:
+                data = json.loads(self.work_path.read_text())
+                data["invocations"] = list(data["invocations"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s is unreadable; kept as %s.bad", self.work_path, self.work_path)
+                self.work_path.replace(self.work_path.with_suffix(".json.bad"))
+                data = {"invocations": []}
+        entries = [e for e in data["invocations"] if e.get("id") != invocation["id"]]
+        entries.append(invocation)
+        total = {k: sum(int(e.get("work", {}).get(k, 0)) for e in entries) for k in COUNTS}
+        return atomic_write_json(self.work_path, {"invocations": entries, "total": total})
 
     def _units_dir(self, layer: str, basis: str = NEURON) -> Path:
         # Neurons keep the plain layer folder; another basis gets its own beside it.

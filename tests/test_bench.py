@@ -35,6 +35,12 @@ def test_per_unit_path_gives_identical_records_and_does_more_work(tmp_path):
     text = "\n".join(describe_bench_lines(r, "dnd bench describe --units 0-3"))
     assert "identical captions, candidates, labels, selection order and failures" in text
     assert "| units per minute, end to end |" in text
+    # work per unit: the per-unit path generates every image again for every unit
+    gen = {run: r[run]["work"].generated_images for run in ("batched", "naive")}
+    assert gen["batched"] == batched["generated"][0] < gen["naive"]
+    assert f"| generated images | {gen['batched'] / 4:,.1f} | {gen['naive'] / 4:,.1f} | 45.0 |" \
+        in text
+    assert "| denoising steps | 0.0 | 0.0 | 2,250.0 |" in text  # the toy renderer has none
 
 
 class _FirstWordsChat:
@@ -80,8 +86,13 @@ def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypat
     assert concepts and all(0 < len(c.split()) <= 5 for c in concepts)
     text = "\n".join(describe_bench_lines(r, "dnd bench describe --llm first-words"))
     assert "| LLM requests answered (after the run's deduplication) |" in text
-    assert "| LLM requests per unit (unit records; reference: 17.1) | 1.0 | 1.0 |" in text
-    assert "| prompt tokens per unit (unit records; reference: -) | 50.0 | 50.0 |" in text
+    assert "| LLM requests per unit (unit records, cached replies included) | 1.0 | 1.0 |" \
+        in text
+    assert ("| prompt tokens per unit (unit records, cached replies included) | 50.0 | 50.0 |"
+            in text)
+    # the work counters: what was sent, one request per unit on the per-unit path
+    assert f"| llm requests | {batched / 3:,.1f} | 1.0 | 17.1 |" in text
+    assert r["naive"]["work"].prompt_tokens == 150
     assert "candidates from the LLM summariser with `first-words`" in text
 
 

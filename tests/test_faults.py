@@ -254,7 +254,7 @@ class RedLLM:
 # config, the activations' metadata). Not flushed: what is recomputed when damaged, where
 # the flush would slow thousands of small writes (the whole report is rebuilt from the
 # records).
-FLUSHED = ("units/*", "cache/captions/*", "cache/llm/*", "labels.csv", "config.yaml",
+FLUSHED = ("units/*", "cache/captions/*", "cache/llm/*", "labels.csv", "config.yaml", "work.json",
            "activations/*/meta.json")
 NOT_FLUSHED = ("cache/generated/*", "report/img/*", "report/units/*", "report/index.html")
 

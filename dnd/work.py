@@ -1,0 +1,176 @@
+"""Work counters: what a run asked of each model, in counts that do not depend on the machine.
+
+Times say how fast this machine was; counts say what a user's GPU hours and API bill will
+be anywhere: images through the target network, images captioned, LLM requests and tokens,
+images generated and their denoising steps, images and texts through the encoder. Every
+describe run counts them (:func:`count_models`, :func:`counting_target`), keeps them in
+``RunResult.work`` and writes them to ``<run_dir>/work.json`` (one entry per invocation);
+``dnd bench describe`` prints them per unit beside the reference implementation's
+(:data:`REFERENCE_PER_UNIT`).
+
+Only work a model actually did is counted: a caption, LLM reply or generated image's
+features served from a cache cost nothing and count nothing (a resumed run shows what the
+resume cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+COUNTS = ("target_images", "captioned_images", "llm_requests", "prompt_tokens",
+          "completion_tokens", "generated_images", "denoising_steps", "encoded_images",
+          "encoded_texts")
+
+# The reference implementation's loop (Trustworthy-ML-Lab/Describe-and-Dissect), per unit,
+# measured by running its code with the toy models on 8 `fc` units (issue 17): 10 caption
+# simplifications + 5 concept requests + a follow-up per reply with a comma = 17.1 LLM
+# requests; 4.5 distinct candidate concepts x Q = 10 images = 45 generated images, each with
+# 50 DPM-Solver steps = 2,250 denoising steps; K = 10 activating images captioned (its crops
+# re-scored one image per forward pass). Settings: Q = 10, 50 steps, K = 10, T = 5.
+REFERENCE_PER_UNIT: dict[str, float] = {"llm_requests": 17.1, "generated_images": 45.0,
+                                        "denoising_steps": 2250.0, "captioned_images": 10.0}
+
+
+@dataclass
+class Work:
+    """Counts of one run (see the module docstring) and the seconds each model took.
+
+    ``target_images``: images through the target network (activation pass, attention
+    maps, crop and generated-image re-scoring; not the one-image probe of a layer's shape
+    before the run). ``captioned_images``: images the captioner
+    was given. ``llm_requests``: chat requests sent (a request asks for n replies);
+    ``prompt_tokens`` / ``completion_tokens``: as the backend reported them.
+    ``generated_images``: images the text-to-image model returned; ``denoising_steps``:
+    those images times the generator's steps (0 for a generator without steps).
+    ``encoded_images`` / ``encoded_texts``: inputs of the image-text encoder.
+    ``seconds``: model -> wall seconds inside its calls.
+    """
+
+    target_images: int = 0
+    captioned_images: int = 0
+    llm_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated_images: int = 0
+    denoising_steps: int = 0
+    encoded_images: int = 0
+    encoded_texts: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, seconds: tuple[str, float] | None = None, **counts: int) -> None:
+        """Add ``counts`` (names of :data:`COUNTS`) and ``seconds`` = (model, s); thread-safe
+        (LLM requests may run concurrently)."""
+        with self._lock:
+            for name, n in counts.items():
+                if name not in COUNTS:
+                    raise KeyError(f"unknown work count {name!r}; known: {', '.join(COUNTS)}")
+                setattr(self, name, getattr(self, name) + int(n))
+            if seconds is not None:
+                model, s = seconds
+                self.seconds[model] = self.seconds.get(model, 0.0) + s
+
+    def counts(self) -> dict[str, int]:
+        """The counts (no seconds), in :data:`COUNTS` order."""
+        return {name: getattr(self, name) for name in COUNTS}
+
+    def per_unit(self, n_units: int) -> dict[str, float]:
+        """Every count divided by ``n_units`` (the units this run described)."""
+        return {k: v / n_units for k, v in self.counts().items()} if n_units else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counts(), "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+class _Counted:
+    """A backend whose ``method`` adds to a :class:`Work`; every other attribute is the
+    wrapped backend's (``identity``, ``cache_identity``, options)."""
+
+    def __init__(self, inner: Any, method: str, work: Work, model: str, count):
+        self._inner, self._method, self._work, self._model = inner, method, work, model
+        self._count = count  # (inputs, outputs) -> counts
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+
+        def counted(items, *args, **kwargs):
+            start = time.perf_counter()
+            out = attr(items, *args, **kwargs)
+            self._work.add(seconds=(self._model, time.perf_counter() - start),
+                           **self._count(items, out))
+            return out
+
+        return counted
+
+
+class _CountedChat(_Counted):
+    """A chat backend whose ``complete`` goes through the counted ``complete_many``."""
+
+    def complete(self, messages, *, temperature: float, sample: int = 0) -> str:
+        from dnd.backends.llm import complete_one
+
+        return complete_one(self, messages, temperature, sample)
+
+
+class _CountedEncoder(_Counted):
+    """An encoder whose images and texts are both counted."""
+
+    def encode_texts(self, texts: Sequence[str]):
+        start = time.perf_counter()
+        out = self._inner.encode_texts(texts)
+        self._work.add(seconds=("encoder", time.perf_counter() - start),
+                       encoded_texts=len(texts))
+        return out
+
+
+def _chat_counts(requests, replies) -> dict[str, int]:
+    paid = [r for r in replies if not isinstance(r, Exception)]
+    return {"llm_requests": len(requests),
+            "prompt_tokens": sum(r.prompt_tokens for r in paid),
+            "completion_tokens": sum(r.completion_tokens for r in paid)}
+
+
+def count_models(models, work: Work):
+    """``models`` (a :class:`dnd.backends.factory.Models`) with every call counted in
+    ``work``. Wrap the LLM before any reply cache, so that cached replies count nothing."""
+    def made(out) -> int:
+        return sum(not isinstance(x, Exception) for x in out)
+
+    def gen_counts(requests, out) -> dict[str, int]:
+        steps = int((getattr(models.generator, "identity", None) or {}).get("steps", 0) or 0)
+        return {"generated_images": made(out), "denoising_steps": made(out) * steps}
+
+    def wrap(inner, cls, method, model, count):
+        return None if inner is None else cls(inner, method, work, model, count)
+
+    return dataclasses.replace(
+        models,
+        captioner=wrap(models.captioner, _Counted, "caption", "captioner",
+                       lambda images, _: {"captioned_images": len(images)}),
+        llm=wrap(models.llm, _CountedChat, "complete_many", "llm", _chat_counts),
+        generator=wrap(models.generator, _Counted, "generate", "generator", gen_counts),
+        encoder=wrap(models.encoder, _CountedEncoder, "encode_images", "encoder",
+                     lambda images, _: {"encoded_images": len(images)}))
+
+
+@contextmanager
+def counting_target(target, work: Work) -> Iterator[None]:
+    """Count every image that goes through ``target``'s network while the block runs (a
+    forward pre-hook: the batch size of each call's first input)."""
+    def hook(_module, inputs):
+        if inputs and hasattr(inputs[0], "shape") and len(inputs[0].shape):
+            work.add(target_images=int(inputs[0].shape[0]))
+
+    handle = target.module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

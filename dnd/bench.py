@@ -355,3 +355,80 @@ def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw)
     atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+# ---------------------------------------------------------------------------- selection
+
+# (screen_images, contenders) settings that `dnd bench selection` compares with the full
+# evaluation.
+SELECTION_VARIANTS = ((1, 2), (2, 2), (3, 2), (2, 1))
+
+
+def bench_selection(root: str | Path, n_probe: int = 2000,
+                    layers: tuple[tuple[str, str], ...] = (("fc", "all"), ("conv4", "0-31")),
+                    variants: tuple[tuple[int, int], ...] = SELECTION_VARIANTS) -> dict:
+    """Adaptive best-concept selection against the full evaluation on the toy world: the
+    ``toyworld`` preset on ``layers`` with every candidate on all Q images, then with each
+    (``score.screen_images``, ``score.contenders``) of ``variants``, each run in its own
+    folder under ``root`` (a fresh generated-image cache). Returns per run and layer the
+    units, the generated images (work counters) and each unit's labels."""
+    from dnd.store import RunStore
+    from dnd.toyworld.demo import describe_toy_layers
+
+    root = Path(root)
+    runs = {"full": {}, **{f"screen {q}, contenders {c}": {"score.screen_images": q,
+                                                           "score.contenders": c}
+                           for q, c in variants}}
+    out = {}
+    for name, overrides in runs.items():
+        folder = root / name.replace(" ", "").replace(",", "-")
+        results = describe_toy_layers(folder, n_probe, list(layers), overrides=overrides,
+                                      progress=False)
+        out[name] = {layer: {"units": len(r.units), "work": r.work,
+                             "labels": {rec.unit: rec.labels
+                                        for rec in RunStore(r.run_dir).records(layer)}}
+                     for layer, r in results.items()}
+    return out
+
+
+def selection_bench_lines(r: dict, command: str, n_probe: int) -> list[str]:
+    """The markdown of ``results/bench-selection-toyworld.md`` for a :func:`bench_selection`
+    result."""
+    full = r["full"]
+    layers = list(full)
+    lines = ["# Adaptive best-concept selection on the toy world", "",
+             f"Regenerate: `{command}`", "",
+             f"`toyworld` preset (consensus summariser, Q = 10 images per candidate), "
+             f"{n_probe:,} probing renders, layers "
+             + ", ".join(f"`{la}` ({full[la]['units']} units)" for la in layers)
+             + ". Each row is a fresh run (empty generated-image cache); images are "
+             "deduplicated across the units of a run, as in every run. `screen q, contenders "
+             "c` (`--screen-images q --contenders c`): every candidate gets q images, the "
+             "unit's selection on them picks its c best, and only those get the other "
+             "10 - q. Label 1 agreement is against the full evaluation (the paper's, "
+             "`--screen-images 0`, the default). The reference implementation generates 45 "
+             "images per unit (4.5 candidates x 10) with no sharing between units.", "",
+             "| run | " + " | ".join(f"{la}: generated images per unit | {la}: Label 1 as "
+                                      f"the full evaluation" for la in layers) + " |",
+             "|---|" + "---|---|" * len(layers)]
+    for name, per_layer in r.items():
+        cells = []
+        for la in layers:
+            run, ref = per_layer[la], full[la]["labels"]
+            same = sum(run["labels"].get(u, ())[:1] == labels[:1] for u, labels in ref.items())
+            cells += [f"{run['work'].generated_images / run['units']:.1f}",
+                      f"{same}/{len(ref)} ({100 * same / len(ref):.0f}%)"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_selection_bench(out_dir: str | Path = "results", *, command: str,
+                          n_probe: int = 2000, work_dir: str | Path | None = None) -> Path:
+    """Run :func:`bench_selection` in a temporary folder and write
+    ``results/bench-selection-toyworld.md``."""
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        lines = selection_bench_lines(bench_selection(tmp, n_probe), command, n_probe)
+    path = Path(out_dir) / "bench-selection-toyworld.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path

@@ -78,6 +78,12 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "candidate concept (default 10)"),
     ("--seed", "score.seed", int, "seed of generated image j of every concept is seed + j "
      "(default 0)"),
+    ("--screen-images", "score.screen_images", int, "adaptive best-concept selection: "
+     "generate this many images per candidate first and the rest only for the unit's "
+     "--contenders best candidates on them (0: every candidate gets all images, as in the "
+     "paper; default 0; `dnd bench selection` measures the savings and the agreement)"),
+    ("--contenders", "score.contenders", int, "candidates per unit that get all their "
+     "images after screening (with --screen-images; default 2)"),
 ]
 
 
@@ -216,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "bench-toyworld-<llm>-<machine>.md")
     bd.add_argument("--out", default="results", help="folder for the table (default results)")
 
+    bs = bench_sub.add_parser("selection", help="adaptive best-concept selection against the "
+                              "full evaluation on the toy world: generated images per unit "
+                              "and Label 1 agreement")
+    bs.add_argument("--probe-size", type=int, default=2000,
+                    help="toy probing renders (default 2000)")
+    bs.add_argument("--out", default="results", help="folder for the table (default results)")
+
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
                               "sizes with random weights (needs a CUDA GPU), and projected "
                               "hours for 2,048 units")
@@ -244,6 +257,11 @@ def _bench(args: argparse.Namespace) -> int:
         from dnd import bench_paper
 
         return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
+    if args.bench == "selection":
+        command = "dnd bench selection" + (f" --probe-size {args.probe_size}"
+                                           if args.probe_size != 2000 else "")
+        bench.write_selection_bench(args.out, command=command, n_probe=args.probe_size)
+        return 0
     command = "dnd bench describe" + "".join(
         f" {flag} {value}" for flag, value, default in (
             ("--layer", args.layer, "fc"), ("--units", args.units, "all"),

@@ -140,3 +140,40 @@ def test_blank_images_are_left_out_and_the_rest_scored(tmp_path):
     assert out.labels[0] == "flaky red"
     assert len(out.generated["flaky red"]) == 2  # seeds 1 and 3 came back black
     assert out.selection.image_candidate.count(0) == 2
+
+
+def test_adaptive_selection_screens_then_completes_only_the_contenders(tmp_path):
+    """screen_images = 2 of Q = 6, one contender: every candidate is screened on images
+    0-1, only the unit's best gets images 2-5; the same unit scored alone or beside another
+    gets the same result (a unit uses only what its own evaluation asked for)."""
+    def scorer(folder, **kw):
+        gen = ColourGenerator()
+        cfg = ScoreConfig(images_per_concept=6, beta=2, **kw)
+        return gen, ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
+                                  FeatureCache(tmp_path / folder), cfg)
+
+    red = UnitInput(0, ["blue", "red square", "green"], _red_images())
+    blue = UnitInput(2, ["green", "blue"], _red_images(2))
+    gen, adaptive = scorer("a", screen_images=2, contenders=1)
+    both = adaptive([red, blue])
+    r = both[0]
+    assert r.labels[0] == "red square"
+    assert {c: len(keys) for c, keys in r.generated.items()} == {"blue": 2, "red square": 6,
+                                                                "green": 2}
+    assert both[2].labels[0] == "blue" and len(both[2].generated["blue"]) == 6
+    # 3 concepts x 2 screening images, then 4 more for "red square" and for "blue"
+    assert gen.calls == 3 * 2 + 2 * 4
+    _, alone = scorer("b", screen_images=2, contenders=1)
+    assert alone([red])[0] == r
+    # the full evaluation asks for every image of every candidate; same winner here
+    gen, full = scorer("c")
+    assert full([red, blue])[0].labels[0] == "red square" and gen.calls == 3 * 6
+    with pytest.raises(ValueError, match=r"score.screen_images must be in \[0, "
+                                         r"images_per_concept = 6\]"):
+        ScoreConfig(images_per_concept=6, screen_images=7)
+
+
+def test_contenders_without_screening_is_an_error_not_ignored():
+    with pytest.raises(ValueError, match=r"score.contenders \(3\) applies only to adaptive"):
+        ScoreConfig(contenders=3)
+    assert ScoreConfig(screen_images=2, contenders=3).contenders == 3

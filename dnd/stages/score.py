@@ -41,6 +41,11 @@ class ScoreConfig:
     """Settings of Step 3 (ALGORITHM.md numbers as defaults)."""
 
     images_per_concept: int = 10         # Q
+    # Adaptive selection (see ConceptScorer): >0 generates this many images per candidate
+    # first and the rest of Q only for the unit's `contenders` best candidates on them;
+    # 0 evaluates every candidate on all Q images (the paper).
+    screen_images: int = 0
+    contenders: int = 2
     prompt_template: str = "a realistic photo of {concept}"
     seed: int = 0                        # image j of every concept uses seed + j
     gen_image_size: int = 0              # >0: downsize generated images first (reference: 32)
@@ -58,9 +63,16 @@ class ScoreConfig:
         if "{concept}" not in self.prompt_template:
             raise ValueError("score.prompt_template must contain {concept}, got "
                              f"{self.prompt_template!r}")
-        for name in ("images_per_concept", "beta", "max_labels", "batch_size"):
+        for name in ("images_per_concept", "beta", "max_labels", "batch_size", "contenders"):
             if getattr(self, name) < 1:
                 raise ValueError(f"score.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.screen_images <= self.images_per_concept:
+            raise ValueError(f"score.screen_images must be in [0, images_per_concept = "
+                             f"{self.images_per_concept}] (0: every candidate gets all "
+                             f"images), got {self.screen_images}")
+        if self.screen_images == 0 and self.contenders != ScoreConfig.contenders:
+            raise ValueError(f"score.contenders ({self.contenders}) applies only to adaptive "
+                             "selection; set score.screen_images too (e.g. 2)")
         if self.gen_image_size < 0:
             raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
         for name in ("secondary_min_activation", "secondary_min_captions"):
@@ -122,24 +134,50 @@ class ConceptScorer:
                             "encoder": self.encoder.identity,
                             "size": self.config.gen_image_size})
 
+    def requests(self, concept: str, first: int = 0, stop: int | None = None
+                 ) -> list[GenRequest]:
+        """Generation requests of images ``first`` .. ``stop`` (default Q) of ``concept``."""
+        stop = self.config.images_per_concept if stop is None else stop
+        return [GenRequest(self.prompt(concept), self.config.seed + j)
+                for j in range(first, stop)]
+
     def __call__(self, units: Sequence[UnitInput]) -> dict[int, Scoring]:
-        """unit -> its labels, selection and generated images."""
+        """unit -> its labels, selection and generated images.
+
+        Every candidate of every unit gets Q generated images, deduplicated across units;
+        with ``screen_images`` = q > 0 (adaptive selection) it first gets q of them, the
+        unit's selection is computed on those, and only its ``contenders`` best candidates
+        get the other Q - q (image j of a concept is the same whichever way it is made, so
+        the screening images are part of the full set). A unit sees only what its own
+        evaluation asked for, so its labels do not depend on which units share its batch.
+        """
         cfg = self.config
+        q = cfg.screen_images or cfg.images_per_concept
         # 1. Requests of every (unit, concept), deduplicated.
-        reqs = {c: [GenRequest(self.prompt(c), cfg.seed + j)
-                    for j in range(cfg.images_per_concept)]
-                for u in units for c in u.candidates}
+        reqs = {c: self.requests(c, 0, q) for u in units for c in u.candidates}
         feats = self._features([r for rs in reqs.values() for r in rs])
         # 2. Embeddings of the activating images of all units, in one batched call.
         act_emb = self.encoder.encode_images([im for u in units for im in u.activating])
         text_emb = self.encoder.encode_texts(sorted(reqs))
         text_row = {c: i for i, c in enumerate(sorted(reqs))}
-        out: dict[int, dict[str, Any]] = {}
-        start = 0
+        embs, start = {}, 0
         for u in units:
-            emb = act_emb[start:start + len(u.activating)]
+            embs[u.unit] = act_emb[start:start + len(u.activating)]
             start += len(u.activating)
-            out[u.unit] = self._select(u, reqs, feats, emb, text_emb, text_row)
+        # 3. Adaptive: the rest of Q for each unit's contenders on the screening images.
+        full = {u.unit: list(u.candidates) for u in units}
+        if q < cfg.images_per_concept:
+            for u in units:
+                sel = self._select(u, reqs, feats, embs[u.unit], text_emb, text_row).selection
+                full[u.unit] = [sel.candidates[i] for i in sel.order[:cfg.contenders]] if sel \
+                    else []
+            more = {c: self.requests(c, q) for cs in full.values() for c in cs}
+            feats.update(self._features([r for rs in more.values() for r in rs]))
+        out: dict[int, dict[str, Any]] = {}
+        for u in units:
+            mine = {c: reqs[c] + (self.requests(c, q) if c in full[u.unit] else [])
+                    for c in u.candidates}
+            out[u.unit] = self._select(u, mine, feats, embs[u.unit], text_emb, text_row)
         return out
 
     def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> Scoring:

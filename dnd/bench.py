@@ -222,7 +222,9 @@ def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
     from dnd.probe import open_probe
     from dnd.target import load_target
 
-    overrides = {"layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"]}
+    # No image bank: both paths generate their images, as a first run on a machine does.
+    overrides = {"layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
+                 "image_bank": "none"}
     if llm is not None:
         overrides.update(summarizer="llm", llm={"name": llm})
     config = load_config(preset="toyworld", overrides=overrides)
@@ -379,6 +381,7 @@ def bench_selection(root: str | Path, n_probe: int = 2000,
     runs = {"full": {}, **{f"screen {q}, contenders {c}": {"score.screen_images": q,
                                                            "score.contenders": c}
                            for q, c in variants}}
+    runs = {name: {**o, "image_bank": "none"} for name, o in runs.items()}  # fresh images
     out = {}
     for name, overrides in runs.items():
         folder = root / name.replace(" ", "").replace(",", "-")

@@ -84,6 +84,12 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "paper; default 0; `dnd bench selection` measures the savings and the agreement)"),
     ("--contenders", "score.contenders", int, "candidates per unit that get all their "
      "images after screening (with --screen-images; default 2)"),
+    ("--image-bank", "image_bank", str, "folder of generated images (and their embeddings) "
+     "shared by every run on this machine, so a concept drawn once is never drawn again: "
+     "auto ($DND_IMAGE_BANK, else $XDG_CACHE_HOME/dnd/image-bank, i.e. "
+     "~/.cache/dnd/image-bank), none, or a folder (default auto)"),
+    ("--image-bank-max-gb", "image_bank_max_gb", float, "size limit of the image bank; the "
+     "least recently used images go first (default 20)"),
 ]
 
 

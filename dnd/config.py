@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class RunConfig:
     workers: int = 0              # image-loading processes
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     chunk_units: int = 256        # units processed (and saved) together
+    # Generated images shared across runs (dnd.cache.ImageBank): "auto" (the environment's
+    # DND_IMAGE_BANK, else the user cache folder), "none", or a folder; and its size limit.
+    image_bank: str = "auto"
+    image_bank_max_gb: float = 20.0
     crop: CropConfig = field(default_factory=CropConfig)
     captioner: BackendConfig = field(default_factory=lambda: BackendConfig("blip"))
     summarizer: str = "llm"       # llm | consensus (offline, no LLM) | llm+consensus
@@ -80,12 +85,29 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if not self.image_bank_max_gb > 0:
+            raise ConfigError(f"image_bank_max_gb must be > 0, got {self.image_bank_max_gb}")
         if not self.probe:
             raise ConfigError("probe is empty: give at least one probing set")
         if self.summarizer not in SUMMARIZERS:
             raise ConfigError(f"summarizer must be one of {', '.join(SUMMARIZERS)}, "
                               f"got {self.summarizer!r}")
         parse_units(self.units, None)  # syntax check now, range check once the layer is known
+
+    def open_image_bank(self):
+        """The :class:`dnd.cache.ImageBank` of ``image_bank``, or None for ``none``. "auto":
+        ``$DND_IMAGE_BANK`` (which may say ``none``) if set, else
+        ``$XDG_CACHE_HOME/dnd/image-bank`` (default ``~/.cache/dnd/image-bank``)."""
+        from dnd.cache import ImageBank
+
+        where = self.image_bank
+        if where == "auto":
+            where = os.environ.get("DND_IMAGE_BANK") or str(
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "dnd" / "image-bank")
+        if where.lower() == "none":
+            return None
+        return ImageBank(Path(where).expanduser(), int(self.image_bank_max_gb * 2**30))
 
     @property
     def uses_llm(self) -> bool:
@@ -108,7 +130,8 @@ class RunConfig:
     def results_key(self) -> dict[str, Any]:
         """The settings that change results; a run directory never mixes two of these."""
         d = self.to_dict()
-        for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units"):
+        for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units",
+                  "image_bank", "image_bank_max_gb"):
             d.pop(k)
         d["crop"].pop("batch_size")
         d["score"].pop("batch_size")

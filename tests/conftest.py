@@ -12,6 +12,9 @@ from torch import nn
 
 # Tests never touch the network: a stray hub id must fail at once, not retry for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never share generated images through the user's image bank (dnd.cache.ImageBank):
+# a test that counts generations must see its own; the bank's tests name a folder.
+os.environ["DND_IMAGE_BANK"] = "none"
 torch.set_num_threads(2)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

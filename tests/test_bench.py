@@ -207,6 +207,20 @@ def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_pat
     gen = adaptive["work"].generated_images / 4
     assert f"| screen 2, contenders 1 | {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |" in text
     assert "| full | " in text and "4/4 (100%) |" in text
+    assert text.splitlines()[-1].endswith(f"| {gen:.1f} |")  # all layers: the one layer
+
+
+def test_selection_bench_layers_share_a_fresh_bank(tmp_path):
+    """The second layer of a row draws only what the first did not."""
+    from dnd.bench import bench_selection
+
+    r = bench_selection(tmp_path, n_probe=300, layers=(("fc", "0-3"), ("conv4", "0-3")),
+                        variants=())
+    alone = bench_selection(tmp_path / "alone", n_probe=300, layers=(("conv4", "0-3"),),
+                            variants=())
+    assert r["full"]["conv4"]["labels"] == alone["full"]["conv4"]["labels"]
+    assert (r["full"]["conv4"]["work"].generated_images
+            < alone["full"]["conv4"]["work"].generated_images)
 
 
 def test_latency_regime_batched_and_per_unit_paths_agree(tmp_path):

@@ -106,6 +106,19 @@ def dnd_runs(root: Path, n_probe: int, layers: list[tuple[str, str]], *, llm: st
     return runs, llm_rows, missing
 
 
+def llm_rows_note(llm: str | None, llm_rows: list[str], missing: str | None) -> list[str]:
+    """The line under a table with (or without) the LLM-summariser rows of
+    :func:`dnd_runs`: which ran, or what they need."""
+    if llm and missing:
+        return ["", f"LLM-summariser rows not run: needs {missing}."]
+    if llm_rows:
+        return ["", f"The LLM rows ({', '.join(llm_rows)}) run {LLM_NAMES.get(llm, llm)} on "
+                "the CPU and take longer than the other rows; the second reuses the first's "
+                "LLM replies."]
+    return ["", "No LLM-summariser rows: this run used the consensus summariser only "
+            "(`llm: smollm2` in eval/tables.yaml adds them; slower)."]
+
+
 def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = "conv4",
                   hidden_units: str = "0-31", llm: str | None = "smollm2",
                   progress: bool = False) -> list[str]:
@@ -193,12 +206,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
              "(no LLM).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              *("| " + " | ".join([m, *cells[m]]) + " |" for m in methods)]
-    if llm and missing:
-        lines += ["", f"LLM-summariser rows not run: needs {missing}."]
-    elif llm_rows:
-        lines += ["", f"The LLM rows ({', '.join(llm_rows)}) run {LLM_NAMES.get(llm, llm)} on "
-                  "the CPU and take longer than the others; both share its replies (the "
-                  "second run reuses the first's LLM cache)."]
+    lines += llm_rows_note(llm, llm_rows, missing)
     lines += ["", "DnD runs per layer: Labels 2-3 supported by ground truth (a concept the "
               "label names detects the unit with AP >= 0.5), labels failing the "
               "degenerate-label check (repeated word, hyphen chain, over 5 words), units "

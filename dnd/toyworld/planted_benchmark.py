@@ -438,7 +438,7 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     from dnd.report.build import comparison_page
     from dnd.store import RunStore
     from dnd.toyworld.backends import _toy_encoder
-    from dnd.toyworld.benchmark import LLM_NAMES, concept_set, dnd_runs
+    from dnd.toyworld.benchmark import concept_set, dnd_runs, llm_rows_note
     from dnd.toyworld.demo import layer_truths, probe_scenes
     from dnd.toyworld.planted import SUMMARY, units_of
 
@@ -520,17 +520,7 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     lines += _md(["kind", "crops made", "crops among the activating images"],
                  [[k, str(crops[k][0]), f"{crops[k][1]} of {crops[k][2]} images"]
                   for k in _kinds(judged[FULL]) if k in crops])
-    name = LLM_NAMES.get(llm, llm) if llm else None
-    if llm and missing:
-        lines += ["", f"LLM-summariser rows not run: needs {missing}."]
-    elif llm_rows:
-        lines += ["", f"The LLM rows ({', '.join(llm_rows)}) run {name} on the CPU and take "
-                  "longer than the other rows; the second reuses the first's LLM "
-                  "replies."]
-    else:
-        lines += ["", "No LLM-summariser rows: this run used the consensus summariser only "
-                  "(`llm: smollm2` in eval/tables.yaml adds them; slower)."]
-    return lines
+    return lines + llm_rows_note(llm, llm_rows, missing)
 
 
 def planted_demo(root: str | Path, n_probe: int = 2000, layer: str = "conv4",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,19 @@ def accuracy(model: ToyCNN, images: np.ndarray, labels: torch.Tensor, batch: int
     return float((preds == labels).float().mean())
 
 
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator
+             ) -> Iterator[np.ndarray]:
+    """``steps`` index batches [batch_size] into ``n`` examples: a seeded permutation,
+    walked in order and drawn again when fewer than a batch remain."""
+    order = torch.randperm(n, generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order, position = torch.randperm(n, generator=generator), 0
+        yield order[position : position + batch_size].numpy()
+        position += batch_size
+
+
 def train_target(args: argparse.Namespace) -> dict:
     """Train ToyCNN on ``args.n_train`` renders; returns the metrics written with it."""
     started = time.perf_counter()
@@ -87,13 +100,7 @@ def train_target(args: argparse.Namespace) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps)
 
     model.train()
-    order = torch.randperm(len(images), generator=generator)
-    position = 0
-    for step in range(args.steps):
-        if position + args.batch_size > len(order):
-            order, position = torch.randperm(len(images), generator=generator), 0
-        idx = order[position : position + args.batch_size].numpy()
-        position += args.batch_size
+    for step, idx in enumerate(_batches(len(images), args.batch_size, args.steps, generator)):
         loss = F.cross_entropy(model(preprocess(images[idx])), labels[idx])
         _update("target", step, args.steps, loss, optimizer, schedule)
 
@@ -277,13 +284,8 @@ def train_planted(args: argparse.Namespace) -> dict:
         lambda _m, _i, out, layer=layer: keep(layer, out)) for layer in layers]
     try:
         model.train()
-        order = torch.randperm(len(images), generator=generator)
-        position = 0
-        for step in range(args.steps):
-            if position + args.batch_size > len(order):
-                order, position = torch.randperm(len(images), generator=generator), 0
-            idx = order[position : position + args.batch_size].numpy()
-            position += args.batch_size
+        for step, idx in enumerate(_batches(len(images), args.batch_size, args.steps,
+                                            generator)):
             loss = F.cross_entropy(model(preprocess(images[idx])), labels[idx])
             for layer in layers:
                 z, target, fires = logits[layer], cells[layer][idx], truth[layer][idx]

@@ -121,9 +121,10 @@ class ImageBank:
     embedding of an encoder (``ekey`` hashes the encoder's identity and the image size it
     was given). Keys are :func:`dnd.io.stable_hash` hex (content-addressed).
 
-    Size: after a write, when the bank holds more than ``max_bytes``, the least recently
-    used images (and their embeddings) go until it holds at most 90% of it; a hit touches
-    the file's modification time. Several runs may use one bank at once: files are renamed
+    Size: :meth:`evict` (called by its users after each batch of writes: it lists the
+    whole bank) removes the least recently used images and their embeddings while the bank
+    holds more than ``max_bytes``, down to 90% of it; a hit touches the file's
+    modification time. Several runs may use one bank at once: files are renamed
     into place whole, and a file that vanishes (another run evicted it) or cannot be read
     (a damaged entry, which is then deleted) is a miss, recomputed and written again.
     """
@@ -172,11 +173,10 @@ class ImageBank:
         return image
 
     def put_image(self, key: str, image: Image.Image) -> None:
-        """Bank ``image`` (lossless PNG), then evict down to the size limit if needed."""
+        """Bank ``image`` (lossless PNG). Call :meth:`evict` after a batch of puts."""
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
         atomic_write_bytes(self._path(key, ".png"), buf.getvalue(), durable=False)
-        self.evict()
 
     def get_embedding(self, key: str, encoder: dict[str, Any], size: int
                       ) -> np.ndarray | None:

@@ -125,3 +125,20 @@ def test_where_the_bank_is(tmp_path, monkeypatch):
     assert named.open_image_bank().max_bytes == 2**29
     # where the bank is changes no result: a run directory accepts either
     assert named.results_key() == config.results_key()
+
+
+def test_a_run_keeps_the_bank_within_its_size_limit(colour_probe, tmp_path):
+    folder, _, _ = colour_probe
+    bank = tmp_path / "bank"
+    limit_gb = 1.5e-6  # about 1.6 KB: about half the run's 10 images and embeddings
+    config = RunConfig.from_dict({"model": "colournet", "layer": "pool", "probe": [str(folder)],
+                                  "units": "0-1", "crop": {"top_n": 3}, "image_bank": str(bank),
+                                  "image_bank_max_gb": limit_gb,
+                                  "summarize": {"num_samples": 2}})
+    models = Models(captioner=ColourCaptioner(), llm=BilledLLM(), generator=ColourGenerator(),
+                    encoder=MeanColourEncoder())
+    res = describe(config, tmp_path / "run", target=colour_target(), models=models,
+                   progress=False)
+    assert res.work.generated_images == 10
+    sizes = [p.stat().st_size for p in bank.glob("??/*")]
+    assert 0 < sum(sizes) <= limit_gb * 2**30 and len(list(bank.glob("??/*.png"))) < 10

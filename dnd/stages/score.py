@@ -243,6 +243,8 @@ class ConceptScorer:
             for (k, im), a, e in zip(ok, acts, embs):
                 feats[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
                 self.features.put(k, feats[k]["acts"], feats[k]["emb"], im)
+        if bank:  # once per batch, after its images and embeddings are in
+            bank.evict()
         return feats
 
     def _embeddings(self, keys: list[str], pics: list[Image.Image], bank_key: dict[str, str]

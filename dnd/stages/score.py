@@ -226,7 +226,8 @@ class ConceptScorer:
                     for k in todo} if bank else {}
         images = {k: bank.get_image(bank_key[k]) for k in todo} if bank else {}
         new = [k for k in todo if images.get(k) is None]
-        for k, im in zip(new, self.generator.generate([unique[k] for k in new]), strict=True):
+        made = self.generator.generate([unique[k] for k in new]) if new else []
+        for k, im in zip(new, made, strict=True):
             images[k] = _usable(im)
             if bank and not isinstance(images[k], Exception):
                 bank.put_image(bank_key[k], images[k])

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import re
 import resource
 import tempfile
 import time
@@ -414,17 +415,18 @@ def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw)
 
 # ---------------------------------------------------------------------------- selection
 
-# (screen_images, contenders) settings that `dnd bench selection` compares with the full
-# evaluation.
-SELECTION_VARIANTS = ((1, 2), (2, 2), (3, 2), (2, 1))
+# (screen_images, contenders, contender_margin) settings that `dnd bench selection`
+# compares with the full evaluation.
+SELECTION_VARIANTS = ((1, 2, 0.0), (2, 2, 0.0), (2, 2, 0.7), (2, 1, 0.0))
 
 
 def bench_selection(root: str | Path, n_probe: int = 2000,
                     layers: tuple[tuple[str, str], ...] = (("fc", "all"), ("conv4", "0-31")),
-                    variants: tuple[tuple[int, int], ...] = SELECTION_VARIANTS) -> dict:
+                    variants: tuple[tuple[int, int, float], ...] = SELECTION_VARIANTS) -> dict:
     """Adaptive best-concept selection against the full evaluation on the toy world: the
     ``toyworld`` preset on ``layers`` with every candidate on all Q images, then with each
-    (``score.screen_images``, ``score.contenders``) of ``variants``, each run in its own
+    (``score.screen_images``, ``score.contenders``, ``score.contender_margin``) of
+    ``variants``, each run in its own
     folder under ``root`` with a fresh image bank that its layers share (described in
     order). Returns per run and layer the units, the generated images (work counters) and
     each unit's labels."""
@@ -432,12 +434,12 @@ def bench_selection(root: str | Path, n_probe: int = 2000,
     from dnd.toyworld.demo import describe_toy_layers
 
     root = Path(root)
-    runs = {"full": {}, **{f"screen {q}, contenders {c}": {"score.screen_images": q,
-                                                           "score.contenders": c}
-                           for q, c in variants}}
+    runs = {"full": {}, **{f"screen {q}, contenders {c}, margin {m:g}": {
+        "score.screen_images": q, "score.contenders": c, "score.contender_margin": m}
+        for q, c, m in variants}}
     out = {}
     for name, overrides in runs.items():
-        folder = root / name.replace(" ", "").replace(",", "-")
+        folder = root / re.sub(r"[^a-z0-9.]+", "-", name)
         # A fresh image bank per row, shared by its layers: the later layers draw only the
         # concepts the earlier ones did not.
         results = describe_toy_layers(folder, n_probe, list(layers), progress=False,
@@ -463,11 +465,12 @@ def selection_bench_lines(r: dict, command: str, n_probe: int) -> list[str]:
              + ". Each row is a fresh run with an empty image bank, its layers described in "
              "this order and sharing the bank (as `--image-bank` does by default), so a "
              "later layer draws only concepts the earlier ones did not; images are also "
-             "deduplicated across the units of a layer. `screen q, contenders "
-             "c` (`--screen-images q --contenders c`): every candidate gets q images, the "
-             "unit's selection on them picks its c best, and only those get the other "
-             "10 - q. Label 1 agreement is against the full evaluation (the paper's, "
-             "`--screen-images 0`, the default). The reference implementation generates 45 "
+             "deduplicated across the units of a layer. `screen q, contenders c, margin m` "
+             "(`--screen-images q --contenders c --contender-margin m`): every candidate gets "
+             "q images; the unit's best on them, and those of its c best whose final score "
+             "there is at least m times the best's, get the other 10 - q. Label 1 agreement "
+             "is against the full evaluation (the paper's, `--screen-images 0`, the "
+             "default). The reference implementation generates 45 "
              "images per unit (4.5 candidates x 10) with no sharing between units.", "",
              "| run | " + " | ".join(f"{la}: generated images per unit | {la}: Label 1 as "
                                       f"the full evaluation" for la in layers)

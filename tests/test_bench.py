@@ -197,15 +197,17 @@ def test_per_unit_llm_sends_one_request_at_a_time():
 def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_path):
     from dnd.bench import bench_selection, selection_bench_lines
 
-    r = bench_selection(tmp_path, n_probe=300, layers=(("fc", "0-3"),), variants=((2, 1),))
-    full, adaptive = r["full"]["fc"], r["screen 2, contenders 1"]["fc"]
+    r = bench_selection(tmp_path, n_probe=300, layers=(("fc", "0-3"),),
+                        variants=((2, 1, 0.0),))
+    full, adaptive = r["full"]["fc"], r["screen 2, contenders 1, margin 0"]["fc"]
     assert full["units"] == adaptive["units"] == 4
     # screening: each candidate 2 images, then 8 more for one contender per unit at most
     assert adaptive["work"].generated_images < full["work"].generated_images
     text = "\n".join(selection_bench_lines(r, "dnd bench selection", 300))
     same = sum(adaptive["labels"][u][:1] == full["labels"][u][:1] for u in full["labels"])
     gen = adaptive["work"].generated_images / 4
-    assert f"| screen 2, contenders 1 | {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |" in text
+    assert (f"| screen 2, contenders 1, margin 0 | {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |"
+            in text)
     assert "| full | " in text and "4/4 (100%) |" in text
     assert text.splitlines()[-1].endswith(f"| {gen:.1f} |")  # all layers: the one layer
 

@@ -154,7 +154,7 @@ def test_adaptive_selection_screens_then_completes_only_the_contenders(tmp_path)
 
     red = UnitInput(0, ["blue", "red square", "green"], _red_images())
     blue = UnitInput(2, ["green", "blue"], _red_images(2))
-    gen, adaptive = scorer("a", screen_images=2, contenders=1)
+    gen, adaptive = scorer("a", screen_images=2, contenders=1, contender_margin=0.0)
     both = adaptive([red, blue])
     r = both[0]
     assert r.labels[0] == "red square"
@@ -163,7 +163,7 @@ def test_adaptive_selection_screens_then_completes_only_the_contenders(tmp_path)
     assert both[2].labels[0] == "blue" and len(both[2].generated["blue"]) == 6
     # 3 concepts x 2 screening images, then 4 more for "red square" and for "blue"
     assert gen.calls == 3 * 2 + 2 * 4
-    _, alone = scorer("b", screen_images=2, contenders=1)
+    _, alone = scorer("b", screen_images=2, contenders=1, contender_margin=0.0)
     assert alone([red])[0] == r
     # the full evaluation asks for every image of every candidate; same winner here
     gen, full = scorer("c")
@@ -177,3 +177,32 @@ def test_contenders_without_screening_is_an_error_not_ignored():
     with pytest.raises(ValueError, match=r"score.contenders \(3\) applies only to adaptive"):
         ScoreConfig(contenders=3)
     assert ScoreConfig(screen_images=2, contenders=3).contenders == 3
+
+
+def test_a_second_contender_needs_a_close_screening_score():
+    from dnd.record import Selection
+
+    def screened(final):
+        n = len(final)
+        order = tuple(sorted(range(n), key=lambda i: -final[i]))
+        return Selection(candidates=tuple("abcd"[:n]), rank_score_name="mean", beta=1, k=1,
+                         image_candidate=tuple(range(n)), activations=(1.0,) * n,
+                         ranks=(1.0,) * n, top_k=(0,), rank_scores=(1.0,) * n,
+                         positions=tuple(range(n)), weights=(1.0,) * n,
+                         final_scores=tuple(final), order=order)
+
+    def contenders(final, **kw):
+        cfg = ScoreConfig(screen_images=2, **kw)
+        return ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(),
+                             MeanColourEncoder(), None, cfg).contenders(screened(final))
+
+    assert contenders([3.0, 2.5, 1.0]) == ["a", "b"]           # 2.5 >= 0.7 x 3
+    assert contenders([3.0, 2.0, 1.0]) == ["a"]                # 2.0 < 2.1: the best only
+    assert contenders([3.0, 2.0, 1.0], contender_margin=0.0) == ["a", "b"]
+    assert contenders([1.0, 3.0, 2.9], contenders=3) == ["b", "c"]
+    assert contenders([-1.0, -1.0]) == ["a"]                   # no positive best: alone
+    assert contenders([-1.0, -1.0], contender_margin=0.0) == ["a", "b"]  # plain top 2
+    with pytest.raises(ValueError, match=r"score.contender_margin \(0.5\) applies only"):
+        ScoreConfig(contender_margin=0.5)
+    with pytest.raises(ValueError, match=r"contender_margin must be in \[0, 1\]"):
+        ScoreConfig(screen_images=2, contender_margin=1.5)

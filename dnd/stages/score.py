@@ -42,10 +42,12 @@ class ScoreConfig:
 
     images_per_concept: int = 10         # Q
     # Adaptive selection (see ConceptScorer): >0 generates this many images per candidate
-    # first and the rest of Q only for the unit's `contenders` best candidates on them;
-    # 0 evaluates every candidate on all Q images (the paper).
+    # first and the rest of Q only for the unit's best candidate on them and those of its
+    # `contenders` best whose screening final score is at least `contender_margin` of the
+    # best's; 0 evaluates every candidate on all Q images (the paper).
     screen_images: int = 0
     contenders: int = 2
+    contender_margin: float = 0.7
     prompt_template: str = "a realistic photo of {concept}"
     seed: int = 0                        # image j of every concept uses seed + j
     gen_image_size: int = 0              # >0: downsize generated images first (reference: 32)
@@ -70,9 +72,13 @@ class ScoreConfig:
             raise ValueError(f"score.screen_images must be in [0, images_per_concept = "
                              f"{self.images_per_concept}] (0: every candidate gets all "
                              f"images), got {self.screen_images}")
-        if self.screen_images == 0 and self.contenders != ScoreConfig.contenders:
-            raise ValueError(f"score.contenders ({self.contenders}) applies only to adaptive "
-                             "selection; set score.screen_images too (e.g. 2)")
+        for name in ("contenders", "contender_margin"):
+            if self.screen_images == 0 and getattr(self, name) != getattr(ScoreConfig, name):
+                raise ValueError(f"score.{name} ({getattr(self, name)}) applies only to "
+                                 "adaptive selection; set score.screen_images too (e.g. 2)")
+        if not 0 <= self.contender_margin <= 1:
+            raise ValueError(f"score.contender_margin must be in [0, 1], got "
+                             f"{self.contender_margin}")
         if self.gen_image_size < 0:
             raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
         for name in ("secondary_min_activation", "secondary_min_captions"):
@@ -172,8 +178,7 @@ class ConceptScorer:
         if q < cfg.images_per_concept:
             for u in units:
                 sel = self._select(u, reqs, feats, embs[u.unit], text_emb, text_row).selection
-                full[u.unit] = [sel.candidates[i] for i in sel.order[:cfg.contenders]] if sel \
-                    else []
+                full[u.unit] = self.contenders(sel) if sel else []
             more = {c: self.requests(c, q) for cs in full.values() for c in cs}
             feats.update(self._features([r for rs in more.values() for r in rs]))
         out: dict[int, dict[str, Any]] = {}
@@ -182,6 +187,18 @@ class ConceptScorer:
                     for c in u.candidates}
             out[u.unit] = self._select(u, mine, feats, embs[u.unit], text_emb, text_row)
         return out
+
+    def contenders(self, screening: Selection) -> list[str]:
+        """The candidates that get all Q images: the best on the screening images, and
+        those of the ``contenders`` best whose final score there is at least
+        ``contender_margin`` of the best's, a positive one (a close second may still win on
+        all images; a distant one has not in the toy benchmarks, ``dnd bench selection``);
+        with margin 0, simply the ``contenders`` best."""
+        order, final, margin = screening.order, screening.final_scores, self.config.contender_margin
+        best = final[order[0]]
+        keep = [order[0]] + [i for i in order[1:self.config.contenders]
+                             if margin == 0 or (best > 0 and final[i] >= margin * best)]
+        return [screening.candidates[i] for i in keep]
 
     def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> Scoring:
         cfg = self.config

@@ -151,7 +151,8 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
         failed.update({r.unit: r.error for r in advance(stages, chunk, store, seconds)
                        if r.failed})
         save_work(start + len(chunk))
-    save_work(len(todo))
+    if not todo:  # nothing to do still gets its (empty) entry; chunks wrote theirs
+        save_work(0)
     store.write_labels(layer)
     if config.stop_after == "labels":
         _report(store.root)

@@ -28,7 +28,8 @@ def _default_backend(section: str) -> str:
 # only overridden by flags actually given.
 DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--model", "model", str, "target network: a torchvision name (resnet50, vit_b_16, ...), "
-     "timm:<name>, efficientnet-lite0 or toyworld-cnn. `dnd models` lists them."),
+     "timm:<name>, open_clip:<model>/<pretrained> (a CLIP image tower, e.g. "
+     "open_clip:RN50x4/openai), efficientnet-lite0 or toyworld-cnn. `dnd models` lists them."),
     ("--weights", "weights", str, "DEFAULT (the model's pretrained weights), none (random "
      "init), a torchvision weights name, or a .safetensors/.pt state-dict path "
      f"(default {_D['weights'].default})"),
@@ -421,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dnd.target import load_target, model_names
 
         if args.command == "models":
-            print("\n".join(model_names() + ["timm:<any timm model name>"]))
+            print("\n".join(model_names() + ["timm:<any timm model name>",
+                                              "open_clip:<model>/<pretrained>"]))
         elif args.command == "layers":
             print("\n".join(load_target(args.model, weights="none").layer_names()))
         return 0

@@ -512,6 +512,7 @@ class TargetRecipe:
 TARGET_RECIPES = {
     "toyworld-cnn": TargetRecipe("DEFAULT"),  # weights committed with the package
     "toyworld-planted": TargetRecipe("DEFAULT"),
+    "toyworld-clip": TargetRecipe("DEFAULT"),
     "efficientnet-lite0": TargetRecipe("DEFAULT", (pytest.mark.realmodel,)),
 }
 # Every torchvision classifier loads with random weights ("none": nothing to download).

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dnd.report import add_cli as add_report_cli
 
     add_report_cli(sub)  # `dnd report RUN_DIR`
+    from dnd.featurevis import add_cli as add_featurevis_cli
+
+    add_featurevis_cli(sub)  # `dnd featurevis RUN_DIR`
 
     d = sub.add_parser("describe", help="describe units of a layer",
                        formatter_class=_BackendNamesFormatter,
@@ -245,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="toy probing renders (default 2000)")
     bs.add_argument("--out", default="results", help="folder for the table (default results)")
 
+    bf = bench_sub.add_parser("featurevis", help="feature visualization on the toy world, "
+                              "judged by the toy CLIP zero-shot, and its seconds per unit")
+    bf.add_argument("--probe-size", type=int, default=2000,
+                    help="probing renders for the hidden layer's ground truth (default 2000)")
+    bf.add_argument("--out", default="results", help="folder for the table (default results)")
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
                               "sizes with random weights (needs a CUDA GPU), and projected "
                               "hours for 2,048 units")
@@ -273,6 +281,13 @@ def _bench(args: argparse.Namespace) -> int:
         from dnd import bench_paper
 
         return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
+    if args.bench == "featurevis":
+        from dnd.toyworld.featurevis_benchmark import write_featurevis_bench
+
+        command = "dnd bench featurevis" + (f" --probe-size {args.probe_size}"
+                                            if args.probe_size != 2000 else "")
+        write_featurevis_bench(args.out, command=command, n_probe=args.probe_size)
+        return 0
     if args.bench == "selection":
         command = "dnd bench selection" + (f" --probe-size {args.probe_size}"
                                            if args.probe_size != 2000 else "")

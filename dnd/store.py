@@ -225,6 +225,11 @@ class RunStore:
     def report_dir(self) -> Path:
         return self.root / "report"
 
+    def featurevis_dir(self, layer: str, variant: str = "plain") -> Path:
+        """Feature visualizations of ``layer`` (``dnd.featurevis``): ``plain`` or
+        ``facet-<name>``."""
+        return self.root / "featurevis" / safe_name(layer) / variant
+
     @property
     def labels_path(self) -> Path:
         return self.root / "labels.csv"

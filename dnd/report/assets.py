@@ -32,6 +32,7 @@ padding:0 5px;font-size:12px;margin-right:4px}
 .imgs{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:170px;font-size:12px;overflow-wrap:anywhere}
 figure.top{width:250px}
+figure.fv img{image-rendering:pixelated}
 figure img{width:160px;height:160px;object-fit:contain;background:#eee;display:block}
 .boxed{position:relative;width:240px}
 .boxed img{width:240px;height:auto;display:block}

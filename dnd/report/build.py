@@ -137,6 +137,33 @@ class _Images:
             self.done.add(rel)
         return rel
 
+    def featurevis(self, layer: str, unit: int) -> list[tuple[str, list[tuple[str, float]],
+                                                             list[float]]]:
+        """The unit's feature visualizations (``dnd featurevis``), plain first: per kind,
+        (kind, [(image path, activation)], activations of the starting noise); the PNGs
+        are copied into the report."""
+        from dnd.featurevis import unit_files
+
+        root = self.store.featurevis_dir(layer).parent
+        kinds = sorted((p.name for p in root.iterdir() if p.is_dir()),
+                       key=lambda k: (k != "plain", k)) if root.is_dir() else []
+        out = []
+        for kind in kinds:
+            meta, paths = unit_files(self.store.root, layer, unit, kind)
+            if not paths or not all(p.is_file() for p in paths):
+                continue
+            data = json.loads(meta.read_text())
+            shown = []
+            for path, act in zip(paths, data["activations"], strict=True):
+                rel = f"img/fv/{safe_name(layer)}/{kind}/{path.name}"
+                if rel not in self.done:
+                    (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, self.out / rel)
+                    self.done.add(rel)
+                shown.append((rel, float(act)))
+            out.append((kind, shown, [float(a) for a in data["start_activations"]]))
+        return out
+
     def generated(self, key: str) -> str | None:
         """Copy of a generated image's cached thumbnail (None if the cache lacks it)."""
         try:
@@ -458,6 +485,27 @@ def _top_images(rec: UnitRecord, images: _Images, up: str) -> str:
     return f"<h2>{title}</h2>{note}<div class=imgs>{figs}</div>"
 
 
+def _featurevis_section(rec: UnitRecord, images: _Images, up: str) -> str:
+    """Feature visualizations beside the dataset examples, with the unit's activation on
+    each, on the starting noise and on its top probing image; empty when none computed."""
+    kinds = images.featurevis(rec.layer, rec.unit)
+    if not kinds:
+        return ""
+    top = rec.crops.top[0].activation if rec.crops and rec.crops.top else None
+    rows = []
+    for kind, shown, start in kinds:
+        title = "plain" if kind == "plain" else f"faceted: {kind.removeprefix('facet-')}"
+        figs = "".join(f"<figure class=fv>{_img(rel, up, 'feature visualization')}"
+                       f"<div>act {_num(act)}</div></figure>" for rel, act in shown)
+        rows.append(f"<h3>{esc(title)}</h3><div class=imgs>{figs}</div>"
+                    f"<p class=note>Starting noise: act {_num(max(start))}"
+                    + (f"; top probing image: act {_num(top)}" if top is not None else "")
+                    + ".</p>")
+    return ("<h2 id=featurevis>Feature visualization</h2><p class=note>Images optimised to "
+            "excite this unit (<code>dnd featurevis</code>): what it responds to most, "
+            "which can differ from anything in the probing set.</p>" + "".join(rows))
+
+
 def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None) -> str:
     """One unit's page: labels, evidence images with crop boxes, captions, candidates.
 
@@ -506,6 +554,7 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
 
     if rec.crops and rec.crops.top:
         parts.append(_top_images(rec, images, up))
+    parts.append(_featurevis_section(rec, images, up))
 
     captions = rec.captions or ()
     if rec.crops and rec.crops.activating:

@@ -1,0 +1,175 @@
+"""Feature visualization (dnd.featurevis): hand-weighted units with known answers, facets on
+the toy world, and `dnd featurevis` on a run directory with its report section."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import colour_target
+
+from dnd.config import RunConfig
+from dnd.featurevis import (
+    ColourBasis,
+    FeatureVisConfig,
+    featurevis_run,
+    pooled_features,
+    train_facet,
+    unit_files,
+    visualize,
+)
+from dnd.record import UnitRecord
+from dnd.report import build_report
+from dnd.store import RunStore
+from dnd.target import capture, hook_count, load_target
+
+FAST = FeatureVisConfig(steps=40, lr=0.05, batch_size=8)
+
+
+def _mean_rgb(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(0) / 255
+
+
+@pytest.mark.parametrize("unit, channel", [(0, 0), (1, 1), (2, 2)])
+def test_a_unit_that_fires_on_one_colour_gets_an_image_of_that_colour(unit, channel):
+    # ColourNet's `detect` unit 0 fires on pure red, 1 on green, 2 on blue.
+    target = colour_target()
+    (vis,) = visualize(target, "detect", [unit], FAST)
+    rgb = _mean_rgb(vis.images[0])
+    others = np.delete(rgb, channel)
+    assert rgb[channel] > 0.6 and (others < rgb[channel] - 0.3).all(), rgb
+    assert vis.activations[0] > vis.start_activations[0] + 0.3
+
+
+def test_the_target_is_left_as_it_was():
+    target = colour_target()
+    before = {k: v.clone() for k, v in target.module.state_dict().items()}
+    visualize(target, "pool", [0, 1], FAST)
+    assert hook_count(target.module) == 0
+    assert all(p.grad is None for p in target.module.parameters())
+    assert all(torch.equal(before[k], v) for k, v in target.module.state_dict().items())
+    assert not target.module.training
+
+
+def test_hooks_are_removed_when_the_optimisation_fails():
+    target = colour_target()
+    with pytest.raises(IndexError):
+        visualize(target, "detect", [7], FAST)  # `detect` has 3 units
+    assert hook_count(target.module) == 0
+
+
+def test_a_units_images_do_not_depend_on_the_units_sharing_its_batch():
+    target = colour_target()
+    alone = visualize(target, "detect", [1], FAST)[0]
+    shared = visualize(target, "detect", [0, 1, 2], FAST)[1]
+    assert alone.unit == shared.unit == 1
+    diff = np.abs(np.asarray(alone.images[0], np.int16) - np.asarray(shared.images[0], np.int16))
+    assert diff.max() <= 2  # float reductions may differ by a rounding step
+
+
+def test_diversity_makes_a_units_images_differ_in_what_the_layer_sees():
+    target = load_target("toyworld-cnn")
+
+    def style_similarity(diversity: float) -> float:
+        """Mean pairwise cosine similarity of conv4's Gram matrices on unit 5's images."""
+        (vis,) = visualize(target, "conv4", [5], FeatureVisConfig(
+            steps=30, per_unit=3, batch_size=6, diversity=diversity))
+        x = torch.stack([target.preprocess(im) for im in vis.images])
+        with torch.no_grad(), capture(target.module, {"conv4": target.layer("conv4")}) as out:
+            target.module(x)
+        f = out["conv4"].flatten(2)
+        s = torch.nn.functional.normalize(torch.bmm(f, f.transpose(1, 2)).flatten(1), dim=1)
+        m = s @ s.T
+        return float((m.sum() - m.trace()) / 6)
+
+    plain, diverse = style_similarity(0.0), style_similarity(1.0)
+    assert diverse < plain - 0.2, (plain, diverse)
+
+
+def test_colour_basis_centres_on_the_images_mean_colour():
+    rng = np.random.default_rng(0)
+    images = (rng.uniform(0.6, 0.9, (8, 16, 16, 3)) * [1.0, 0.5, 0.2] * 255).astype(np.uint8)
+    basis = ColourBasis.from_images(images)
+    assert np.allclose(basis.mean, images.reshape(-1, 3).mean(0) / 255, atol=1e-3)
+    root = np.array(basis.sqrt_cov)
+    assert np.allclose(root, root.T) and np.isclose(np.linalg.norm(root, axis=0).max(), 1)
+
+
+def test_the_facet_term_moves_the_image_towards_the_facet():
+    """On toyworld-planted, a probe for 'a written word' on conv2 steers a textual planted
+    unit's visualization: the probe scores the faceted images higher than the plain ones."""
+    from dnd.toyworld.planted import PLANTED
+    from dnd.toyworld.render import render_request
+    from dnd.toyworld.world import SceneRequest
+
+    target = load_target("toyworld-planted")
+    scenes = [render_request(SceneRequest(), s) for s in range(200)]
+    words = [sc.image for sc in scenes if sc.description.text is not None][:40]
+    plain = [sc.image for sc in scenes if sc.description.text is None][:40]
+    facet, acc = train_facet(target, "conv2", "text", words, plain, weight=4.0)
+    assert acc > 0.9
+    unit = next(p.unit for p in PLANTED if p.layer == "conv4" and p.kind == "textual")
+    # Words are fine strokes: a flatter spectrum (decay 1) than the default's reaches them.
+    cfg = FeatureVisConfig(steps=64, lr=0.05, decay=1.0, batch_size=2)
+    with_facet = visualize(target, "conv4", [unit], cfg, facet=facet)[0]
+    without = visualize(target, "conv4", [unit], cfg)[0]
+    w = torch.tensor(facet.direction)
+
+    def probe(vis) -> float:
+        return float(pooled_features(target, "conv2", vis.images) @ w)
+
+    assert with_facet.facet == "text" and without.facet is None
+    assert probe(with_facet) > probe(without)
+    assert hook_count(target.module) == 0
+
+
+def test_bad_settings_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="batch_size"):
+        FeatureVisConfig(per_unit=4, batch_size=2)
+    with pytest.raises(ValueError, match="summary"):
+        FeatureVisConfig(summary="median")
+
+
+def test_featurevis_run_saves_resumes_and_shows_in_the_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    store = RunStore(run)
+    store.save_config(RunConfig(model="toyworld-cnn", layer="fc", probe=["toyworld:40"],
+                                summarizer="consensus"))
+    cfg = FeatureVisConfig(steps=6, per_unit=2, batch_size=4)
+    with pytest.raises(ValueError, match="no unit records"):
+        featurevis_run(run, None, cfg, progress=False)
+    out = featurevis_run(run, "0-2", cfg, progress=False)
+    assert (out["done"], out["skipped"]) == (3, 0)
+    meta, paths = unit_files(run, "fc", 1)
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    again = featurevis_run(run, "0-3", cfg, progress=False)
+    assert (again["done"], again["skipped"]) == (1, 3)
+    # Other settings are another result, not a reuse.
+    assert featurevis_run(run, "0", FeatureVisConfig(steps=7, batch_size=4),
+                          progress=False)["done"] == 1
+
+    store.write_unit(UnitRecord.from_json({"layer": "fc", "unit": 1, "model": "toyworld-cnn",
+                                           "stage": "labels", "labels": ["red square"]}))
+    build_report(run)
+    page = (run / "report" / "units" / "fc" / "1.html").read_text()
+    assert "id=featurevis" in page and page.count("feature visualization") == 2
+    assert (run / "report" / "img" / "fv" / "fc" / "plain" / "1_1.png").is_file()
+
+
+def test_cli_needs_every_facet_option(tmp_path):
+    from dnd.cli import main
+
+    assert main(["featurevis", str(tmp_path), "--facet", "text"]) == 2
+
+
+def test_featurevis_bench_judges_visualizations_and_their_starting_images(tmp_path):
+    from dnd.toyworld.featurevis_benchmark import featurevis_bench, featurevis_bench_lines
+
+    r = featurevis_bench(120, {"short": FeatureVisConfig(steps=8, lr=0.05)})
+    row = r["rows"]["short"]
+    # Even 8 steps make the toy CNN pick the unit's own class far above chance (1/64).
+    assert row["fc_self"] > 0.2
+    assert 0 <= row["fc_start"]["class"] <= row["fc"]["colour"] <= 1
+    assert len(row["hidden"]) == len(row["hidden_start"]) == len(r["hidden"]) > 0
+    text = "\n".join(featurevis_bench_lines(r, "dnd bench featurevis"))
+    assert "Regenerate: `dnd bench featurevis`" in text and "| short (steps 8" in text

@@ -80,15 +80,17 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "score.seed", int, "seed of generated image j of every concept is seed + j "
      "(default 0)"),
     ("--screen-images", "score.screen_images", int, "adaptive best-concept selection: "
-     "generate this many images per candidate first and the rest only for the unit's best "
-     "candidates on them (--contenders, --contender-margin; 0: every candidate gets all "
-     "images, as in the paper; default 0; `dnd bench selection` measures the savings and "
-     "the agreement)"),
+     "generate this many images per candidate first; a unit whose best candidate leads "
+     "clearly on them is decided there, the others' best candidates get the rest "
+     "(--contenders, --contender-margin; 0: every candidate gets all images, as in the "
+     "paper; default 0; `dnd bench selection` measures the savings and the agreement)"),
     ("--contenders", "score.contenders", int, "candidates per unit that may get all their "
      "images after screening (with --screen-images; default 2)"),
     ("--contender-margin", "score.contender_margin", float, "with --screen-images: a "
-     "contender after the best gets all its images only when its screening final score is "
-     "at least this fraction of the best's (0: all --contenders do; default 0.7)"),
+     "candidate is close to the best when its screening final score is at least this "
+     "fraction of the best's; a unit with none close is decided on its screening images, "
+     "and only close ones among the --contenders best get all images (0: never decided "
+     "early, all --contenders get them; default 0.7)"),
     ("--image-bank", "image_bank", str, "folder of generated images (and their embeddings) "
      "shared by every run on this machine, so a concept drawn once is never drawn again: "
      "auto ($DND_IMAGE_BANK, else $XDG_CACHE_HOME/dnd/image-bank, i.e. "

@@ -209,7 +209,8 @@ def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_pat
     assert (f"| screen 2, contenders 1, margin 0 | {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |"
             in text)
     assert "| full | " in text and "4/4 (100%) |" in text
-    assert text.splitlines()[-1].endswith(f"| {gen:.1f} |")  # all layers: the one layer
+    # all layers: the one layer
+    assert text.splitlines()[-1].endswith(f"| {gen:.1f} | {same}/4 ({100 * same / 4:.0f}%) |")
 
 
 def test_selection_bench_layers_share_a_fresh_bank(tmp_path):

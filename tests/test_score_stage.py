@@ -197,7 +197,9 @@ def test_a_second_contender_needs_a_close_screening_score():
                              MeanColourEncoder(), None, cfg).contenders(screened(final))
 
     assert contenders([3.0, 2.5, 1.0]) == ["a", "b"]           # 2.5 >= 0.7 x 3
-    assert contenders([3.0, 2.0, 1.0]) == ["a"]                # 2.0 < 2.1: the best only
+    assert contenders([3.0, 2.0, 1.0]) == []                   # 2.0 < 2.1: decided
+    assert contenders([3.0]) == []                             # nothing to compare
+    assert contenders([3.0, 2.9, 2.5], contenders=2) == ["a", "b"]  # c close, but 3rd
     assert contenders([3.0, 2.0, 1.0], contender_margin=0.0) == ["a", "b"]
     assert contenders([1.0, 3.0, 2.9], contenders=3) == ["b", "c"]
     assert contenders([-1.0, -1.0]) == ["a"]                   # no positive best: alone

@@ -41,10 +41,11 @@ class ScoreConfig:
     """Settings of Step 3 (ALGORITHM.md numbers as defaults)."""
 
     images_per_concept: int = 10         # Q
-    # Adaptive selection (see ConceptScorer): >0 generates this many images per candidate
-    # first and the rest of Q only for the unit's best candidate on them and those of its
-    # `contenders` best whose screening final score is at least `contender_margin` of the
-    # best's; 0 evaluates every candidate on all Q images (the paper).
+    # Adaptive selection (see ConceptScorer.contenders): >0 generates this many images per
+    # candidate first; a unit whose best leads every other candidate's screening final
+    # score by `contender_margin` (others below margin x best) is decided there, else its
+    # best and those of its `contenders` best within the margin get the rest of Q; 0
+    # evaluates every candidate on all Q images (the paper).
     screen_images: int = 0
     contenders: int = 2
     contender_margin: float = 0.7
@@ -189,15 +190,20 @@ class ConceptScorer:
         return out
 
     def contenders(self, screening: Selection) -> list[str]:
-        """The candidates that get all Q images: the best on the screening images, and
-        those of the ``contenders`` best whose final score there is at least
-        ``contender_margin`` of the best's, a positive one (a close second may still win on
-        all images; a distant one has not in the toy benchmarks, ``dnd bench selection``);
-        with margin 0, simply the ``contenders`` best."""
+        """The candidates that get the rest of the Q images after screening.
+
+        None when the unit is decided on its screening images: its best has a positive
+        final score and every other candidate's is below ``contender_margin`` of it (a
+        distant second has not overtaken the best on all images in the toy benchmarks,
+        ``dnd bench selection``; the winner's score and Labels 2-3 then rest on the
+        screening images). Otherwise the best, and those of the ``contenders`` best whose
+        final score reaches the margin; with margin 0, simply the ``contenders`` best."""
         order, final, margin = screening.order, screening.final_scores, self.config.contender_margin
         best = final[order[0]]
-        keep = [order[0]] + [i for i in order[1:self.config.contenders]
-                             if margin == 0 or (best > 0 and final[i] >= margin * best)]
+        close = [i for i in order[1:] if margin == 0 or (best > 0 and final[i] >= margin * best)]
+        if margin > 0 and best > 0 and not close:
+            return []
+        keep = [order[0]] + [i for i in close if i in order[1:self.config.contenders]]
         return [screening.candidates[i] for i in keep]
 
     def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> Scoring:

@@ -34,7 +34,9 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "init), a torchvision weights name, or a .safetensors/.pt state-dict path "
      f"(default {_D['weights'].default})"),
     ("--layer", "layer", str, "layer to describe, by module name (e.g. layer4, fc); "
-     "`dnd layers --model M` lists them"),
+     "`dnd layers --model M` lists them. Repeat to describe several layers in one run: one "
+     "pass over the probing set, shared caches, --units for each layer, labels in "
+     "labels-<layer>.csv"),
     ("--units", "units", str, "units to describe: all, 7, 0-99 or 0,5,10-12 "
      f"(default {_D['units'].default})"),
     ("--summary", "summary", str, "how a unit's spatial map becomes one number per image: "
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probing set; repeat to concatenate: " + _PROBE_FORMS + " (a folder "
                    "is read recursively; cifar10/cifar100 take the torchvision layout or .npz)")
     for flag, key, typ, help_ in DESCRIBE_FLAGS:
-        d.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+        d.add_argument(flag, dest=key, type=typ, default=None, help=help_,
+                       action="append" if key == "layer" else "store")
     d.add_argument("--retry-failed", action="store_true",
                    help="redo units that failed in an earlier run (from the failed stage)")
     d.add_argument("--wait", action="store_true",
@@ -321,19 +324,26 @@ def _describe(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides, preset=args.preset)
     result = describe(config, args.run_dir, progress=not args.quiet,
                       retry_failed=args.retry_failed, wait=args.wait)
-    msg = (f"{len(result.units)} unit(s) of {config.layer}: {len(result.done_now)} done now, "
-           f"{len(result.already_done)} already done, {len(result.failed)} failed")
-    if result.failed_before:
-        msg += (f" ({len(result.failed_before)} in an earlier run, left alone: "
-                "--retry-failed redoes them)")
-    if config.stop_after == "activations":
-        msg = f"activations of {result.activations.n_units} units of {config.layer}"
+    lines = []
+    for layer, res in result.layers.items():  # one line per layer
+        line = (f"{len(res.units)} unit(s) of {layer}: {len(res.done_now)} done now, "
+                f"{len(res.already_done)} already done, {len(res.failed)} failed")
+        if res.failed_before:
+            line += (f" ({len(res.failed_before)} in an earlier run, left alone: "
+                     "--retry-failed redoes them)")
+        if config.stop_after == "activations":
+            line = f"activations of {res.activations.n_units} units of {layer}"
+        lines.append(line)
+    msg = "\n".join(lines)
     if result.n_unreadable:
         msg += f"; {result.n_unreadable} unreadable image(s) skipped"
     print(f"{msg}. Run directory: {result.run_dir}")
-    if result.failed:
-        print(f"{len(result.failed)} unit(s) failed, e.g. unit {next(iter(result.failed))}: "
-              f"{next(iter(result.failed.values()))}", file=sys.stderr)
+    failed = [(layer, u, why) for layer, res in result.layers.items()
+              for u, why in res.failed.items()]
+    if failed:
+        layer, unit, why = failed[0]
+        where = f"unit {unit}" + (f" of {layer}" if len(result.layers) > 1 else "")
+        print(f"{len(failed)} unit(s) failed, e.g. {where}: {why}", file=sys.stderr)
         return 1
     return 0
 

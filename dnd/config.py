@@ -51,7 +51,9 @@ class RunConfig:
     """Everything that defines a `dnd describe` run."""
 
     model: str
-    layer: str
+    # One layer by module name, or several described in one run (one pass over the probing
+    # set, shared caches); a list of one is stored as its name. See ``layers``.
+    layer: str | list[str]
     probe: list[str]
     weights: str = "DEFAULT"      # DEFAULT | none | weights-enum name | path to state dict
     units: str = "all"            # "all", "0-99", "3,7,10-12"
@@ -75,6 +77,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
+        self._check_layers()
         if self.summary not in ("mean", "max"):
             raise ConfigError(f"summary must be 'mean' or 'max', got {self.summary!r}")
         if self.stop_after not in STAGES:
@@ -93,6 +96,37 @@ class RunConfig:
             raise ConfigError(f"summarizer must be one of {', '.join(SUMMARIZERS)}, "
                               f"got {self.summarizer!r}")
         parse_units(self.units, None)  # syntax check now, range check once the layer is known
+
+    def _check_layers(self) -> None:
+        """``layer``: a non-empty name, or a list of distinct names (one: stored as the name,
+        so a one-layer config, its saved YAML and its records are as before lists)."""
+        if isinstance(self.layer, str):
+            if not self.layer.strip():
+                raise ConfigError("layer is empty: name a layer (`dnd layers --model M` "
+                                  "lists them)")
+            return
+        if not isinstance(self.layer, (list, tuple)) or not self.layer \
+                or not all(isinstance(x, str) and x.strip() for x in self.layer):
+            raise ConfigError(f"layer must be a layer name or a non-empty list of names, got "
+                              f"{self.layer!r}")
+        twice = sorted({x for x in self.layer if list(self.layer).count(x) > 1})
+        if twice:
+            raise ConfigError(f"layer(s) {', '.join(twice)} given twice: name each layer once")
+        object.__setattr__(self, "layer", self.layer[0] if len(self.layer) == 1
+                           else list(self.layer))
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers this run describes, in the order given (one or several)."""
+        return [self.layer] if isinstance(self.layer, str) else list(self.layer)
+
+    def for_layer(self, layer: str) -> RunConfig:
+        """This config for one of its layers: what the per-unit stages, which describe one
+        layer at a time, are given (``config.layer`` is then that layer's name)."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer!r} is not one of this run's layers "
+                             f"({', '.join(self.layers)})")
+        return dataclasses.replace(self, layer=layer)
 
     def open_image_bank(self):
         """The :class:`dnd.cache.ImageBank` of ``image_bank``, or None for ``none``. "auto":
@@ -130,6 +164,8 @@ class RunConfig:
     def results_key(self) -> dict[str, Any]:
         """The settings that change results; a run directory never mixes two of these."""
         d = self.to_dict()
+        if not isinstance(self.layer, str):  # the order layers are described in changes nothing
+            d["layer"] = sorted(self.layer)
         for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units",
                   "image_bank", "image_bank_max_gb"):
             d.pop(k)

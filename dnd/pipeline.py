@@ -1,21 +1,32 @@
-"""The DnD pipeline over all requested units of a layer, resumable through the run store.
+"""The DnD pipeline over all requested units of one or several layers, resumable through the
+run store.
 
-Stages: activations (one pass over the probing set), then the per-unit stages, each an
-object with one contract (:mod:`dnd.stages.base`): crops (Step 1), captions (Step 2.1),
-candidates (Steps 2.2-2.4), labels (Step 3). Units go through in chunks; within a chunk each
-stage runs for all its units at once (batched, deduplicated), and every unit's record
+Stages: activations (one pass over the probing set for every layer of the run), then the
+per-unit stages, each an object with one contract (:mod:`dnd.stages.base`): crops (Step 1),
+captions (Step 2.1), candidates (Steps 2.2-2.4), labels (Step 3). Layers go through one
+after another, each layer's units in chunks; within a chunk each stage runs for all its
+units at once (batched, deduplicated), and every unit's record
 (:class:`dnd.record.UnitRecord`) is written as soon as a stage finishes, so a crash loses
 at most one stage of one chunk and a re-run continues where it stopped. Every model is
-loaded once, before the heavy work.
+loaded once, before the heavy work, and the run's caches (captions, LLM replies,
+generated-image features) serve every layer, so a caption or concept two layers need is
+computed once.
+
+Why layer by layer rather than chunks mixing layers: a stage is built for one layer (its
+activations, its hooks on the target) and a chunk's records are keyed by unit id; what
+layers share is shared through the content-keyed caches, so mixing layers in a chunk would
+gain only fuller last chunks. A record therefore equals the one a run of its layer alone
+writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +37,7 @@ from dnd import preflight
 from dnd.activations import LayerActivations, compute_activations
 from dnd.backends.base import resolve_device
 from dnd.backends.factory import Models, load_llm, load_models
-from dnd.config import RunConfig, parse_units
+from dnd.config import ConfigError, RunConfig, parse_units
 from dnd.probe import ProbeSet, open_probe
 from dnd.record import STAGES, UnitRecord
 from dnd.stages.base import RunContext, Stage
@@ -38,34 +49,81 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RunResult:
-    """What a run did. ``units``: every requested unit, each in exactly one of
+class LayerResult:
+    """What a run did for one layer. ``units``: every requested unit, each in exactly one of
     ``done_now`` (finished in this run), ``already_done`` (finished by an earlier run) and
     ``failed`` (unit -> reason; ``failed_before`` lists those that failed in an earlier run
     and were left alone, as ``retry_failed`` was not set)."""
 
-    run_dir: Path
+    layer: str
     units: list[int]
     done_now: list[int]
     failed: dict[int, str]
     activations: LayerActivations
-    n_unreadable: int
-    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds, this run
     already_done: list[int] = field(default_factory=list)
     failed_before: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one :func:`describe` call did: ``layers`` (layer -> :class:`LayerResult`, in the
+    config's order), images of the probing set that could not be read, wall seconds per
+    stage (summed over layers) and the work asked of the models (:mod:`dnd.work`, for the
+    whole call: the activation pass and the caches serve every layer at once).
+
+    For a run of one layer, ``units``, ``done_now``, ``failed``, ``activations``,
+    ``already_done`` and ``failed_before`` are that layer's (as before runs had several
+    layers); for several they raise, naming ``result.layers``."""
+
+    run_dir: Path
+    layers: dict[str, LayerResult]
+    n_unreadable: int
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds, this run
     work: Work = field(default_factory=Work)  # what this run asked of the models (dnd.work)
+
+    def _only(self, name: str) -> LayerResult:
+        if len(self.layers) != 1:
+            raise AttributeError(f"this run describes {len(self.layers)} layers "
+                                 f"({', '.join(self.layers)}): use "
+                                 f"result.layers[LAYER].{name}")
+        return next(iter(self.layers.values()))
+
+    @property
+    def units(self) -> list[int]:
+        return self._only("units").units
+
+    @property
+    def done_now(self) -> list[int]:
+        return self._only("done_now").done_now
+
+    @property
+    def failed(self) -> dict[int, str]:
+        return self._only("failed").failed
+
+    @property
+    def activations(self) -> LayerActivations:
+        return self._only("activations").activations
+
+    @property
+    def already_done(self) -> list[int]:
+        return self._only("already_done").already_done
+
+    @property
+    def failed_before(self) -> list[int]:
+        return self._only("failed_before").failed_before
 
 
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
              probe: ProbeSet | None = None, models: Models | None = None,
              progress: bool = True, retry_failed: bool = False, wait: bool = False
              ) -> RunResult:
-    """Run the pipeline up to ``config.stop_after`` for ``config.units`` of ``config.layer``.
+    """Run the pipeline up to ``config.stop_after`` for ``config.units`` of each of
+    ``config.layers`` (the same unit spec for every layer).
 
     ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
-    are built from the config. Every input check happens before the pass over the probe.
-    Units that failed in an earlier run are left alone unless ``retry_failed``: then they
-    are redone from the stage that failed.
+    are built from the config. Every input check happens before the pass over the probe
+    (every layer's name and unit range among them). Units that failed in an earlier run are
+    left alone unless ``retry_failed``: then they are redone from the stage that failed.
 
     The run directory is held for the whole call (:class:`dnd.store.RunLock`): if another
     process is using it, this raises :class:`dnd.store.RunDirBusy` naming that process, or
@@ -81,7 +139,7 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
               retry_failed: bool) -> RunResult:
     """:func:`describe`, with the run directory held."""
     # 1. Cheap checks first: devices and every model's files (before any is loaded), run
-    #    dir, API key, model, layer, unit range, probing set.
+    #    dir, API key, model, layers, unit ranges, probing set.
     preflight.check_run(config, target=target, models=models)
     store = RunStore(run_dir)
     store.check(config)
@@ -89,8 +147,7 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     device = resolve_device(config.device)
     target = target or load_target(config.model, config.weights)
     target.to(device)
-    target.layer(config.layer)
-    units = parse_units(config.units, num_units(target, config.layer))
+    units = _check_layers(config, target)
     probe = probe or open_probe(config.probe)
     if probe.skipped:
         log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
@@ -103,29 +160,85 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
                     progress, retry_failed, work)
 
 
+def _check_layers(config: RunConfig, target: Target) -> dict[str, list[int]]:
+    """Layer -> its requested units. Every unknown layer (with close matches) and every out
+    of range unit spec raise here: after the target (needed to know its layers) and the
+    summariser's API client, before the pass and the other models."""
+    unknown = []
+    for layer in config.layers:
+        try:
+            target.layer(layer)
+        except ValueError as e:
+            unknown.append(str(e))
+    if unknown:
+        raise ValueError("; ".join(unknown))
+    units = {}
+    for layer in config.layers:
+        try:
+            units[layer] = parse_units(config.units, num_units(target, layer))
+        except ConfigError as e:
+            if len(config.layers) == 1:
+                raise
+            raise ConfigError(f"layer {layer}: {e} (--units applies to every layer)") from None
+    return units
+
+
 def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
-         models: Models, units: list[int], progress: bool, retry_failed: bool,
+         models: Models, units: dict[str, list[int]], progress: bool, retry_failed: bool,
          work: Work) -> RunResult:
-    """Steps 2-3 of :func:`_describe`: everything checked and loaded, models counted."""
+    """Steps 2-3 of :func:`_describe`: everything checked and loaded, models counted.
+    ``units``: layer -> its requested units."""
+    layers = list(units)
     invocation = {"id": uuid.uuid4().hex[:12],
                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "layer": config.layer}
+                  **({"layer": layers[0]} if len(layers) == 1 else {"layers": layers})}
+    processed = dict.fromkeys(layers, 0)  # units taken through the stages, per layer
 
-    def save_work(units_processed: int) -> None:
-        store.save_work({**invocation, "units_processed": units_processed,
+    def chunk_done(layer: str, n: int) -> None:
+        processed[layer] = n
+        save_work()
+
+    def save_work() -> None:
+        n = sum(processed.values())
+        per_layer = {} if len(layers) == 1 else {"units_processed_by_layer": dict(processed)}
+        store.save_work({**invocation, "units_processed": n, **per_layer,
                          "work": work.to_dict(),
-                         "per_unit": {k: round(v, 3)
-                                      for k, v in work.per_unit(units_processed).items()}})
+                         "per_unit": {k: round(v, 3) for k, v in work.per_unit(n).items()}})
 
-    # 2. One pass over the probing set (or a matching cached one).
+    # 2. One pass over the probing set for every layer (or matching cached ones).
     started = time.perf_counter()
-    acts = activation_pass(config, store, target, probe, progress)
+    acts = activation_passes(config, store, target, probe, progress)
     seconds = {"activations": time.perf_counter() - started}
-    n_bad = int((~acts.valid).sum())
+    n_bad = int((~acts[layers[0]].valid).sum())  # one pass: the same images for every layer
     if config.stop_after == "activations":
-        save_work(0)
-        return RunResult(store.root, units, [], {}, acts, n_bad, seconds, work=work)
-    # 3. The per-unit stages, chunk by chunk, for units not finished by an earlier run.
+        save_work()
+        return RunResult(store.root, {la: LayerResult(la, units[la], [], {}, acts[la])
+                                      for la in layers}, n_bad, seconds, work)
+    if models.llm is not None:  # every reply cached in the run: a re-run pays nothing
+        from dnd.backends.llm import CachedChat
+
+        models = dataclasses.replace(models, llm=CachedChat(models.llm, store.llm_cache))
+    # 3. The per-unit stages, layer by layer and chunk by chunk, for units not finished by
+    #    an earlier run.
+    results = {}
+    for layer in layers:
+        results[layer] = _run_layer(config.for_layer(layer), store, target, probe, models,
+                                    acts[layer], units[layer], progress, retry_failed,
+                                    seconds, functools.partial(chunk_done, layer))
+        store.write_labels(layer, layers)
+    if not any(processed.values()):  # nothing to do still gets its (empty) entry
+        save_work()
+    if config.stop_after == "labels":
+        _report(store.root)
+    return RunResult(store.root, results, n_bad, seconds, work)
+
+
+def _run_layer(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
+               models: Models, acts: LayerActivations, units: list[int], progress: bool,
+               retry_failed: bool, seconds: dict[str, float],
+               done_so_far: Callable[[int], None]) -> LayerResult:
+    """The per-unit stages for ``units`` of ``config.layer`` (a one-layer config), chunk by
+    chunk; ``done_so_far(n)`` is called after each chunk with the units processed so far."""
     layer = config.layer
     records = {u: store.read_unit(layer, u) or UnitRecord(layer, u) for u in units}
     if retry_failed:
@@ -135,13 +248,9 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
                 store.write_unit(records[u])
     todo = [u for u in units if not records[u].reached(config.stop_after)]
     failed_before = [u for u in todo if records[u].failed]
-    log.info("%d of %d units to do (%d already done, %d failed earlier)",
+    log.info("%s: %d of %d units to do (%d already done, %d failed earlier)", layer,
              len(todo) - len(failed_before), len(units), len(units) - len(todo),
              len(failed_before))
-    if models.llm is not None:  # every reply cached in the run: a re-run pays nothing
-        from dnd.backends.llm import CachedChat
-
-        models = dataclasses.replace(models, llm=CachedChat(models.llm, store.llm_cache))
     ctx = RunContext(config, target, probe, acts, models, store.caption_cache,
                      store.features, progress)
     stages = build_stages(ctx)
@@ -150,24 +259,26 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
         chunk = [records[u] for u in todo[start:start + config.chunk_units]]
         failed.update({r.unit: r.error for r in advance(stages, chunk, store, seconds)
                        if r.failed})
-        save_work(start + len(chunk))
-    if not todo:  # nothing to do still gets its (empty) entry; chunks wrote theirs
-        save_work(0)
-    store.write_labels(layer)
-    if config.stop_after == "labels":
-        _report(store.root)
-    return RunResult(store.root, units, [u for u in todo if u not in failed], failed, acts,
-                     n_bad, seconds, [u for u in units if u not in todo], failed_before,
-                     work)
+        done_so_far(start + len(chunk))
+    return LayerResult(layer, units, [u for u in todo if u not in failed], failed, acts,
+                       [u for u in units if u not in todo], failed_before)
+
+
+def activation_passes(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
+                      progress: bool) -> dict[str, LayerActivations]:
+    """Every layer's activations [images, units] over the probing set (layer -> them),
+    computed in one pass into the run's activation cache (layers with a matching cached
+    pass are read, the others computed together)."""
+    return compute_activations(target, probe, config.layers, store.activations_dir,
+                               summary=config.summary, batch_size=config.batch_size,
+                               workers=config.workers, progress=progress)
 
 
 def activation_pass(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
                     progress: bool) -> LayerActivations:
-    """The layer's activations [images, units] over the probing set, computed once into the
-    run's activation cache (or read from a matching cached pass)."""
-    return compute_activations(target, probe, [config.layer], store.activations_dir,
-                               summary=config.summary, batch_size=config.batch_size,
-                               workers=config.workers, progress=progress)[config.layer]
+    """The activations of a one-layer config's layer (:func:`activation_passes`)."""
+    (acts,) = activation_passes(config, store, target, probe, progress).values()
+    return acts
 
 
 def build_stages(ctx: RunContext) -> list[Stage]:

@@ -4,7 +4,8 @@
 <run>/config.yaml                 resolved config (never secrets)
 <run>/activations/<key>/          float16 memmap + validity mask + meta.json (cache)
 <run>/units/<layer>/<unit>.json   one record per unit (dnd.record), written atomically
-<run>/labels.csv                  Neuron ID,Label 1,Label 2,Label 3
+<run>/labels.csv                  Neuron ID,Label 1,Label 2,Label 3 (a run of one layer)
+<run>/labels-<layer>.csv          the same, per layer, in a run of several layers
 <run>/work.json                   what each describe invocation asked of the models (dnd.work)
 <run>/cache/captions/             captions by captioner and image pixels (JsonCache)
 <run>/cache/llm/                  LLM replies by request (JsonCache)
@@ -31,6 +32,7 @@ import re
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -171,7 +173,10 @@ class RunStore:
 
         Raises :class:`RunDirConflict` naming the differing keys (model, layer, probe,
         summary, crop rules, ...). Unit ranges and speed settings may change between runs.
-        Writes nothing, so it can run before any other check.
+        The layers of a run are fixed when it starts (in any order): its label files are
+        named by how many layers it has (:meth:`labels_path_of`), and a re-run with another
+        layer list is refused with how to resume or start a new run. Writes nothing, so it
+        can run before any other check.
         """
         if not self.config_path.is_file():
             return
@@ -183,7 +188,19 @@ class RunStore:
                 f"run directory {self.root} holds a config this version of dnd cannot read "
                 f"({e}). Use a new --run-dir (e.g. {self.root}-2) or delete the old one."
             ) from None
-        diff = _diff(old.results_key(), config.results_key())
+        old_key, new_key = old.results_key(), config.results_key()
+        if old_key["layer"] != new_key["layer"]:
+            del old_key["layer"], new_key["layer"]
+            also = _diff(old_key, new_key)
+            raise RunDirConflict(
+                f"run directory {self.root} describes {_layer_list(old.layers)}, not "
+                f"{_layer_list(config.layers)}"
+                + (f" (and its config differs: {'; '.join(also)})" if also else "")
+                + ". A run's layers are fixed when it starts: to resume it, give the same "
+                f"layers ({' '.join('--layer ' + la for la in old.layers)}); to describe "
+                f"other layers, use a new --run-dir (e.g. {self.root}-2; generated images "
+                "are reused through the image bank).")
+        diff = _diff(old_key, new_key)
         if diff:
             raise RunDirConflict(
                 f"run directory {self.root} was made with a different config "
@@ -232,7 +249,19 @@ class RunStore:
 
     @property
     def labels_path(self) -> Path:
+        """labels.csv: the labels of a run of one layer."""
         return self.root / "labels.csv"
+
+    def labels_path_of(self, layer: str, run_layers: Sequence[str]) -> Path:
+        """Where ``layer``'s labels go in a run of ``run_layers``: ``labels.csv`` when it is
+        the run's only layer (as for every run before several layers existed),
+        ``labels-<layer>.csv`` beside it in a run of several layers (the reference format
+        has no layer column, so one file per layer)."""
+        if layer not in run_layers:
+            raise ValueError(f"layer {layer!r} is not one of {', '.join(run_layers)}")
+        if len(run_layers) == 1:
+            return self.labels_path
+        return self.root / f"labels-{safe_name(layer)}.csv"
 
     @property
     def work_path(self) -> Path:
@@ -294,15 +323,18 @@ class RunStore:
         recs = [_read(p) for p in folder.glob("*.json")] if folder.is_dir() else []
         return sorted((r for r in recs if r is not None), key=lambda r: r.unit)
 
-    def write_labels(self, layer: str) -> Path:
-        """labels.csv in the reference format, one row per unit that has labels."""
+    def write_labels(self, layer: str, run_layers: Sequence[str] | None = None) -> Path:
+        """``layer``'s labels in the reference format, one row per unit that has labels, to
+        :meth:`labels_path_of` (``run_layers``: the run's layers, default just ``layer``:
+        labels.csv)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(LABELS_HEADER)
         for rec in self.records(layer):
             if rec.labels:
                 w.writerow([rec.unit, *(list(rec.labels) + ["", "", ""])[:3]])
-        return atomic_write_text(self.labels_path, buf.getvalue())
+        return atomic_write_text(self.labels_path_of(layer, run_layers or [layer]),
+                                 buf.getvalue())
 
 
 def _read(path: Path) -> UnitRecord | None:
@@ -314,6 +346,12 @@ def _read(path: Path) -> UnitRecord | None:
         return UnitRecord.from_json(data)
     except RecordError as e:
         raise RecordError(f"{path}: {e}") from None
+
+
+def _layer_list(layers: Sequence[str]) -> str:
+    """'layer fc' or 'layers conv4, fc' (sorted: the order is not part of a run)."""
+    return (f"layer {layers[0]}" if len(layers) == 1
+            else f"layers {', '.join(sorted(layers))}")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

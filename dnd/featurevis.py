@@ -462,14 +462,15 @@ def _done(folder: Path, unit: int, key: str) -> bool:
 
 
 def featurevis_run(run_dir: str | Path, units: str | None = None,
-                   config: FeatureVisConfig = FeatureVisConfig(), *,
+                   config: FeatureVisConfig = FeatureVisConfig(), *, layer: str | None = None,
                    facet_images: tuple[str, str, Sequence[Image.Image],
                                        Sequence[Image.Image], float] | None = None,
                    device: str | None = None, progress: bool = True) -> dict:
     """Feature visualizations of a run's units, saved under ``<run>/featurevis/<layer>/``
     (``plain/`` or ``facet-<name>/``) and shown by ``dnd report``.
 
-    ``units``: a unit spec (default: every unit with a record). The objective follows the
+    ``layer``: one of the run's layers (needed when it has several). ``units``: a unit spec
+    (default: every unit of the layer with a record). The objective follows the
     run's ``summary``. ``facet_images``: (name, facet layer, positive images, negative
     images, weight) trains a facet probe first (saved as ``facet.json``). Resumes: a unit
     already visualised with the same settings is skipped. Returns {"done", "skipped",
@@ -484,6 +485,10 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
         raise FileNotFoundError(f"{store.root} is not a dnd run directory (no "
                                 f"{store.config_path.name}); run `dnd describe` first")
     rc = store.load_config()
+    if layer is None and len(rc.layers) > 1:
+        raise ValueError(f"{store.root} describes several layers ({', '.join(rc.layers)}): "
+                         "choose one with --layer")
+    rc = rc.for_layer(layer or rc.layers[0])  # a layer not in the run raises, naming them
     config = replace(config, summary=rc.summary)
     target = load_target(rc.model, rc.weights).to(resolve_device(device or rc.device))
     if units is None:
@@ -546,6 +551,8 @@ def add_cli(sub) -> None:
         "translation), saved in RUN_DIR/featurevis/ and shown on the report's unit pages. "
         "Re-running skips units already done with the same settings.")
     p.add_argument("run_dir", help="a run directory made by dnd describe")
+    p.add_argument("--layer", help="the layer, for a run of several (default: the run's "
+                   "layer)")
     p.add_argument("--units", help="units to visualise (e.g. 0-9; default: every unit "
                    "with a record)")
     d = FeatureVisConfig()
@@ -586,7 +593,7 @@ def _cli(args) -> int:
                  _folder_images(args.facet_negative), args.facet_weight)
     cfg = FeatureVisConfig(steps=args.steps, per_unit=args.per_unit, seed=args.seed,
                            batch_size=args.batch_size, decay=args.decay)
-    out = featurevis_run(args.run_dir, args.units, cfg, facet_images=facet,
+    out = featurevis_run(args.run_dir, args.units, cfg, layer=args.layer, facet_images=facet,
                          device=args.device, progress=not args.quiet)
     if not args.quiet:
         print(f"{out['done']} unit(s) visualised, {out['skipped']} already done, in "

@@ -148,6 +148,9 @@ def test_featurevis_run_saves_resumes_and_shows_in_the_report(tmp_path, capsys):
     assert featurevis_run(run, "0", FeatureVisConfig(steps=7, batch_size=4),
                           progress=False)["done"] == 1
 
+    with pytest.raises(ValueError, match=r"'conv9' is not one of this run's layers \(fc\)"):
+        featurevis_run(run, "0", cfg, layer="conv9", progress=False)
+
     store.write_unit(UnitRecord.from_json({"layer": "fc", "unit": 1, "model": "toyworld-cnn",
                                            "stage": "labels", "labels": ["red square"]}))
     build_report(run)
@@ -173,3 +176,14 @@ def test_featurevis_bench_judges_visualizations_and_their_starting_images(tmp_pa
     assert len(row["hidden"]) == len(row["hidden_start"]) == len(r["hidden"]) > 0
     text = "\n".join(featurevis_bench_lines(r, "dnd bench featurevis"))
     assert "Regenerate: `dnd bench featurevis`" in text and "| short (steps 8" in text
+
+
+def test_a_run_of_several_layers_needs_the_layer(tmp_path):
+    run = tmp_path / "run"
+    RunStore(run).save_config(RunConfig(model="toyworld-cnn", layer=["fc", "conv4"],
+                                        probe=["toyworld:40"], summarizer="consensus"))
+    with pytest.raises(ValueError, match=r"several layers \(fc, conv4\): choose one"):
+        featurevis_run(run, "0", FeatureVisConfig(steps=2), progress=False)
+    out = featurevis_run(run, "0", FeatureVisConfig(steps=2, batch_size=4), layer="conv4",
+                         progress=False)
+    assert out["done"] == 1 and unit_files(run, "conv4", 0)[1][0].is_file()

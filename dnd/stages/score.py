@@ -193,11 +193,12 @@ class ConceptScorer:
         """The candidates that get the rest of the Q images after screening.
 
         None when the unit is decided on its screening images: its best has a positive
-        final score and every other candidate's is below ``contender_margin`` of it (a
-        distant second has not overtaken the best on all images in the toy benchmarks,
-        ``dnd bench selection``; the winner's score and Labels 2-3 then rest on the
-        screening images). Otherwise the best, and those of the ``contenders`` best whose
-        final score reaches the margin; with margin 0, simply the ``contenders`` best."""
+        final score and every other candidate's is below ``contender_margin`` of it (the
+        winner's score and Labels 2-3 then rest on the screening images). Otherwise the
+        best, and those of the ``contenders`` best whose final score reaches the margin;
+        with margin 0, simply the ``contenders`` best. ``dnd bench selection`` measures how
+        often this keeps the full evaluation's Label 1, on the units the defaults were
+        chosen on and on held-out ones (where it keeps fewer)."""
         order, final, margin = screening.order, screening.final_scores, self.config.contender_margin
         best = final[order[0]]
         close = [i for i in order[1:] if margin == 0 or (best > 0 and final[i] >= margin * best)]

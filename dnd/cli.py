@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--probe-size", type=int, default=2000,
                     help="probing renders for the hidden layer's ground truth (default 2000)")
     bf.add_argument("--out", default="results", help="folder for the table (default results)")
+    bt = bench_sub.add_parser("textvis", help="text feature visualization of the toy CLIP's "
+                              "units, judged against their ground-truth concepts, and the "
+                              "multimodal check")
+    bt.add_argument("--probe-size", type=int, default=2000,
+                    help="probing renders for directions and ground truth (default 2000)")
+    bt.add_argument("--out", default="results", help="folder for the table (default results)")
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
                               "sizes with random weights (needs a CUDA GPU), and projected "
                               "hours for 2,048 units")
@@ -292,6 +298,13 @@ def _bench(args: argparse.Namespace) -> int:
         command = "dnd bench featurevis" + (f" --probe-size {args.probe_size}"
                                             if args.probe_size != 2000 else "")
         write_featurevis_bench(args.out, command=command, n_probe=args.probe_size)
+        return 0
+    if args.bench == "textvis":
+        from dnd.toyworld.textvis_benchmark import write_textvis_bench
+
+        command = "dnd bench textvis" + (f" --probe-size {args.probe_size}"
+                                         if args.probe_size != 2000 else "")
+        write_textvis_bench(args.out, command=command, n_probe=args.probe_size)
         return 0
     if args.bench == "selection":
         command = "dnd bench selection" + (f" --probe-size {args.probe_size}"

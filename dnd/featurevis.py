@@ -481,23 +481,11 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
     from dnd.target import load_target, num_units
 
     store = RunStore(run_dir)
-    if not store.config_path.is_file():
-        raise FileNotFoundError(f"{store.root} is not a dnd run directory (no "
-                                f"{store.config_path.name}); run `dnd describe` first")
-    rc = store.load_config()
-    if layer is None and len(rc.layers) > 1:
-        raise ValueError(f"{store.root} describes several layers ({', '.join(rc.layers)}): "
-                         "choose one with --layer")
-    rc = rc.for_layer(layer or rc.layers[0])  # a layer not in the run raises, naming them
+    rc = store.layer_config(layer)
     config = replace(config, summary=rc.summary)
     target = load_target(rc.model, rc.weights).to(resolve_device(device or rc.device))
-    if units is None:
-        wanted = [r.unit for r in store.records(rc.layer)]
-        if not wanted:
-            raise ValueError(f"{store.root} has no unit records for layer {rc.layer!r}; "
-                             "describe units first or pass --units")
-    else:
-        wanted = parse_units(units, num_units(target, rc.layer))
+    wanted = (store.described_units(rc.layer) if units is None
+              else parse_units(units, num_units(target, rc.layer)))
     probe = open_probe(rc.probe)
     step = max(1, len(probe) // COLOUR_SAMPLE)
     colour = ColourBasis.from_images([probe.load(i) for i in range(0, len(probe), step)
@@ -549,6 +537,7 @@ def add_cli(sub) -> None:
         description="Optimise images that excite each described unit of a run (Fourier "
         "parameterisation in the probing set's colour basis, random rotation/zoom/"
         "translation), saved in RUN_DIR/featurevis/ and shown on the report's unit pages. "
+        "For a CLIP target (toyworld-clip, open_clip:...) it also finds each unit's top texts. "
         "Re-running skips units already done with the same settings.")
     p.add_argument("run_dir", help="a run directory made by dnd describe")
     p.add_argument("--layer", help="the layer, for a run of several (default: the run's "
@@ -578,6 +567,9 @@ def add_cli(sub) -> None:
     p.add_argument("--facet-weight", type=float, default=1.0,
                    help="weight of the facet term (default 1.0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from dnd.textvis import add_cli_arguments
+
+    add_cli_arguments(p)
     p.set_defaults(func=_cli)
 
 
@@ -595,8 +587,14 @@ def _cli(args) -> int:
                            batch_size=args.batch_size, decay=args.decay)
     out = featurevis_run(args.run_dir, args.units, cfg, layer=args.layer, facet_images=facet,
                          device=args.device, progress=not args.quiet)
+    from dnd.textvis import run_cli
+
+    texts = run_cli(args, RunStore(args.run_dir).load_config().model)
     if not args.quiet:
         print(f"{out['done']} unit(s) visualised, {out['skipped']} already done, in "
-              f"{out['folder']} ({out['seconds']:.0f} s); `dnd report {args.run_dir}` shows "
-              "them")
+              f"{out['folder']} ({out['seconds']:.0f} s)")
+        if texts is not None:
+            print(f"top texts: {texts['done']} unit(s) done, {texts['skipped']} already "
+                  f"done, in {texts['folder']} ({texts['seconds']:.0f} s)")
+        print(f"`dnd report {args.run_dir}` shows them")
     return 0

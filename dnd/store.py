@@ -242,6 +242,27 @@ class RunStore:
     def report_dir(self) -> Path:
         return self.root / "report"
 
+    def layer_config(self, layer: str | None = None) -> RunConfig:
+        """The run's config for one of its layers (``layer`` may be left out in a run of
+        one), for the commands that work on a finished run (``dnd featurevis``). Raises
+        FileNotFoundError for a folder that is not a run, ValueError naming the layers."""
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a dnd run directory (no "
+                                    f"{self.config_path.name}); run `dnd describe` first")
+        config = self.load_config()
+        if layer is None and len(config.layers) > 1:
+            raise ValueError(f"{self.root} describes several layers "
+                             f"({', '.join(config.layers)}): choose one with --layer")
+        return config.for_layer(layer or config.layers[0])  # another layer raises, naming them
+
+    def described_units(self, layer: str) -> list[int]:
+        """The units of ``layer`` that have a record (raises ValueError when none has)."""
+        units = [r.unit for r in self.records(layer)]
+        if not units:
+            raise ValueError(f"{self.root} has no unit records for layer {layer!r}; "
+                             "describe units first or pass --units")
+        return units
+
     def featurevis_dir(self, layer: str, variant: str = "plain") -> Path:
         """Feature visualizations of ``layer`` (``dnd.featurevis``): ``plain`` or
         ``facet-<name>``."""

@@ -19,7 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dnd"
 
-APPS_LAYER = {"dnd.cli", "dnd.bench", "dnd.bench_paper", "dnd.evaluation.tables"}
+# dnd.textvis: `dnd featurevis`'s text part, whose multimodal check renders toy-world scenes
+# and whose toy-CLIP vocabulary comes from the toy world's captions.
+APPS_LAYER = {"dnd.cli", "dnd.bench", "dnd.bench_paper", "dnd.evaluation.tables",
+              "dnd.textvis"}
 
 
 def module_name(path: Path) -> str:

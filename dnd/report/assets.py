@@ -33,6 +33,8 @@ padding:0 5px;font-size:12px;margin-right:4px}
 figure{margin:0;width:170px;font-size:12px;overflow-wrap:anywhere}
 figure.top{width:250px}
 figure.fv img{image-rendering:pixelated}
+table.textvis{border-collapse:collapse}
+table.textvis td,table.textvis th{padding:2px 8px;text-align:left}
 figure img{width:160px;height:160px;object-fit:contain;background:#eee;display:block}
 .boxed{position:relative;width:240px}
 .boxed img{width:240px;height:auto;display:block}

@@ -40,6 +40,7 @@ from dnd.probe import ProbeError, ProbeSet, open_probe
 from dnd.record import Evidence, Scoring, Selection, UnitRecord
 from dnd.report.assets import CSS, INDEX_JS
 from dnd.store import RunStore, safe_name
+from dnd.textvis import textvis_section
 
 log = logging.getLogger("dnd")
 
@@ -145,7 +146,8 @@ class _Images:
         from dnd.featurevis import unit_files
 
         root = self.store.featurevis_dir(layer).parent
-        kinds = sorted((p.name for p in root.iterdir() if p.is_dir()),
+        # texts/: a CLIP unit's top texts (dnd.textvis), a section of its own.
+        kinds = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name != "texts"),
                        key=lambda k: (k != "plain", k)) if root.is_dir() else []
         out = []
         for kind in kinds:
@@ -555,6 +557,7 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
     if rec.crops and rec.crops.top:
         parts.append(_top_images(rec, images, up))
     parts.append(_featurevis_section(rec, images, up))
+    parts.append(textvis_section(images.store.root, rec.layer, rec.unit))
 
     captions = rec.captions or ()
     if rec.crops and rec.crops.activating:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -154,6 +155,21 @@ def _add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
                    "transformers, huggingface_hub), which are hidden by default")
 
 
+# `dnd bench NAME --probe-size N --out DIR`: the function writing its table, and its help.
+TOY_TABLE_BENCHES = {
+    "selection": ("dnd.bench:write_selection_bench",
+                  "adaptive best-concept selection against the full evaluation on the toy "
+                  "world: generated images per unit and Label 1 agreement, with a held-out "
+                  "check on the planted units"),
+    "featurevis": ("dnd.toyworld.featurevis_benchmark:write_featurevis_bench",
+                   "feature visualization on the toy world, judged by the toy CLIP zero-shot, "
+                   "and its seconds per unit"),
+    "textvis": ("dnd.toyworld.textvis_benchmark:write_textvis_bench",
+                "text feature visualization of the toy CLIP's units, judged against their "
+                "ground-truth concepts, and the multimodal check"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dnd", description="Describe-and-Dissect: plain-language descriptions of the "
@@ -246,24 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "bench-toyworld-latency<SECONDS>s-<machine>.md. Not with --llm")
     bd.add_argument("--out", default="results", help="folder for the table (default results)")
 
-    bs = bench_sub.add_parser("selection", help="adaptive best-concept selection against the "
-                              "full evaluation on the toy world: generated images per unit "
-                              "and Label 1 agreement")
-    bs.add_argument("--probe-size", type=int, default=2000,
-                    help="toy probing renders (default 2000)")
-    bs.add_argument("--out", default="results", help="folder for the table (default results)")
-
-    bf = bench_sub.add_parser("featurevis", help="feature visualization on the toy world, "
-                              "judged by the toy CLIP zero-shot, and its seconds per unit")
-    bf.add_argument("--probe-size", type=int, default=2000,
-                    help="probing renders for the hidden layer's ground truth (default 2000)")
-    bf.add_argument("--out", default="results", help="folder for the table (default results)")
-    bt = bench_sub.add_parser("textvis", help="text feature visualization of the toy CLIP's "
-                              "units, judged against their ground-truth concepts, and the "
-                              "multimodal check")
-    bt.add_argument("--probe-size", type=int, default=2000,
-                    help="probing renders for directions and ground truth (default 2000)")
-    bt.add_argument("--out", default="results", help="folder for the table (default results)")
+    # Toy-world benches that take a probing-set size and write one table.
+    for name, (_, help_) in TOY_TABLE_BENCHES.items():
+        b = bench_sub.add_parser(name, help=help_)
+        b.add_argument("--probe-size", type=int, default=2000,
+                       help="toy probing renders (default 2000)")
+        b.add_argument("--out", default="results", help="folder for the table (default results)")
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
                               "sizes with random weights (needs a CUDA GPU), and projected "
                               "hours for 2,048 units")
@@ -292,24 +296,12 @@ def _bench(args: argparse.Namespace) -> int:
         from dnd import bench_paper
 
         return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
-    if args.bench == "featurevis":
-        from dnd.toyworld.featurevis_benchmark import write_featurevis_bench
-
-        command = "dnd bench featurevis" + (f" --probe-size {args.probe_size}"
-                                            if args.probe_size != 2000 else "")
-        write_featurevis_bench(args.out, command=command, n_probe=args.probe_size)
-        return 0
-    if args.bench == "textvis":
-        from dnd.toyworld.textvis_benchmark import write_textvis_bench
-
-        command = "dnd bench textvis" + (f" --probe-size {args.probe_size}"
-                                         if args.probe_size != 2000 else "")
-        write_textvis_bench(args.out, command=command, n_probe=args.probe_size)
-        return 0
-    if args.bench == "selection":
-        command = "dnd bench selection" + (f" --probe-size {args.probe_size}"
-                                           if args.probe_size != 2000 else "")
-        bench.write_selection_bench(args.out, command=command, n_probe=args.probe_size)
+    if args.bench in TOY_TABLE_BENCHES:
+        module, function = TOY_TABLE_BENCHES[args.bench][0].split(":")
+        write = getattr(importlib.import_module(module), function)
+        command = f"dnd bench {args.bench}" + (f" --probe-size {args.probe_size}"
+                                               if args.probe_size != 2000 else "")
+        write(args.out, command=command, n_probe=args.probe_size)
         return 0
     command = "dnd bench describe" + "".join(
         f" {flag} {value}" for flag, value, default in (

@@ -280,3 +280,18 @@ def test_latency_server_answers_like_an_openai_server_concurrently():
             post(server.base_url + "/embeddings", chat)
         with pytest.raises(urllib.error.HTTPError, match="400"):
             post(url, {"model": "m"})
+
+
+@pytest.mark.parametrize("name", ["selection", "featurevis", "textvis"])
+def test_toy_table_benches_get_their_command_and_probe_size(name, monkeypatch, tmp_path):
+    import importlib
+
+    from dnd.cli import TOY_TABLE_BENCHES, main
+
+    module, function = TOY_TABLE_BENCHES[name][0].split(":")
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), function,
+                        lambda out, **kw: calls.append((out, kw)))
+    assert main(["bench", name, "--probe-size", "300", "--out", str(tmp_path)]) == 0
+    assert calls == [(str(tmp_path), {"command": f"dnd bench {name} --probe-size 300",
+                                      "n_probe": 300})]

@@ -454,9 +454,11 @@ def _save_unit(folder: Path, vis: UnitVis, key: str) -> None:
         "start_activations": vis.start_activations, "facet": vis.facet})
 
 
-def _done(folder: Path, unit: int, key: str) -> bool:
+def unit_done(folder: Path, unit: int, key: str) -> bool:
+    """Whether ``folder/<unit>.json`` was saved with settings ``key`` (the resume check of
+    ``dnd featurevis``'s images and texts)."""
     try:
-        return json.loads((folder / f"{unit}.json").read_text()).get("key") == key
+        return json.loads((folder / f"{int(unit)}.json").read_text()).get("key") == key
     except (OSError, ValueError):
         return False
 
@@ -502,7 +504,7 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
     key = stable_hash({"config": config.to_dict(), "target": target.identity,
                        "layer": rc.layer, "colour": asdict(colour),
                        "facet": asdict(facet) if facet else None})
-    todo = [u for u in wanted if not _done(folder, u, key)]
+    todo = [u for u in wanted if not unit_done(folder, u, key)]
     t0 = time.perf_counter()
     bar = None
     if progress and todo:

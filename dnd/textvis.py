@@ -925,6 +925,7 @@ def textvis_run(run_dir: str | Path, units: str | None = None,
     with the same settings is skipped. Returns {"done", "skipped", "folder", "seconds"}."""
     from dnd.backends.base import resolve_device
     from dnd.config import parse_units
+    from dnd.featurevis import unit_done
     from dnd.probe import open_probe
     from dnd.target import num_units
 
@@ -953,7 +954,7 @@ def textvis_run(run_dir: str | Path, units: str | None = None,
                        "vocab": stable_hash(vocab), "multimodal": multimodal,
                        "lm": (None if config.lm_weight == 0 else "smollm2" if lm is None
                               else getattr(lm, "name", type(lm).__name__))})
-    todo = [u for u in wanted if not _done(folder, u, key)]
+    todo = [u for u in wanted if not unit_done(folder, u, key)]
     t0 = time.perf_counter()
     if todo:
         if config.lm_weight > 0 and lm is None:
@@ -996,13 +997,6 @@ def textvis_run(run_dir: str | Path, units: str | None = None,
                 bar.close()
     return {"done": len(todo), "skipped": len(wanted) - len(todo), "folder": folder,
             "seconds": time.perf_counter() - t0}
-
-
-def _done(folder: Path, unit: int, key: str) -> bool:
-    try:
-        return json.loads((folder / f"{int(unit)}.json").read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
 
 
 def read_unit_texts(run_dir: str | Path, layer: str, unit: int) -> dict | None:

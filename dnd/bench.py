@@ -34,6 +34,13 @@ from dnd.target import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Target
 from dnd.work import COUNTS, REFERENCE_PER_UNIT, Work, count_models, counting_target
 
 
+def write_table(path: Path, lines: list[str]) -> Path:
+    """Write a benchmark's markdown ``lines`` to ``path`` (atomically) and print them."""
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -93,10 +100,7 @@ def write_activation_bench(out_dir: str | Path = "results", **kw) -> Path:
         "kernel may drop at any time); the rest is one batch of layer outputs. The array "
         "is never copied into RAM as a whole.",
     ]
-    path = Path(out_dir) / f"bench-activations-{machine}.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_table(Path(out_dir) / f"bench-activations-{machine}.md", lines)
 
 
 # ---------------------------------------------------------------------------- describe
@@ -407,10 +411,7 @@ def write_describe_bench(out_dir: str | Path = "results", *, command: str, **kw)
     latency = r.get("llm_latency")
     llm = (f"latency{latency:g}s-" if latency is not None else
            f"{r['llm']}-" if r["llm"] else "")
-    path = Path(out_dir) / f"bench-toyworld-{llm}{_machine()}.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_table(Path(out_dir) / f"bench-toyworld-{llm}{_machine()}.md", lines)
 
 
 # ---------------------------------------------------------------------------- selection
@@ -536,7 +537,4 @@ def write_selection_bench(out_dir: str | Path = "results", *, command: str,
         held = bench_selection(Path(tmp) / "held-out", n_probe, held_layers,
                                (HELD_OUT_VARIANT,), model="toyworld-planted", noise_seed=1)
         lines = selection_bench_lines(r, command, n_probe, held)
-    path = Path(out_dir) / "bench-selection-toyworld.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_table(Path(out_dir) / "bench-selection-toyworld.md", lines)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dnd.bench import write_table
 from dnd.featurevis import ColourBasis, FeatureVisConfig, start_images, visualize
-from dnd.io import atomic_write_text
 
 HIDDEN = "conv4"
 
@@ -157,7 +157,4 @@ def write_featurevis_bench(out_dir: str | Path = "results", *, command: str,
                            n_probe: int = 2000) -> Path:
     """Run :func:`featurevis_bench` and write ``results/featurevis-toyworld.md``."""
     lines = featurevis_bench_lines(featurevis_bench(n_probe), command)
-    path = Path(out_dir) / "featurevis-toyworld.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_table(Path(out_dir) / "featurevis-toyworld.md", lines)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnd.io import atomic_write_text
+from dnd.bench import write_table
 from dnd.textvis import (
     MULTIMODAL_THRESHOLD,
     TextScorer,
@@ -264,7 +264,4 @@ def write_textvis_bench(out_dir: str | Path = "results", *, command: str,
                         n_probe: int = 2000) -> Path:
     """Run :func:`textvis_bench` and write ``<out_dir>/textvis-toyworld.md``."""
     lines = textvis_bench_lines(textvis_bench(n_probe), command)
-    path = Path(out_dir) / "textvis-toyworld.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return path
+    return write_table(Path(out_dir) / "textvis-toyworld.md", lines)

@@ -149,7 +149,8 @@ def describe_per_unit(config, run_dir: Path, target, probe, models
     """
     from dnd.cache import FeatureCache
     from dnd.config import parse_units
-    from dnd.pipeline import activation_pass, advance, build_stages
+    from dnd.executor import advance, build_stages
+    from dnd.pipeline import activation_pass
     from dnd.record import UnitRecord
     from dnd.stages.base import RunContext
     from dnd.store import RunStore

@@ -52,6 +52,15 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      f"(default {_D['device'].default})"),
     ("--chunk-units", "chunk_units", int, "units processed and saved together; bounds "
      f"memory and the work a crash can lose (default {_D['chunk_units'].default})"),
+    ("--executor", "executor", str, "where the per-unit stages run: local (this process) or "
+     "ray (actors of a Ray cluster, one per GPU, each with its own copy of the models; needs "
+     'pip install "dnd[ray]"); records do not depend on it, so a run resumes with either '
+     f"(default {_D['executor'].default})"),
+    ("--ray-address", "ray_address", str, "with --executor ray: the Ray cluster to join, e.g. "
+     "auto or ray://head:10001 (default: start one on this machine). On several machines "
+     "the run directory and probing set must be on a filesystem every node mounts"),
+    ("--ray-actors", "ray_actors", int, "with --executor ray: number of actors (default: one "
+     "per GPU of the cluster; without GPUs one per two CPUs)"),
     ("--top-n", "crop.top_n", int, f"top probe images per unit (default {_C.top_n})"),
     ("--top-k", "crop.top_k", int, "activating images kept after re-scoring originals and "
      f"crops (default {_C.top_k})"),
@@ -268,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--probe-size", type=int, default=2000,
                        help="toy probing renders (default 2000)")
         b.add_argument("--out", default="results", help="folder for the table (default results)")
+    br = bench_sub.add_parser("ray", help="the Ray executor on a local cluster with the toy "
+                              "world (coordination overhead per chunk, labels against the "
+                              "local executor) and a worked estimate of hours on 1, 4 and 8 "
+                              "GPUs")
+    br.add_argument("--probe-size", type=int, default=1000,
+                    help="toy probing renders (default 1000)")
+    br.add_argument("--gpu-rates", default=None, metavar="T,C,G,E",
+                    help="items per second of one GPU for the estimate: target forward, "
+                    "captions, generated images, CLIP-encoded images (e.g. from `dnd bench "
+                    "paper-scale`; default: assumed A100-class figures, 2000,100,1.5,1000)")
+    br.add_argument("--out", default="results", help="folder for the table (default results)")
     bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
                               "sizes with random weights (needs a CUDA GPU), and projected "
                               "hours for 2,048 units")
@@ -296,6 +316,25 @@ def _bench(args: argparse.Namespace) -> int:
         from dnd import bench_paper
 
         return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
+    if args.bench == "ray":
+        from dnd import bench_ray
+        from dnd.bench_paper import Rates
+
+        rates = None
+        if args.gpu_rates:
+            try:
+                rates = Rates(*(float(x) for x in args.gpu_rates.split(",")))
+            except (TypeError, ValueError):
+                raise SystemExit(f"dnd bench ray: --gpu-rates takes four numbers, target,"
+                                 f"caption,generate,encode items/s; got {args.gpu_rates!r}"
+                                 ) from None
+        command = "dnd bench ray" + "".join(
+            f" {flag} {value}" for flag, value, default in (
+                ("--probe-size", args.probe_size, 1000), ("--gpu-rates", args.gpu_rates, None))
+            if value != default)
+        bench_ray.write_ray_bench(args.out, command=command, rates=rates,
+                                  n_probe=args.probe_size)
+        return 0
     if args.bench in TOY_TABLE_BENCHES:
         module, function = TOY_TABLE_BENCHES[args.bench][0].split(":")
         write = getattr(importlib.import_module(module), function)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 SUMMARIZERS = ("llm", "consensus", "llm+consensus")
 # Config sections that only the LLM summariser reads.
 LLM_SECTIONS = ("llm", "summarize")
+# Where the per-unit stages run (dnd.executor).
+EXECUTORS = ("local", "ray")
 # Backend options that change speed, never results: ignored when comparing run configs.
 SPEED_OPTIONS = frozenset({"batch_size", "device", "max_concurrency", "timeout", "max_retries",
                            "backoff_base", "backoff_max"})
@@ -63,6 +65,13 @@ class RunConfig:
     workers: int = 0              # image-loading processes
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     chunk_units: int = 256        # units processed (and saved) together
+    # Where the per-unit stages run (dnd.executor): "local" (this process) or "ray" (actors
+    # of a Ray cluster, each with its own copy of the models; ``ray_address`` joins a running
+    # cluster, e.g. "auto", else a local one is started; ``ray_actors`` 0 = one per GPU of
+    # the cluster, or one per two CPUs without GPUs).
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_actors: int = 0
     # Generated images shared across runs (dnd.cache.ImageBank): "auto" (the environment's
     # DND_IMAGE_BANK, else the user cache folder), "none", or a folder; and its size limit.
     image_bank: str = "auto"
@@ -88,6 +97,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        self._check_executor()
         if not self.image_bank_max_gb > 0:
             raise ConfigError(f"image_bank_max_gb must be > 0, got {self.image_bank_max_gb}")
         if not self.probe:
@@ -114,6 +124,23 @@ class RunConfig:
             raise ConfigError(f"layer(s) {', '.join(twice)} given twice: name each layer once")
         object.__setattr__(self, "layer", self.layer[0] if len(self.layer) == 1
                            else list(self.layer))
+
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, "
+                              f"got {self.executor!r}")
+        if self.ray_actors < 0:
+            raise ConfigError(f"ray_actors must be >= 0 (0 = one per GPU), got "
+                              f"{self.ray_actors}")
+        if self.executor == "ray" and self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r} with executor ray: use auto, cuda or "
+                              "cpu (Ray gives each actor its own GPU, as cuda)")
+        if self.executor != "ray":  # no setting silently ignored
+            given = [k for k, v in (("ray_address", self.ray_address),
+                                    ("ray_actors", self.ray_actors)) if v]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} given, but executor is "
+                                  f"{self.executor!r}: add --executor ray, or remove them")
 
     @property
     def layers(self) -> list[str]:
@@ -167,7 +194,7 @@ class RunConfig:
         if not isinstance(self.layer, str):  # the order layers are described in changes nothing
             d["layer"] = sorted(self.layer)
         for k in ("units", "stop_after", "batch_size", "workers", "device", "chunk_units",
-                  "image_bank", "image_bank_max_gb"):
+                  "image_bank", "image_bank_max_gb", "executor", "ray_address", "ray_actors"):
             d.pop(k)
         d["crop"].pop("batch_size")
         d["score"].pop("batch_size")

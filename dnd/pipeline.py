@@ -7,10 +7,11 @@ captions (Step 2.1), candidates (Steps 2.2-2.4), labels (Step 3). Layers go thro
 after another, each layer's units in chunks; within a chunk each stage runs for all its
 units at once (batched, deduplicated), and every unit's record
 (:class:`dnd.record.UnitRecord`) is written as soon as a stage finishes, so a crash loses
-at most one stage of one chunk and a re-run continues where it stopped. Every model is
-loaded once, before the heavy work, and the run's caches (captions, LLM replies,
-generated-image features) serve every layer, so a caption or concept two layers need is
-computed once.
+at most one stage of one chunk and a re-run continues where it stopped. The chunks run in
+this process or on the actors of a Ray cluster (:mod:`dnd.executor`, which then writes
+each record once, as its chunk returns). Every model is loaded once, before the heavy
+work, and the run's caches (captions, LLM replies, generated-image features) serve every
+layer, so a caption or concept two layers need is computed once.
 
 Why layer by layer rather than chunks mixing layers: a stage is built for one layer (its
 activations, its hooks on the target) and a chunk's records are keyed by unit id; what
@@ -21,26 +22,23 @@ writes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 from dnd import preflight
 from dnd.activations import LayerActivations, compute_activations
 from dnd.backends.base import resolve_device
 from dnd.backends.factory import Models, load_llm, load_models
 from dnd.config import ConfigError, RunConfig, parse_units
+from dnd.executor import LocalExecutor, RayExecutor, open_executor
 from dnd.probe import ProbeSet, open_probe
-from dnd.record import STAGES, UnitRecord
-from dnd.stages.base import RunContext, Stage
+from dnd.record import UnitRecord
 from dnd.store import RunLock, RunStore
 from dnd.target import Target, load_target, num_units
 from dnd.work import Work, count_models, counting_target
@@ -143,7 +141,11 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     preflight.check_run(config, target=target, models=models)
     store = RunStore(run_dir)
     store.check(config)
-    llm = load_llm(config) if models is None else None
+    local = config.executor == "local"
+    if models is not None and not local:
+        raise ConfigError("models were passed in, but executor ray builds its own in each "
+                          "actor from the config: leave models out, or use executor local")
+    llm = load_llm(config) if models is None and local else None
     device = resolve_device(config.device)
     target = target or load_target(config.model, config.weights)
     target.to(device)
@@ -152,12 +154,12 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     if probe.skipped:
         log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
                     len(probe.skipped), probe.skipped[0][0])
-    models = models or load_models(config, device, llm)
-    store.save_config(config)
     work = Work()
+    if local:  # Ray's actors load their own models, so the driver needs none
+        models = count_models(models or load_models(config, device, llm), work)
+    store.save_config(config)
     with counting_target(target, work):
-        return _run(config, store, target, probe, count_models(models, work), units,
-                    progress, retry_failed, work)
+        return _run(config, store, target, probe, models, units, progress, retry_failed, work)
 
 
 def _check_layers(config: RunConfig, target: Target) -> dict[str, list[int]]:
@@ -214,18 +216,16 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
         save_work()
         return RunResult(store.root, {la: LayerResult(la, units[la], [], {}, acts[la])
                                       for la in layers}, n_bad, seconds, work)
-    if models.llm is not None:  # every reply cached in the run: a re-run pays nothing
-        from dnd.backends.llm import CachedChat
-
-        models = dataclasses.replace(models, llm=CachedChat(models.llm, store.llm_cache))
     # 3. The per-unit stages, layer by layer and chunk by chunk, for units not finished by
-    #    an earlier run.
+    #    an earlier run, on the config's executor (dnd.executor).
     results = {}
-    for layer in layers:
-        results[layer] = _run_layer(config.for_layer(layer), store, target, probe, models,
-                                    acts[layer], units[layer], progress, retry_failed,
-                                    seconds, functools.partial(chunk_done, layer))
-        store.write_labels(layer, layers)
+    with open_executor(config, store, target=target, probe=probe, models=models, work=work,
+                       progress=progress) as executor:
+        for layer in layers:
+            results[layer] = _run_layer(config.for_layer(layer), store, executor, acts[layer],
+                                        units[layer], retry_failed, seconds,
+                                        functools.partial(chunk_done, layer))
+            store.write_labels(layer, layers)
     if not any(processed.values()):  # nothing to do still gets its (empty) entry
         save_work()
     if config.stop_after == "labels":
@@ -233,12 +233,12 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
     return RunResult(store.root, results, n_bad, seconds, work)
 
 
-def _run_layer(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
-               models: Models, acts: LayerActivations, units: list[int], progress: bool,
-               retry_failed: bool, seconds: dict[str, float],
-               done_so_far: Callable[[int], None]) -> LayerResult:
+def _run_layer(config: RunConfig, store: RunStore, executor: LocalExecutor | RayExecutor,
+               acts: LayerActivations, units: list[int], retry_failed: bool,
+               seconds: dict[str, float], done_so_far: Callable[[int], None]) -> LayerResult:
     """The per-unit stages for ``units`` of ``config.layer`` (a one-layer config), chunk by
-    chunk; ``done_so_far(n)`` is called after each chunk with the units processed so far."""
+    chunk on ``executor``; ``done_so_far(n)`` is called after each chunk with the units
+    processed so far."""
     layer = config.layer
     records = {u: store.read_unit(layer, u) or UnitRecord(layer, u) for u in units}
     if retry_failed:
@@ -251,15 +251,14 @@ def _run_layer(config: RunConfig, store: RunStore, target: Target, probe: ProbeS
     log.info("%s: %d of %d units to do (%d already done, %d failed earlier)", layer,
              len(todo) - len(failed_before), len(units), len(units) - len(todo),
              len(failed_before))
-    ctx = RunContext(config, target, probe, acts, models, store.caption_cache,
-                     store.features, progress)
-    stages = build_stages(ctx)
+    chunks = [[records[u] for u in todo[start:start + config.chunk_units]]
+              for start in range(0, len(todo), config.chunk_units)]
     failed: dict[int, str] = {}
-    for start in range(0, len(todo), config.chunk_units):
-        chunk = [records[u] for u in todo[start:start + config.chunk_units]]
-        failed.update({r.unit: r.error for r in advance(stages, chunk, store, seconds)
-                       if r.failed})
-        done_so_far(start + len(chunk))
+    processed = 0
+    for chunk in executor.run_layer(config, acts, chunks, seconds):
+        failed.update({r.unit: r.error for r in chunk if r.failed})
+        processed += len(chunk)
+        done_so_far(processed)
     return LayerResult(layer, units, [u for u in todo if u not in failed], failed, acts,
                        [u for u in units if u not in todo], failed_before)
 
@@ -279,43 +278,6 @@ def activation_pass(config: RunConfig, store: RunStore, target: Target, probe: P
     """The activations of a one-layer config's layer (:func:`activation_passes`)."""
     (acts,) = activation_passes(config, store, target, probe, progress).values()
     return acts
-
-
-def build_stages(ctx: RunContext) -> list[Stage]:
-    """The per-unit stages of Steps 1-3 up to ``ctx.config.stop_after``, in order."""
-    from dnd.stages.candidates import CandidateStage
-    from dnd.stages.caption import CaptionStage
-    from dnd.stages.crop import CropStage
-    from dnd.stages.score import ScoreStage
-
-    ordered = [CropStage, CaptionStage, CandidateStage, ScoreStage]  # = STAGES[1:]
-    return [s(ctx) for s in ordered[:STAGES.index(ctx.config.stop_after)]]
-
-
-def advance(stages: Sequence[Stage], records: Sequence[UnitRecord], store: RunStore,
-            seconds: dict[str, float] | None = None) -> list[UnitRecord]:
-    """Take ``records`` through ``stages``, each stage for the records due for it, all of
-    them at once; every record is written to ``store`` as soon as a stage finishes it, so
-    a crash loses at most one stage. Returns the records, same order. ``seconds`` (stage ->
-    wall seconds) is added to."""
-    out = {r.unit: r for r in records}
-    for stage in stages:
-        due = [r for r in out.values() if r.due(stage.name)]
-        if not due:
-            continue
-        log.info("%s: %d unit(s)", stage.name, len(due))
-        started = time.perf_counter()
-        try:
-            done = stage(due)
-        except torch.OutOfMemoryError as e:  # still out of memory at batch size 1
-            reason = f"{stage.name}: out of memory even at batch size 1 ({str(e)[:200]})"
-            done = [r.fail(stage.name, reason) for r in due]
-        if seconds is not None:
-            seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - started
-        for rec in done:
-            out[rec.unit] = rec
-            store.write_unit(rec)
-    return [out[r.unit] for r in records]
 
 
 def _report(run_dir: Path) -> None:

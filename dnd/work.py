@@ -76,6 +76,22 @@ class Work:
                 model, s = seconds
                 self.seconds[model] = self.seconds.get(model, 0.0) + s
 
+    def take(self) -> dict[str, Any]:
+        """The counts and seconds so far (``{count: n, "seconds": {model: s}}``), and zero
+        them: what a Ray actor returns with each chunk (:mod:`dnd.executor`)."""
+        with self._lock:
+            out = {**self.counts(), "seconds": dict(self.seconds)}
+            for name in COUNTS:
+                setattr(self, name, 0)
+            self.seconds = {}
+        return out
+
+    def merge(self, taken: dict[str, Any]) -> None:
+        """Add what :meth:`take` returned (another process's work)."""
+        self.add(**{k: v for k, v in taken.items() if k != "seconds"})
+        for model, s in taken.get("seconds", {}).items():
+            self.add(seconds=(model, s))
+
     def counts(self) -> dict[str, int]:
         """The counts (no seconds), in :data:`COUNTS` order."""
         return {name: getattr(self, name) for name in COUNTS}

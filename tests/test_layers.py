@@ -21,8 +21,8 @@ PACKAGE = ROOT / "dnd"
 
 # dnd.textvis: `dnd featurevis`'s text part, whose multimodal check renders toy-world scenes
 # and whose toy-CLIP vocabulary comes from the toy world's captions.
-APPS_LAYER = {"dnd.cli", "dnd.bench", "dnd.bench_paper", "dnd.evaluation.tables",
-              "dnd.textvis"}
+APPS_LAYER = {"dnd.cli", "dnd.bench", "dnd.bench_paper", "dnd.bench_ray",
+              "dnd.evaluation.tables", "dnd.textvis"}
 
 
 def module_name(path: Path) -> str:

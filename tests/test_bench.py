@@ -150,6 +150,27 @@ def test_projected_hours_follow_the_per_unit_work():
     assert h["total"] == pytest.approx(sum(v for k, v in h.items() if k != "total"))
 
 
+def test_gpu_estimate_divides_the_per_unit_stages_among_the_gpus():
+    from dnd.bench_paper import Rates, project_hours
+    from dnd.bench_ray import estimate_hours
+
+    rates = Rates(target=1000.0, caption=100.0, generate=10.0, encode=500.0)
+    one = project_hours(rates, units=512, probe_images=10_000)
+    per_unit = one["total"] - one["activations"]
+    for n in (1, 4, 8):
+        h = estimate_hours(n, rates, overhead_per_chunk_s=36.0, units=512, chunk_units=64,
+                           probe_images=10_000, actor_start_s=72.0)
+        assert h["per-unit stages"] == pytest.approx(per_unit / n)
+        assert h["activations (driver, 1 GPU)"] == pytest.approx(one["activations"])
+        assert h["actor start"] == pytest.approx(0.02)
+        # 8 chunks of 64 units shared by n actors, 36 s each.
+        assert h["Ray coordination"] == pytest.approx(8 / n * 36 / 3600)
+        assert h["total"] == pytest.approx(sum(v for k, v in h.items() if k != "total"))
+    # 3 GPUs: the busiest actor takes 3 of the 8 chunks.
+    assert estimate_hours(3, rates, overhead_per_chunk_s=36.0, units=512, chunk_units=64
+                          )["Ray coordination"] == pytest.approx(3 * 36 / 3600)
+
+
 def test_paper_scale_bench_runs_its_stages_with_tiny_stand_ins(tmp_path):
     from dnd.bench_paper import measure, report_lines
 

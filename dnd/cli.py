@@ -37,7 +37,8 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--layer", "layer", str, "layer to describe, by module name (e.g. layer4, fc); "
      "`dnd layers --model M` lists them. Repeat to describe several layers in one run: one "
      "pass over the probing set, shared caches, --units for each layer, labels in "
-     "labels-<layer>.csv"),
+     "labels-<layer>.csv. A pattern names several: 'layer?' is a ResNet's layer1-layer4, "
+     "'encoder.layers.*' a ViT's blocks (* and ? stay within one dot-separated part)"),
     ("--units", "units", str, "units to describe: all, 7, 0-99 or 0,5,10-12 "
      f"(default {_D['units'].default})"),
     ("--summary", "summary", str, "how a unit's spatial map becomes one number per image: "

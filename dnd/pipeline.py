@@ -22,6 +22,7 @@ writes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -40,7 +41,7 @@ from dnd.executor import LocalExecutor, RayExecutor, open_executor
 from dnd.probe import ProbeSet, open_probe
 from dnd.record import UnitRecord
 from dnd.store import RunLock, RunStore
-from dnd.target import Target, load_target, num_units
+from dnd.target import Target, is_layer_pattern, load_target, match_layers, num_units
 from dnd.work import Work, count_models, counting_target
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,9 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     #    dir, API key, model, layers, unit ranges, probing set.
     preflight.check_run(config, target=target, models=models)
     store = RunStore(run_dir)
-    store.check(config)
+    patterns = any(is_layer_pattern(la) for la in config.layers)
+    if not patterns:  # else once the target names the layers they match
+        store.check(config)
     local = config.executor == "local"
     if models is not None and not local:
         raise ConfigError("models were passed in, but executor ray builds its own in each "
@@ -149,6 +152,9 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     device = resolve_device(config.device)
     target = target or load_target(config.model, config.weights)
     target.to(device)
+    if patterns:
+        config = _expand_layers(config, target)
+        store.check(config)
     units = _check_layers(config, target)
     probe = probe or open_probe(config.probe)
     if probe.skipped:
@@ -160,6 +166,19 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     store.save_config(config)
     with counting_target(target, work):
         return _run(config, store, target, probe, models, units, progress, retry_failed, work)
+
+
+def _expand_layers(config: RunConfig, target: Target) -> RunConfig:
+    """``config`` with each layer pattern (``layer?``) replaced by the layers it matches
+    (:func:`dnd.target.match_layers`), in the order given, each layer once. The run saves
+    the names, so it resumes with the same pattern or the names."""
+    names: list[str] = []
+    for spec in config.layers:
+        for name in match_layers(target, spec) if is_layer_pattern(spec) else [spec]:
+            if name not in names:
+                names.append(name)
+    log.info("layers: %s", ", ".join(names))
+    return dataclasses.replace(config, layer=names)
 
 
 def _check_layers(config: RunConfig, target: Target) -> dict[str, list[int]]:

@@ -14,6 +14,7 @@ Python API.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import importlib.util
 import logging
 from collections.abc import Iterator, Sequence
@@ -257,6 +258,29 @@ def split_output(out: torch.Tensor, summary: str, num_prefix_tokens: int = 1
         return out[:, 0, :], maps
     raise ValueError(f"unsupported layer output shape {tuple(out.shape)}: expected "
                      "[B, C, h, w], [B, F] or [B, T, D]")
+
+
+LAYER_PATTERN_CHARS = "*?["
+
+
+def is_layer_pattern(name: str) -> bool:
+    """Whether a ``--layer`` value is a pattern (``layer?``, ``encoder.layers.*``)."""
+    return any(c in name for c in LAYER_PATTERN_CHARS)
+
+
+def match_layers(target: Target, pattern: str) -> list[str]:
+    """The layer names ``pattern`` matches, in the network's module order. Matched part by
+    part between the dots with shell wildcards (``*``, ``?``, ``[1-4]``), so ``*`` stays
+    within one part: ``layer?`` is a ResNet's ``layer1``-``layer4`` and not their blocks,
+    ``encoder.layers.*`` a torchvision ViT's blocks. Raises ValueError when none matches."""
+    parts = pattern.split(".")
+    names = [n for n in target.layer_names() if len(n.split(".")) == len(parts)
+             and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts))]
+    if not names:
+        raise ValueError(f"layer pattern {pattern!r} matches no layer of model {target.name} "
+                         "(* and ? stay within one dot-separated part); `dnd layers --model "
+                         f"{target.name}` lists them")
+    return names
 
 
 def num_units(target: Target, layer: str) -> int:

@@ -163,3 +163,19 @@ def test_cli_repeats_layer_and_a_yaml_config_may_list_them(tmp_path, capsys):
                         str(tmp_path / "a")]) == 0  # the same layers: resumes
     assert main(argv + ["--layer", "fc", "--run-dir", str(tmp_path / "a")]) == 2
     assert "--layer fc --layer conv4" in capsys.readouterr().err
+
+
+def test_a_layer_pattern_describes_the_layers_it_matches(models, tmp_path):
+    def run(layer, where=tmp_path):
+        return describe(_config(layer, stop_after="activations"), where, models=models,
+                        progress=False)
+
+    assert list(run("conv[34]").layers) == ["conv3", "conv4"]  # not conv3.0, conv4.1, ...
+    assert RunStore(tmp_path).load_config().layers == ["conv3", "conv4"]
+    assert list(run(["conv4", "conv3"]).layers) == ["conv4", "conv3"]  # resumes by name
+    assert list(run(["conv[34]", "conv3", "fc"], tmp_path / "b").layers) == [
+        "conv3", "conv4", "fc"]  # each layer once
+    with pytest.raises(RunDirConflict, match="describes layers conv3, conv4"):
+        run("conv?", tmp_path)  # conv1-conv4: another run's layers
+    with pytest.raises(ValueError, match="layer pattern 'block\\*' matches no layer"):
+        run("block*", tmp_path / "c")

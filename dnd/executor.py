@@ -303,8 +303,11 @@ class RayExecutor:
 
 
 def _lost(record: UnitRecord, error: Exception) -> UnitRecord:
-    """``record`` failed at its next stage: its chunk lost its actor :data:`TRIES` times."""
-    stage = next(s for s in STAGES[1:] if record.due(s))
+    """``record`` failed at its next stage: its chunk lost its actor :data:`TRIES` times
+    (a record with no stage due, e.g. one that failed earlier, is returned as it was)."""
+    stage = next((s for s in STAGES[1:] if record.due(s)), None)
+    if stage is None:
+        return record
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return record.fail(stage, f"{stage}: the Ray actor running it was lost {TRIES} times "
                        f"({first[:200]})")

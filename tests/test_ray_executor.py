@@ -158,3 +158,18 @@ def test_ray_executor_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(ConfigError, match="executor ray builds its own"):
         describe(config, tmp_path / "a", progress=False,
                  models=load_models(config, resolve_device("cpu")))
+
+
+def test_a_chunk_that_keeps_losing_its_actor_fails_its_units_at_their_next_stage():
+    from dnd.executor import TRIES, _lost
+    from dnd.record import UnitRecord
+
+    error = RuntimeError("The actor died unexpectedly before finishing this task.\nmore")
+    fresh = _lost(UnitRecord("fc", 3), error)
+    assert fresh.failed and fresh.failed_at == "crops"
+    assert fresh.error == (f"crops: the Ray actor running it was lost {TRIES} times (The "
+                           "actor died unexpectedly before finishing this task.)")
+    captioned = _lost(UnitRecord("fc", 4, stage="captions"), error)
+    assert captioned.failed_at == "candidates"
+    before = UnitRecord("fc", 5).fail("captions", "captions: out of memory")
+    assert _lost(before, error) == before  # failed earlier, left alone

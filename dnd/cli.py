@@ -62,6 +62,19 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "the run directory and probing set must be on a filesystem every node mounts"),
     ("--ray-actors", "ray_actors", int, "with --executor ray: number of actors (default: one "
      "per GPU of the cluster; without GPUs one per two CPUs)"),
+    ("--dictionary", "dictionary.kind", str, "describe dictionary features besides or "
+     "instead of neurons: nmf (NMF factors of the layer's activations at positions of the "
+     "probing set: the Building Blocks' neuron groups), sae (a TopK sparse autoencoder "
+     "trained on them) or file (--dictionary-path). Name the layers <layer>.nmf, "
+     "<layer>.sae or <layer>.dict (--layer conv4.nmf; --layer conv4 too describes its "
+     "neurons in the same run); fitted dictionaries are saved in the run (default none)"),
+    ("--dictionary-features", "dictionary.features", int, "features of an nmf or sae "
+     "dictionary (default: nmf 32, sae 4x the layer's channels)"),
+    ("--dictionary-k", "dictionary.k", int, "sae: latents active at each position (TopK; "
+     "default 8)"),
+    ("--dictionary-path", "dictionary.path", str, "file: a sparse autoencoder (a SAELens "
+     "folder, a dictionary_learning ae.pt, a safetensors file with W_enc and b_enc) or a "
+     "[features, channels] matrix of directions (.npy, .pt, .safetensors)"),
     ("--top-n", "crop.top_n", int, f"top probe images per unit (default {_C.top_n})"),
     ("--top-k", "crop.top_k", int, "activating images kept after re-scoring originals and "
      f"crops (default {_C.top_k})"),

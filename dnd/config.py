@@ -48,6 +48,55 @@ class BackendConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+# Dictionary kinds (dnd.dictionary) -> the name a run's layers end with to describe their
+# features: `--dictionary nmf --layer conv4.nmf`.
+DICTIONARY_KINDS = {"nmf": "nmf", "sae": "sae", "file": "dict"}
+
+
+@dataclass(frozen=True)
+class DictionaryConfig:
+    """Dictionary features as units (:mod:`dnd.dictionary`): ``kind`` none (neurons only),
+    nmf (NMF factors of the layer's activations at positions of the probing set, the
+    Building Blocks' neuron groups), sae (a TopK sparse autoencoder trained on them) or
+    file (``path``: an SAE in a known layout, or a matrix of directions). A run layer
+    ``<layer>.<name>`` (name: nmf, sae or dict) is then the dictionary's features of
+    ``<layer>``; fitted dictionaries are saved in the run (``dictionaries/``)."""
+
+    kind: str = "none"
+    features: int = 0        # nmf, sae: number of features (0: nmf 32, sae 4x the channels)
+    k: int = 8               # sae: latents active per position (TopK)
+    path: str = ""           # file: the SAE folder or file, or the directions
+    samples: int = 50_000    # nmf, sae: positions sampled from the probing set to fit on
+    steps: int = 2000        # sae: training steps
+    seed: int = 0            # nmf, sae: sampling and fitting seed
+
+    def __post_init__(self) -> None:
+        kinds = ("none", *DICTIONARY_KINDS)
+        if self.kind not in kinds:
+            raise ConfigError(f"dictionary.kind must be one of {', '.join(kinds)}, got "
+                              f"{self.kind!r}")
+        defaults = DictionaryConfig.__dataclass_fields__
+        uses = {"none": (), "nmf": ("features", "samples", "seed"),
+                "sae": ("features", "k", "samples", "steps", "seed"), "file": ("path",)}
+        ignored = [n for n in ("features", "k", "path", "samples", "steps", "seed")
+                   if n not in uses[self.kind] and getattr(self, n) != defaults[n].default]
+        if ignored:
+            raise ConfigError(f"dictionary.{', dictionary.'.join(ignored)} given, but "
+                              f"dictionary kind {self.kind!r} does not use "
+                              f"{'it' if len(ignored) == 1 else 'them'}")
+        if self.kind == "file" and not self.path:
+            raise ConfigError("dictionary kind file needs dictionary.path (--dictionary-path)")
+        for name, low in (("features", 0), ("k", 1), ("samples", 1), ("steps", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"dictionary.{name} must be >= {low}, got "
+                                  f"{getattr(self, name)}")
+
+    @property
+    def name(self) -> str | None:
+        """What a run layer's name ends with to describe this dictionary's features."""
+        return DICTIONARY_KINDS.get(self.kind)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a `dnd describe` run."""
@@ -84,9 +133,11 @@ class RunConfig:
     generator: BackendConfig = field(default_factory=lambda: BackendConfig("diffusers"))
     encoder: BackendConfig = field(default_factory=lambda: BackendConfig("open_clip"))
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
 
     def __post_init__(self) -> None:
         self._check_layers()
+        self._check_dictionary()
         if self.summary not in ("mean", "max"):
             raise ConfigError(f"summary must be 'mean' or 'max', got {self.summary!r}")
         if self.stop_after not in STAGES:
@@ -125,6 +176,29 @@ class RunConfig:
         object.__setattr__(self, "layer", self.layer[0] if len(self.layer) == 1
                            else list(self.layer))
 
+    def _check_dictionary(self) -> None:
+        name = self.dictionary.name
+        if name is None:
+            return
+        if not self.dictionary_layers:
+            raise ConfigError(
+                f"dictionary {self.dictionary.kind!r} given, but no layer names its features:"
+                f" describe <layer>.{name} (e.g. --layer {self.layers[0]}.{name}; the layer "
+                "itself may be described in the same run)")
+        patterns = [la for la in self.dictionary_layers if any(c in la for c in "*?[")]
+        if patterns:
+            raise ConfigError(f"layer pattern(s) {', '.join(patterns)} with a dictionary: "
+                              "name each dictionary layer in full (e.g. --layer conv4."
+                              f"{name})")
+
+    @property
+    def dictionary_layers(self) -> dict[str, str]:
+        """Run layer -> the layer whose dictionary features it describes (``conv4.nmf`` ->
+        ``conv4``); empty without a dictionary."""
+        name = self.dictionary.name
+        return {la: la.rsplit(".", 1)[0] for la in self.layers
+                if name and "." in la and la.rsplit(".", 1)[1] == name}
+
     def _check_executor(self) -> None:
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, "
@@ -153,7 +227,10 @@ class RunConfig:
         if layer not in self.layers:
             raise ValueError(f"layer {layer!r} is not one of this run's layers "
                              f"({', '.join(self.layers)})")
-        return dataclasses.replace(self, layer=layer)
+        # A layer that is not a dictionary layer has no dictionary to describe.
+        dictionary = (self.dictionary if layer in self.dictionary_layers
+                      else DictionaryConfig())
+        return dataclasses.replace(self, layer=layer, dictionary=dictionary)
 
     def open_image_bank(self):
         """The :class:`dnd.cache.ImageBank` of ``image_bank``, or None for ``none``. "auto":
@@ -181,6 +258,8 @@ class RunConfig:
         if not self.uses_llm:
             for section in LLM_SECTIONS:
                 d.pop(section)
+        if self.dictionary.kind == "none":  # as before dictionaries existed
+            d.pop("dictionary")
         return d
 
     @classmethod

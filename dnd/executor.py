@@ -150,6 +150,7 @@ class ChunkWorker:
     def __init__(self, config: RunConfig, run_dir: str):
         from dnd.backends.base import resolve_device
         from dnd.backends.factory import load_llm, load_models
+        from dnd.dictionary import attach_configured
         from dnd.probe import open_probe
         from dnd.target import load_target
 
@@ -157,6 +158,8 @@ class ChunkWorker:
         device = resolve_device(config.device)
         llm = load_llm(config)
         self.target = load_target(config.model, config.weights).to(device)
+        # The driver fitted and saved the run's dictionaries before starting the actors.
+        attach_configured(self.target, config, self.store.dictionary_path)
         self.probe = open_probe(config.probe)
         self.work = Work()
         self._counting = contextlib.ExitStack()

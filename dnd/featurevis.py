@@ -479,6 +479,7 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
     "folder", "seconds"}."""
     from dnd.backends.base import resolve_device
     from dnd.config import parse_units
+    from dnd.dictionary import attach_configured
     from dnd.probe import open_probe
     from dnd.target import load_target, num_units
 
@@ -486,6 +487,7 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
     rc = store.layer_config(layer)
     config = replace(config, summary=rc.summary)
     target = load_target(rc.model, rc.weights).to(resolve_device(device or rc.device))
+    attach_configured(target, rc, store.dictionary_path)  # a dictionary layer's features
     wanted = (store.described_units(rc.layer) if units is None
               else parse_units(units, num_units(target, rc.layer)))
     probe = open_probe(rc.probe)

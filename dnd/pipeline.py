@@ -22,6 +22,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -37,6 +38,7 @@ from dnd.activations import LayerActivations, compute_activations
 from dnd.backends.base import resolve_device
 from dnd.backends.factory import Models, load_llm, load_models
 from dnd.config import ConfigError, RunConfig, parse_units
+from dnd.dictionary import attach_configured
 from dnd.executor import LocalExecutor, RayExecutor, open_executor
 from dnd.probe import ProbeSet, open_probe
 from dnd.record import UnitRecord
@@ -155,17 +157,28 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
     if patterns:
         config = _expand_layers(config, target)
         store.check(config)
-    units = _check_layers(config, target)
+    _check_layer_names(config, target)
     probe = probe or open_probe(config.probe)
     if probe.skipped:
         log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
                     len(probe.skipped), probe.skipped[0][0])
     work = Work()
-    if local:  # Ray's actors load their own models, so the driver needs none
-        models = count_models(models or load_models(config, device, llm), work)
-    store.save_config(config)
-    with counting_target(target, work):
-        return _run(config, store, target, probe, models, units, progress, retry_failed, work)
+    with contextlib.ExitStack() as attached:
+        # Dictionary layers (conv4.nmf): fitted on the probing set on a first run (a pass
+        # over it, counted), saved in the run; taken off at the end (a target passed in is
+        # the caller's).
+        fits = sum(config.dictionary.kind != "file" and not store.dictionary_path(la).is_file()
+                   for la in config.dictionary_layers)
+        for handle in attach_configured(target, config, store.dictionary_path, probe):
+            attached.callback(handle.remove)
+        work.add(target_images=fits * len(probe))
+        units = _check_units(config, target)
+        if local:  # Ray's actors load their own models, so the driver needs none
+            models = count_models(models or load_models(config, device, llm), work)
+        store.save_config(config)
+        with counting_target(target, work):
+            return _run(config, store, target, probe, models, units, progress, retry_failed,
+                        work)
 
 
 def _expand_layers(config: RunConfig, target: Target) -> RunConfig:
@@ -181,18 +194,22 @@ def _expand_layers(config: RunConfig, target: Target) -> RunConfig:
     return dataclasses.replace(config, layer=names)
 
 
-def _check_layers(config: RunConfig, target: Target) -> dict[str, list[int]]:
-    """Layer -> its requested units. Every unknown layer (with close matches) and every out
-    of range unit spec raise here: after the target (needed to know its layers) and the
-    summariser's API client, before the pass and the other models."""
+def _check_layer_names(config: RunConfig, target: Target) -> None:
+    """Every unknown layer raises here, with close matches (a dictionary layer's, such as
+    ``conv4.nmf``, is the layer it reads): after the target (needed to know its layers) and
+    the summariser's API client, before fitting a dictionary, the pass and the models."""
     unknown = []
     for layer in config.layers:
         try:
-            target.layer(layer)
+            target.layer(config.dictionary_layers.get(layer, layer))
         except ValueError as e:
             unknown.append(str(e))
     if unknown:
         raise ValueError("; ".join(unknown))
+
+
+def _check_units(config: RunConfig, target: Target) -> dict[str, list[int]]:
+    """Layer -> its requested units; an out of range unit spec raises, naming its layer."""
     units = {}
     for layer in config.layers:
         try:

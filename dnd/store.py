@@ -10,6 +10,7 @@
 <run>/cache/captions/             captions by captioner and image pixels (JsonCache)
 <run>/cache/llm/                  LLM replies by request (JsonCache)
 <run>/cache/generated/            generated images' features and thumbnails (FeatureCache)
+<run>/dictionaries/<layer>.*      dictionaries fitted for dictionary layers (dnd.dictionary)
 <run>/report/                     the HTML report (dnd.report)
 <run>/run.lock                    held by the process using the run (see RunLock)
 ```
@@ -262,6 +263,11 @@ class RunStore:
             raise ValueError(f"{self.root} has no unit records for layer {layer!r}; "
                              "describe units first or pass --units")
         return units
+
+    def dictionary_path(self, layer: str) -> Path:
+        """The dictionary a run fitted for run layer ``layer`` (``conv4.nmf``; dnd's
+        safetensors file, what it was fitted on in the ``.json`` beside it)."""
+        return self.root / "dictionaries" / f"{safe_name(layer)}.safetensors"
 
     def featurevis_dir(self, layer: str, variant: str = "plain") -> Path:
         """Feature visualizations of ``layer`` (``dnd.featurevis``): ``plain`` or

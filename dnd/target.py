@@ -161,6 +161,9 @@ class Target:
     class_names: list[str] | None = None
     # Tokens before the patch grid in a ViT's [B, T, D] output (CLS, registers).
     num_prefix_tokens: int = 1
+    # Dictionaries attached as extra layers (dnd.dictionary.attach): dotted name -> their
+    # fingerprint, part of the identity so cached activations follow the exact dictionary.
+    dictionaries: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_module(cls, module: nn.Module, preprocess: Preprocess, *, name: str = "custom",
@@ -204,8 +207,11 @@ class Target:
     def identity(self) -> dict:
         """What must match for cached activations to be reused (an attribute, like the
         backends' ``identity``)."""
-        return {"model": self.name, "weights": self.weights_id,
-                "preprocess": self.preprocess.to_dict()}
+        out = {"model": self.name, "weights": self.weights_id,
+               "preprocess": self.preprocess.to_dict()}
+        if self.dictionaries:  # only then, so every other target's cache keys stay as they were
+            out["dictionaries"] = dict(sorted(self.dictionaries.items()))
+        return out
 
 
 @contextlib.contextmanager

@@ -190,6 +190,9 @@ TOY_TABLE_BENCHES = {
     "textvis": ("dnd.toyworld.textvis_benchmark:write_textvis_bench",
                 "text feature visualization of the toy CLIP's units, judged against their "
                 "ground-truth concepts, and the multimodal check"),
+    "explain": ("dnd.toyworld.explain_benchmark:write_explain_bench",
+                "dnd explain's semantic dictionary on toy renders with one object at a known "
+                "place: do the top labelled conv4 units there name its colour or shape?"),
 }
 
 
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dnd.featurevis import add_cli as add_featurevis_cli
 
     add_featurevis_cli(sub)  # `dnd featurevis RUN_DIR`
+    from dnd.explain import add_cli as add_explain_cli
+
+    add_explain_cli(sub)  # `dnd explain IMAGE --run RUN_DIR`
 
     d = sub.add_parser("describe", help="describe units of a layer",
                        formatter_class=_BackendNamesFormatter,

@@ -11,6 +11,7 @@
 <run>/cache/llm/                  LLM replies by request (JsonCache)
 <run>/cache/generated/            generated images' features and thumbnails (FeatureCache)
 <run>/dictionaries/<layer>.*      dictionaries fitted for dictionary layers (dnd.dictionary)
+<run>/explain/<image>/            dnd explain's page of one image
 <run>/report/                     the HTML report (dnd.report)
 <run>/run.lock                    held by the process using the run (see RunLock)
 ```
@@ -268,6 +269,10 @@ class RunStore:
         """The dictionary a run fitted for run layer ``layer`` (``conv4.nmf``; dnd's
         safetensors file, what it was fitted on in the ``.json`` beside it)."""
         return self.root / "dictionaries" / f"{safe_name(layer)}.safetensors"
+
+    def explain_dir(self, image_stem: str) -> Path:
+        """``dnd explain``'s page of one image (``index.html``, its PNGs and JSON)."""
+        return self.root / "explain" / safe_name(image_stem)
 
     def featurevis_dir(self, layer: str, variant: str = "plain") -> Path:
         """Feature visualizations of ``layer`` (``dnd.featurevis``): ``plain`` or

@@ -193,6 +193,10 @@ TOY_TABLE_BENCHES = {
     "explain": ("dnd.toyworld.explain_benchmark:write_explain_bench",
                 "dnd explain's semantic dictionary on toy renders with one object at a known "
                 "place: do the top labelled conv4 units there name its colour or shape?"),
+    "dictionary": ("dnd.toyworld.dictionary_benchmark:write_dictionary_bench",
+                   "NMF factors and SAE latents of toyworld-planted's conv4 against its "
+                   "neurons: clear ground truth, DnD agreement, and whether its polysemantic "
+                   "planted neurons split into one-concept features"),
 }
 
 

@@ -303,7 +303,7 @@ def test_latency_server_answers_like_an_openai_server_concurrently():
             post(url, {"model": "m"})
 
 
-@pytest.mark.parametrize("name", ["selection", "featurevis", "textvis", "explain"])
+@pytest.mark.parametrize("name", ["selection", "featurevis", "textvis", "explain", "dictionary"])
 def test_toy_table_benches_get_their_command_and_probe_size(name, monkeypatch, tmp_path):
     import importlib
 

@@ -14,6 +14,8 @@ Pages say only what the records hold: a run stopped early (``--stop-after``) say
 failed unit's card gives a short reason (the full error is on its page), a layer without
 spatial maps gets no heatmap or crop counts, and units whose interpretability score is low
 for their layer are marked, with the rule's numbers (:func:`low_interpretability_rule`).
+A dictionary feature's page (layer ``conv4.nmf``) lists the neurons it mixes, with their
+labels when the run described them (:mod:`dnd.report.dictionary`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dnd.io import atomic_write_bytes, atomic_write_text
 from dnd.probe import ProbeError, ProbeSet, open_probe
 from dnd.record import Evidence, Scoring, Selection, UnitRecord
 from dnd.report.assets import CSS, INDEX_JS
+from dnd.report.dictionary import LayerMixes, layer_mixes
 from dnd.store import RunStore, safe_name
 from dnd.textvis import textvis_section
 
@@ -305,11 +308,13 @@ def build_report(run_dir: str | Path) -> Path:
     for rec in records:
         by_layer.setdefault(rec.layer, []).append(_scoring(rec).interpretability)
     rules = {layer: low_interpretability_rule(s) for layer, s in by_layer.items()}
+    mixes = layer_mixes(store, config, records)  # dictionary layers only
     cards = []
     for rec in records:
         href = f"units/{safe_name(rec.layer)}/{rec.unit}.html"
         # Report files are rebuilt from the records on every run: no flush to disk.
-        atomic_write_text(store.report_dir / href, unit_page(rec, images, rules[rec.layer]),
+        atomic_write_text(store.report_dir / href,
+                          unit_page(rec, images, rules[rec.layer], mixes.get(rec.layer)),
                           durable=False)
         top = (rec.crops.top or rec.crops.activating) if rec.crops else ()
         thumbs = [images.probe_image(e.index) for e in top[:CARD_THUMBS]]
@@ -508,10 +513,12 @@ def _featurevis_section(rec: UnitRecord, images: _Images, up: str) -> str:
             "which can differ from anything in the probing set.</p>" + "".join(rows))
 
 
-def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None) -> str:
+def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None,
+              mixes: LayerMixes | None = None) -> str:
     """One unit's page: labels, evidence images with crop boxes, captions, candidates.
 
-    ``rule``: the layer's low-interpretability rule, to mark and explain the unit's score.
+    ``rule``: the layer's low-interpretability rule, to mark and explain the unit's score;
+    ``mixes``: for a dictionary feature, its layer's dictionary (the neurons it mixes).
     """
     up = "../../"
     layer, unit = rec.layer, rec.unit
@@ -553,6 +560,8 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
                      f"</span> {esc(reason)}.</p>")
     if scoring.selection:
         parts.append(f"<p class=why id=why>{esc(why_sentence(scoring.selection))}</p>")
+    if mixes is not None:
+        parts.append(mixes.section(unit, up))
 
     if rec.crops and rec.crops.top:
         parts.append(_top_images(rec, images, up))

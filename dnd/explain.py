@@ -49,7 +49,7 @@ from PIL import Image
 
 from dnd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dnd.store import RunStore, safe_name
-from dnd.target import Target, capture, split_output
+from dnd.target import Target, capture, position_sum, split_output
 
 BASELINES = ("black", "mean")
 DEFAULT_GROUPS = 4
@@ -433,15 +433,6 @@ def spatial_attribution(target: Target, x: torch.Tensor,
                               _gap(float(pixel.sum()), value, base), baseline, steps)
 
 
-def _position_sum(t: torch.Tensor) -> torch.Tensor:
-    """[n, C, h, w] / [n, T, C] / [n, C] -> [n, C]: summed over positions (tokens)."""
-    if t.dim() == 4:
-        return t.sum((2, 3))
-    if t.dim() == 3:
-        return t.sum(1)
-    return t
-
-
 def _order_error(layer_a: str, layer_b: str) -> str:
     return (f"layer {layer_b} runs before layer {layer_a}: channel attribution needs the "
             "earlier layer as A (--layer) and the later one as B (--next-layer)")
@@ -484,7 +475,7 @@ def channel_attribution(target: Target, x: torch.Tensor, layer_a: str, layer_b: 
         finally:
             handle.remove()
             replaced.clear()
-    contrib = _position_sum(attr.detach()).double()[0].cpu().numpy()     # [C_A]
+    contrib = position_sum(attr.detach()).double()[0].cpu().numpy()     # [C_A]
     total = value - base
     return ChannelAttribution(layer_a, layer_b, int(unit_b), label_b, contrib, total,
                               _gap(float(contrib.sum()), value, base),

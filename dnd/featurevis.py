@@ -46,7 +46,7 @@ from PIL import Image
 
 from dnd.io import atomic_write_bytes, atomic_write_json, stable_hash
 from dnd.store import RunStore, safe_name
-from dnd.target import Target, capture, split_output
+from dnd.target import Target, capture, position_sum, split_output
 
 
 @dataclass(frozen=True)
@@ -271,15 +271,6 @@ def _style(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _position_sum(t: torch.Tensor) -> torch.Tensor:
-    """[n, C, h, w] or [n, T, C] or [n, C] -> [n, C]: a layer's values summed over positions."""
-    if t.dim() == 4:
-        return t.sum((2, 3))
-    if t.dim() == 3:
-        return t.sum(1)
-    return t
-
-
 def pooled_features(target: Target, layer: str, images: Sequence[Image.Image],
                     batch: int = 64) -> torch.Tensor:
     """A layer's output averaged over positions, per image: [n, C] float32 (what a facet
@@ -292,7 +283,7 @@ def pooled_features(target: Target, layer: str, images: Sequence[Image.Image],
             target.module(x.to(target.device))
             out = outs[layer].float()
             n_pos = out[0].numel() / (out.shape[1] if out.dim() == 4 else out.shape[-1])
-            rows.append(_position_sum(out).cpu() / n_pos)
+            rows.append(position_sum(out).cpu() / n_pos)
     return torch.cat(rows)
 
 
@@ -394,7 +385,7 @@ def _optimise(chunk, cfg, colour, size, target, facet, w_facet, unit_objective, 
         if facet is not None:
             h = outs[facet.layer]
             grad = torch.autograd.grad(obj.sum(), h, create_graph=True)[0]
-            loss = loss - facet.weight * (_position_sum(h * grad) @ w_facet).sum()
+            loss = loss - facet.weight * (position_sum(h * grad) @ w_facet).sum()
         if n > 1:
             style = F.normalize(_style(outs[layer]).float(), dim=1).view(len(chunk), n, -1)
             sim = torch.bmm(style, style.transpose(1, 2))       # [units, n, n]

@@ -289,6 +289,16 @@ def match_layers(target: Target, pattern: str) -> list[str]:
     return names
 
 
+def position_sum(t: torch.Tensor) -> torch.Tensor:
+    """A layer output summed over its positions: [n, C, h, w], [n, T, C] (tokens) or
+    [n, C] -> [n, C]."""
+    if t.dim() == 4:
+        return t.sum((2, 3))
+    if t.dim() == 3:
+        return t.sum(1)
+    return t
+
+
 def num_units(target: Target, layer: str) -> int:
     """Number of units of ``layer``, from one forward pass of a blank image."""
     module = target.layer(layer)

@@ -699,6 +699,8 @@ class AttachedDictionary:
     dictionary: Dictionary
     _module: nn.Module = field(repr=False, default=None)
     _hook: Any = field(repr=False, default=None)
+    # Images read to fit the dictionary before attaching it (0: loaded; attach_configured).
+    fitted_images: int = 0
 
     @property
     def layer(self) -> str:
@@ -784,11 +786,12 @@ def attach_configured(target: Target, config: Any, saved: Callable[[str], Path],
     ``saved(run_layer)`` (the run's copy, :meth:`dnd.store.RunStore.dictionary_path`), or
     when absent fitted on ``config.dictionary.samples`` positions of the probing set
     ``probe`` and saved there first (then read back, so every process of the run, Ray's
-    actors included, uses the same numbers). Without ``probe`` a missing copy raises
-    FileNotFoundError."""
+    actors included, uses the same numbers; the handle's ``fitted_images`` counts the images
+    that fitting read). Without ``probe`` a missing copy raises FileNotFoundError."""
     dc = config.dictionary
     handles = []
     for run_layer, parent in config.dictionary_layers.items():
+        fitted = 0
         if dc.kind == "file":
             dictionary = load_dictionary(dc.path)
         else:
@@ -798,8 +801,10 @@ def attach_configured(target: Target, config: Any, saved: Callable[[str], Path],
                     raise FileNotFoundError(f"the run has no fitted dictionary for {run_layer} "
                                             f"({path}); run dnd describe first")
                 _fit_and_save(target, config, parent, probe, path)
+                fitted = len(probe)
             dictionary = load_dictionary(path)
         handles.append(attach(target, parent, dictionary, name=dc.name))
+        handles[-1].fitted_images = fitted
     return handles
 
 

@@ -167,11 +167,9 @@ def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
         # Dictionary layers (conv4.nmf): fitted on the probing set on a first run (a pass
         # over it, counted), saved in the run; taken off at the end (a target passed in is
         # the caller's).
-        fits = sum(config.dictionary.kind != "file" and not store.dictionary_path(la).is_file()
-                   for la in config.dictionary_layers)
         for handle in attach_configured(target, config, store.dictionary_path, probe):
             attached.callback(handle.remove)
-        work.add(target_images=fits * len(probe))
+            work.add(target_images=handle.fitted_images)
         units = _check_units(config, target)
         if local:  # Ray's actors load their own models, so the driver needs none
             models = count_models(models or load_models(config, device, llm), work)

@@ -6,6 +6,9 @@ ascent on the input with:
 - a decorrelated parameterisation: a Fourier spectrum scaled by 1/f (so the optimiser
   moves low frequencies as easily as high ones), mapped through the square root of the
   probing images' RGB covariance and a sigmoid around their mean colour;
+- optionally (``alpha``) an opacity mask, composited over a random flat colour at each
+  step, so that only what the unit needs stays opaque (the transparent visualizations of
+  lucid's differentiable-parameterisation work);
 - transformation robustness: a random rotation, scale and translation per image and step,
   so the result does not hinge on single pixels;
 - for the first quarter of the steps, and for any image whose unit is still at zero, ReLUs
@@ -65,6 +68,7 @@ class FeatureVisConfig:
     batch_size: int = 32              # images optimised together
     seed: int = 0                     # image k of unit u always starts from the same noise
     summary: str = "mean"             # how a spatial unit's map becomes its objective
+    alpha: bool = False               # also optimise an opacity mask (see FourierImage)
 
     def __post_init__(self) -> None:
         for name in ("steps", "per_unit", "batch_size"):
@@ -200,12 +204,14 @@ def _image_seed(seed: int, unit: int, k: int) -> int:
 
 class FourierImage(torch.nn.Module):
     """``n`` images of ``size`` x ``size`` pixels in [0, 1], parameterised by their 1/f-scaled
-    Fourier spectra in the colour basis (see the module docstring)."""
+    Fourier spectra in the colour basis (see the module docstring). With ``alpha`` a fourth
+    spectrum is an opacity mask (sigmoid, starting near 0.5), and the image is composited
+    over a background: the one passed to :meth:`forward`, else the colour basis's mean."""
 
     def __init__(self, seeds: Sequence[int], size: int, colour: ColourBasis,
-                 decay: float = 1.0, init_std: float = INIT_STD):
+                 decay: float = 1.0, init_std: float = INIT_STD, alpha: bool = False):
         super().__init__()
-        self.size = size
+        self.size, self.alpha = size, alpha
         self.spectrum = torch.nn.Parameter(torch.stack([self.noise(s, init_std) for s in seeds]))
         fy = torch.fft.fftfreq(size)[:, None]
         fx = torch.fft.rfftfreq(size)[None, :]
@@ -214,18 +220,29 @@ class FourierImage(torch.nn.Module):
         self.register_buffer("scale", scale / scale.pow(2).mean().sqrt())
         self.register_buffer("sqrt_cov", torch.tensor(colour.sqrt_cov, dtype=torch.float32))
         mean = torch.tensor(colour.mean, dtype=torch.float32)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1))
         self.register_buffer("offset", torch.log(mean / (1 - mean)).view(1, 3, 1, 1))
 
     def noise(self, seed: int, std: float) -> torch.Tensor:
-        """A starting spectrum [3, size, size // 2 + 1, 2] drawn from ``seed``."""
+        """A starting spectrum [3 (4 with alpha), size, size // 2 + 1, 2] drawn from ``seed``
+        (the colour channels are the same with and without alpha)."""
+        shape = (self.size, self.size // 2 + 1, 2)
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(3, self.size, self.size // 2 + 1, 2, generator=g) * std
+        rgb = torch.randn(3, *shape, generator=g) * std
+        if not self.alpha:
+            return rgb
+        g_alpha = torch.Generator().manual_seed(seed ^ 0x5EED)
+        return torch.cat([rgb, torch.randn(1, *shape, generator=g_alpha) * std])
 
-    def forward(self) -> torch.Tensor:
-        """Pixels [n, 3, size, size] in [0, 1]."""
+    def forward(self, background: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels [n, 3, size, size] in [0, 1]; ``background`` [n, 3, 1, 1] (alpha only)."""
         spec = torch.view_as_complex(self.spectrum) * self.scale
         z = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho") * self.size / 4
-        return torch.sigmoid(self.offset + torch.einsum("ij,njhw->nihw", self.sqrt_cov, z))
+        rgb = torch.sigmoid(self.offset + torch.einsum("ij,njhw->nihw", self.sqrt_cov, z[:, :3]))
+        if not self.alpha:
+            return rgb
+        a = torch.sigmoid(z[:, 3:])
+        return a * rgb + (1 - a) * (self.mean if background is None else background)
 
 
 def to_images(pix: torch.Tensor) -> list[Image.Image]:
@@ -239,7 +256,7 @@ def start_images(units: Sequence[int], size: int, config: FeatureVisConfig,
     """The unoptimised starting image of each unit's first visualization (the baseline a
     visualization is compared with)."""
     param = FourierImage([_image_seed(config.seed, u, 0) for u in units], size, colour,
-                         config.decay)
+                         config.decay, alpha=config.alpha)
     with torch.no_grad():
         return to_images(param())
 
@@ -365,7 +382,7 @@ def _optimise(chunk, cfg, colour, size, target, facet, w_facet, unit_objective, 
     n = cfg.per_unit
     seeds = [_image_seed(cfg.seed, u, k) for u in chunk for k in range(n)]
     which = torch.tensor([u for u in chunk for _ in range(n)], device=target.device)
-    param = FourierImage(seeds, size, colour, cfg.decay).to(target.device)
+    param = FourierImage(seeds, size, colour, cfg.decay, alpha=cfg.alpha).to(target.device)
     gens = [torch.Generator().manual_seed(s + 1) for s in seeds]
     opt = torch.optim.Adam(param.parameters(), lr=cfg.lr)
     with torch.no_grad():
@@ -375,8 +392,13 @@ def _optimise(chunk, cfg, colour, size, target, facet, w_facet, unit_objective, 
         # Redirected ReLUs early on (to wake units up) and for any image whose unit is
         # still off; plain gradients otherwise.
         redirect.mask = (last == 0) | (step < cfg.steps // 4)
-        pix = param()
-        grid = F.affine_grid(_random_affine(gens, cfg).to(pix.device), list(pix.shape),
+        # With alpha, a random flat background per image and step: only what the unit
+        # needs stays opaque (drawn after the affine, from the image's own generator).
+        thetas = _random_affine(gens, cfg)
+        background = (torch.stack([torch.rand(3, generator=g) for g in gens]).view(-1, 3, 1, 1)
+                      .to(target.device) if cfg.alpha else None)
+        pix = param(background)
+        grid = F.affine_grid(thetas.to(pix.device), list(pix.shape),
                              align_corners=False)
         x = F.grid_sample(pix, grid, padding_mode="reflection", align_corners=False)
         obj = unit_objective(x, which)
@@ -549,6 +571,12 @@ def add_cli(sub) -> None:
                    help=f"spectrum scaling 1/f^decay of the image parameterisation: larger "
                    f"gives smoother images, smaller reaches fine detail such as text "
                    f"(default {d.decay})")
+    p.add_argument("--alpha", action="store_true",
+                   help="also optimise an opacity mask, composited over a random flat colour "
+                   "each step, so only what the unit needs stays opaque (shown over the "
+                   "probing images' mean colour); off by default: on the toy world it reads "
+                   "better for class units and worse for hidden ones "
+                   "(results/featurevis-toyworld.md)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"images optimised together (default {d.batch_size})")
@@ -579,7 +607,7 @@ def _cli(args) -> int:
         facet = (args.facet, args.facet_layer, _folder_images(args.facet_positive),
                  _folder_images(args.facet_negative), args.facet_weight)
     cfg = FeatureVisConfig(steps=args.steps, per_unit=args.per_unit, seed=args.seed,
-                           batch_size=args.batch_size, decay=args.decay)
+                           batch_size=args.batch_size, decay=args.decay, alpha=args.alpha)
     out = featurevis_run(args.run_dir, args.units, cfg, layer=args.layer, facet_images=facet,
                          device=args.device, progress=not args.quiet)
     from dnd.textvis import run_cli

@@ -41,6 +41,28 @@ def test_a_unit_that_fires_on_one_colour_gets_an_image_of_that_colour(unit, chan
     assert vis.activations[0] > vis.start_activations[0] + 0.3
 
 
+def test_with_alpha_a_colour_unit_keeps_its_colour_opaque_over_the_mean_colour():
+    """An opacity mask: the red unit's image is red where it is opaque, and the rest shows
+    the probing images' mean colour (here grey); the starting colours match the opaque
+    parameterisation's, so alpha changes only what is optimised, not the seed stream."""
+    from dnd.featurevis import FourierImage
+
+    target = colour_target()
+    cfg = FeatureVisConfig(steps=40, lr=0.05, batch_size=8, alpha=True)
+    (vis,) = visualize(target, "detect", [0], cfg)
+    rgb = _mean_rgb(vis.images[0])
+    assert rgb[0] > rgb[1] + 0.2 and rgb[0] > rgb[2] + 0.2, rgb
+    assert vis.activations[0] > vis.start_activations[0] + 0.3
+    opaque = FourierImage([3], 8, ColourBasis(), 1.0)
+    masked = FourierImage([3], 8, ColourBasis(), 1.0, alpha=True)
+    assert torch.equal(opaque.spectrum[:, :3], masked.spectrum[:, :3])
+    masked.spectrum.data[:, 3] = 0
+    masked.spectrum.data[:, 3, 0, 0, 0] = -1e4  # a constant, fully transparent mask
+    grey = torch.full((1, 3, 1, 1), 0.5)
+    assert torch.allclose(masked(), grey.expand(1, 3, 8, 8), atol=1e-3)
+    assert torch.allclose(masked(torch.ones(1, 3, 1, 1)), torch.ones(1, 3, 8, 8), atol=1e-3)
+
+
 def test_the_target_is_left_as_it_was():
     target = colour_target()
     before = {k: v.clone() for k, v in target.module.state_dict().items()}

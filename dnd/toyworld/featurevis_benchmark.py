@@ -39,7 +39,8 @@ def _zero_shot(model, transform, texts_emb: torch.Tensor, images) -> np.ndarray:
 def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] | None = None
                      ) -> dict:
     """Per config name: fc and conv4 judgements of the visualizations and of their starting
-    images, and seconds per unit. Default configs: the default and a flatter spectrum."""
+    images, and seconds per unit. Default configs: the default, the default with an
+    opacity mask, and a flatter spectrum."""
     from dnd.target import load_target
     from dnd.toyworld.clip import (
         background_prompts,
@@ -54,6 +55,7 @@ def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] |
     from dnd.toyworld.world import BACKGROUND_KINDS, COLOURS, SHAPES
 
     configs = configs or {"default": FeatureVisConfig(),
+                          "alpha": FeatureVisConfig(alpha=True),
                           "decay 1.5, lr 0.05": FeatureVisConfig(decay=1.5, lr=0.05)}
     target = load_target("toyworld-cnn")
     scenes = probe_scenes(n_probe)
@@ -143,11 +145,17 @@ def featurevis_bench_lines(r: dict, command: str) -> list[str]:
         cfg = row["config"]
         fc, st = row["fc"], row["fc_start"]
         lines.append(
-            f"| {name} (steps {cfg['steps']}, lr {cfg['lr']}, decay {cfg['decay']}) | "
+            f"| {name} (steps {cfg['steps']}, lr {cfg['lr']}, decay {cfg['decay']}"
+            f"{', opacity mask' if cfg['alpha'] else ''}) | "
             f"{_pct(fc['class'])} | {_pct(fc['colour'])} | {_pct(fc['shape'])} | "
             f"{_pct(st['class'])} (colour {_pct(st['colour'])}) | {_pct(row['fc_self'])} | "
             f"{sum(row['hidden'])}/{n_hidden} | {sum(row['hidden_start'])}/{n_hidden} | "
             f"{row['seconds_per_unit']:.2f} |")
+    lines += ["", "Reading the `fc` columns: the toy CNN's own top class on its "
+              "visualizations stays high while the toy CLIP reads their colour far more often "
+              "than their shape. `fc` reads a spatial mean, so the optimum tiles the local "
+              "evidence the toy CNN uses for a shape (corners, edge pieces) across the image, "
+              "and an independent model does not read that as one whole shape."]
     lines += ["", f"{HIDDEN} units judged: " + ", ".join(
         f"{u} ({c})" for u, c in r["hidden"]) + "."]
     return lines

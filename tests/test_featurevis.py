@@ -179,6 +179,14 @@ def test_featurevis_run_saves_resumes_and_shows_in_the_report(tmp_path, capsys):
     page = (run / "report" / "units" / "fc" / "1.html").read_text()
     assert "id=featurevis" in page and page.count("feature visualization") == 2
     assert (run / "report" / "img" / "fv" / "fc" / "plain" / "1_1.png").is_file()
+    assert "id=fv-stuck" not in page
+    # A unit the optimiser left at its starting noise is flagged, not shown as evidence.
+    import json
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "activations": [0.0, 0.0],
+                                "start_activations": [0.0, 0.0]}))
+    build_report(run)
+    page = (run / "report" / "units" / "fc" / "1.html").read_text()
+    assert "id=fv-stuck" in page and "show nothing it responds to" in page
 
 
 def test_cli_needs_every_facet_option(tmp_path):

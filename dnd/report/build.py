@@ -504,8 +504,14 @@ def _featurevis_section(rec: UnitRecord, images: _Images, up: str) -> str:
         title = "plain" if kind == "plain" else f"faceted: {kind.removeprefix('facet-')}"
         figs = "".join(f"<figure class=fv>{_img(rel, up, 'feature visualization')}"
                        f"<div>act {_num(act)}</div></figure>" for rel, act in shown)
+        # A unit the optimiser never switched on (a sparse dictionary feature, often)
+        # leaves its starting noise: say so rather than let the noise pass as evidence.
+        stuck = max(act for _, act in shown) <= max(start)
         rows.append(f"<h3>{esc(title)}</h3><div class=imgs>{figs}</div>"
-                    f"<p class=note>Starting noise: act {_num(max(start))}"
+                    + ("<p class=lowwarn id=fv-stuck>The optimisation did not raise this unit above its "
+                       "starting noise: these images show nothing it responds to.</p>"
+                       if stuck else "")
+                    + f"<p class=note>Starting noise: act {_num(max(start))}"
                     + (f"; top probing image: act {_num(top)}" if top is not None else "")
                     + ".</p>")
     return ("<h2 id=featurevis>Feature visualization</h2><p class=note>Images optimised to "

@@ -1,6 +1,7 @@
 """`dnd report` on a run with dictionary features: a feature's page names the neurons it
 mixes (its decoder row's largest weights) with their labels, links their pages and compares
-their labels with its own. Hand-made runs, no model."""
+their labels with its own; a neuron's page lists the features that use it. Hand-made runs,
+no model."""
 
 from __future__ import annotations
 
@@ -89,8 +90,17 @@ def test_feature_page_names_the_mixed_neurons_with_their_labels(tmp_path, kind):
     first = re.search(r"<table id=mixed><tr>.*?</tr><tr><td>(.*?)</tr>", page1, re.S).group(1)
     assert "fc #3" in first and "100.0%" in first and ">text" in first
     assert "shares a word with 1 of them (neuron(s) 3)" in _text(page1)
-    # The neurons' own pages are ordinary pages: no dictionary section.
-    assert "id=mixes" not in (pages / "fc" / "1.html").read_text()
+    # A neuron's page has no mix of its own, but lists the features that use it, linked.
+    neuron1 = (pages / "fc" / "1.html").read_text()
+    assert "id=mixes" not in neuron1
+    readers = re.search(r"<table class=readers>(.*?)</table>", neuron1, re.S).group(1)
+    rows = re.findall(r"<tr><td>(.*?)</tr>", readers, re.S)
+    assert len(rows) == 1 and f"{layer} #0" in rows[0] and "40.0%" in rows[0]
+    assert "striped background" in rows[0]
+    link = re.search(r'href="\.\./\.\./(units/[^"]+)"', rows[0]).group(1)
+    assert link == f"units/{layer}/0.html" and (run / "report" / link).is_file()
+    neuron3 = _text((pages / "fc" / "3.html").read_text())
+    assert f"{layer} #1 2 100.0% written text" in neuron3 and f"{layer} #0" not in neuron3
 
 
 def test_feature_page_without_the_neurons_says_how_to_get_their_labels(tmp_path):

@@ -15,7 +15,8 @@ failed unit's card gives a short reason (the full error is on its page), a layer
 spatial maps gets no heatmap or crop counts, and units whose interpretability score is low
 for their layer are marked, with the rule's numbers (:func:`low_interpretability_rule`).
 A dictionary feature's page (layer ``conv4.nmf``) lists the neurons it mixes, with their
-labels when the run described them (:mod:`dnd.report.dictionary`).
+labels when the run described them, and a neuron's page the features that use it
+(:mod:`dnd.report.dictionary`).
 """
 
 from __future__ import annotations
@@ -314,7 +315,8 @@ def build_report(run_dir: str | Path) -> Path:
         href = f"units/{safe_name(rec.layer)}/{rec.unit}.html"
         # Report files are rebuilt from the records on every run: no flush to disk.
         atomic_write_text(store.report_dir / href,
-                          unit_page(rec, images, rules[rec.layer], mixes.get(rec.layer)),
+                          unit_page(rec, images, rules[rec.layer], mixes.get(rec.layer),
+                                    [m for m in mixes.values() if m.parent == rec.layer]),
                           durable=False)
         top = (rec.crops.top or rec.crops.activating) if rec.crops else ()
         thumbs = [images.probe_image(e.index) for e in top[:CARD_THUMBS]]
@@ -508,8 +510,9 @@ def _featurevis_section(rec: UnitRecord, images: _Images, up: str) -> str:
         # leaves its starting noise: say so rather than let the noise pass as evidence.
         stuck = max(act for _, act in shown) <= max(start)
         rows.append(f"<h3>{esc(title)}</h3><div class=imgs>{figs}</div>"
-                    + ("<p class=lowwarn id=fv-stuck>The optimisation did not raise this unit above its "
-                       "starting noise: these images show nothing it responds to.</p>"
+                    + ("<p class=lowwarn id=fv-stuck>The optimisation did not raise this "
+                       "unit above its starting noise: these images show nothing it "
+                       "responds to.</p>"
                        if stuck else "")
                     + f"<p class=note>Starting noise: act {_num(max(start))}"
                     + (f"; top probing image: act {_num(top)}" if top is not None else "")
@@ -520,11 +523,13 @@ def _featurevis_section(rec: UnitRecord, images: _Images, up: str) -> str:
 
 
 def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None,
-              mixes: LayerMixes | None = None) -> str:
+              mixes: LayerMixes | None = None,
+              readers: Sequence[LayerMixes] = ()) -> str:
     """One unit's page: labels, evidence images with crop boxes, captions, candidates.
 
     ``rule``: the layer's low-interpretability rule, to mark and explain the unit's score;
-    ``mixes``: for a dictionary feature, its layer's dictionary (the neurons it mixes).
+    ``mixes``: for a dictionary feature, its layer's dictionary (the neurons it mixes);
+    ``readers``: for a neuron, the dictionaries of its layer (the features that use it).
     """
     up = "../../"
     layer, unit = rec.layer, rec.unit
@@ -568,6 +573,7 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
         parts.append(f"<p class=why id=why>{esc(why_sentence(scoring.selection))}</p>")
     if mixes is not None:
         parts.append(mixes.section(unit, up))
+    parts += [m.readers_section(unit, up) for m in readers]
 
     if rec.crops and rec.crops.top:
         parts.append(_top_images(rec, images, up))

@@ -1,4 +1,5 @@
-"""The report's view of dictionary features: which neurons a feature mixes.
+"""The report's view of dictionary features: which neurons a feature mixes, and which
+features use a neuron.
 
 A run layer ``conv4.nmf`` (``dnd describe --dictionary nmf --layer conv4.nmf``) describes
 a dictionary's features of ``conv4`` (:mod:`dnd.dictionary`). Each feature is a weighted
@@ -9,7 +10,8 @@ with the largest weights (by absolute value), each with its share of the row's t
 absolute weight, and, when the same run described the layer's neurons, their labels and a
 link to their pages; then one line comparing the feature's own label with how many
 distinct labels the neurons carrying half of its weight have (the point of a dictionary:
-one feature, one concept, where single neurons mix several).
+one feature, one concept, where single neurons mix several). A neuron's page, in turn,
+lists the features that give it the largest share of their weight, linked to their pages.
 
 The dictionary is read from the run: the fitted copy at
 :meth:`dnd.store.RunStore.dictionary_path` (kinds nmf, sae) or the user's file at
@@ -35,6 +37,7 @@ from dnd.store import RunStore, safe_name
 log = logging.getLogger("dnd")
 
 MIXED_SHOWN = 8  # channels listed per feature, largest |weight| first (zero weights left out)
+READERS_SHOWN = 5  # features listed on a neuron's page, largest share of the neuron first
 # Words that do not make two labels name the same thing.
 _STOPWORDS = frozenset("a an and the of on in with at by to from for or its some".split())
 
@@ -90,6 +93,43 @@ class LayerMixes:
     rows_are: str
     neurons: dict[int, UnitRecord] = field(default_factory=dict)
     labels: dict[int, str] = field(default_factory=dict)
+    described: frozenset[int] = frozenset()  # features with a record (and so a page)
+
+    def readers(self, channel: int, n: int = READERS_SHOWN) -> list[tuple[int, float, float]]:
+        """The ``n`` features that give ``channel`` the largest share of their row's total
+        absolute weight: (feature, weight, share), largest share first, ties by feature
+        id; features that do not use the channel (weight 0) are left out."""
+        if not 0 <= channel < self.rows.shape[1]:
+            return []
+        totals = np.abs(self.rows).sum(1)
+        col = self.rows[:, channel].astype(np.float64)
+        shares = np.divide(np.abs(col), totals, out=np.zeros_like(col), where=totals > 0)
+        order = sorted((f for f in range(len(col)) if col[f] != 0),
+                       key=lambda f: (-shares[f], f))[:n]
+        return [(f, float(col[f]), float(shares[f])) for f in order]
+
+    def readers_section(self, channel: int, up: str = "../../") -> str:
+        """HTML of a neuron's page (a channel of ``parent``): the features of this
+        dictionary that use the neuron most, with its share of each and their labels; empty
+        when none uses it."""
+        esc = html.escape
+        rows = []
+        for f, weight, share in self.readers(channel):
+            name = f"{esc(self.layer)} #{f}"
+            if f in self.described:
+                href = f"{up}units/{safe_name(self.layer)}/{f}.html"
+                name = f'<a href="{esc(href)}">{name}</a>'
+            label = esc(self.labels[f]) if f in self.labels else "<i>no label</i>"
+            rows.append(f"<tr><td>{name}</td><td>{weight:.4g}</td><td>{100 * share:.1f}%</td>"
+                        f"<td class=cand>{label}</td></tr>")
+        if not rows:
+            return ""
+        return (f"<h2 id=readers-{safe_name(self.layer)}>Features of {esc(self.layer)} that "
+                f"use it</h2><p class=note>The {esc(self.kind)} dictionary's features whose "
+                f"rows ({esc(self.rows_are)}) give this neuron the largest share of their "
+                "total absolute weight.</p>"
+                f"<table class=readers><tr><th>feature</th><th>weight</th><th>share</th>"
+                f"<th>the feature's Label 1</th></tr>{''.join(rows)}</table>")
 
     def section(self, feature: int, up: str = "../../") -> str:
         """HTML of a feature's page (``up``: from the page to report/): the neurons it
@@ -195,7 +235,9 @@ def layer_mixes(store: RunStore, config: RunConfig | None, records: Sequence[Uni
             log.warning("report: cannot read the dictionary of %s (%s); its pages show no "
                         "mixed neurons", layer, e)
             continue
+        features = by_layer.get(layer, {})
         out[layer] = LayerMixes(
             layer, parent, config.dictionary.kind, rows, rows_are, by_layer.get(parent, {}),
-            {u: str(r.labels[0]) for u, r in by_layer.get(layer, {}).items() if r.labels})
+            {u: str(r.labels[0]) for u, r in features.items() if r.labels},
+            frozenset(features))
     return out

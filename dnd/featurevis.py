@@ -516,7 +516,10 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
         atomic_write_json(store.featurevis_dir(rc.layer, variant_name(facet)) / "facet.json",
                           meta)
     folder = store.featurevis_dir(rc.layer, variant_name(facet))
-    key = stable_hash({"config": config.to_dict(), "target": target.identity,
+    # A setting added later (alpha) enters the key only when set, so the visualizations
+    # saved before it existed stay valid.
+    settings = {k: v for k, v in config.to_dict().items() if not (k == "alpha" and not v)}
+    key = stable_hash({"config": settings, "target": target.identity,
                        "layer": rc.layer, "colour": asdict(colour),
                        "facet": asdict(facet) if facet else None})
     todo = [u for u in wanted if not unit_done(folder, u, key)]

@@ -169,6 +169,8 @@ def test_featurevis_run_saves_resumes_and_shows_in_the_report(tmp_path, capsys):
     # Other settings are another result, not a reuse.
     assert featurevis_run(run, "0", FeatureVisConfig(steps=7, batch_size=4),
                           progress=False)["done"] == 1
+    assert featurevis_run(run, "0", FeatureVisConfig(steps=7, batch_size=4, alpha=True),
+                          progress=False)["done"] == 1
 
     with pytest.raises(ValueError, match=r"'conv9' is not one of this run's layers \(fc\)"):
         featurevis_run(run, "0", cfg, layer="conv9", progress=False)

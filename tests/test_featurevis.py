@@ -197,6 +197,28 @@ def test_cli_needs_every_facet_option(tmp_path):
     assert main(["featurevis", str(tmp_path), "--facet", "text"]) == 2
 
 
+def test_cli_options_reach_the_settings(tmp_path, monkeypatch):
+    import dnd.featurevis as fv
+    from dnd.cli import main
+
+    seen = {}
+
+    def fake_run(run_dir, units, config, **kw):
+        seen.update(config=config, units=units, **kw)
+        return {"done": 0, "skipped": 0, "folder": run_dir, "seconds": 0.0}
+
+    monkeypatch.setattr(fv, "featurevis_run", fake_run)
+    RunStore(tmp_path).save_config(RunConfig(model="toyworld-cnn", layer="fc",
+                                             probe=["toyworld:40"], summarizer="consensus"))
+    assert main(["featurevis", str(tmp_path), "--units", "0-3", "--alpha", "--steps", "9",
+                 "--decay", "1.5", "--per-unit", "2", "--seed", "4", "--batch-size", "6",
+                 "-q"]) == 0
+    cfg = seen["config"]
+    assert (cfg.alpha, cfg.steps, cfg.decay, cfg.per_unit, cfg.seed, cfg.batch_size) == (
+        True, 9, 1.5, 2, 4, 6)
+    assert seen["units"] == "0-3" and seen["progress"] is False
+
+
 def test_featurevis_bench_judges_visualizations_and_their_starting_images(tmp_path):
     from dnd.toyworld.featurevis_benchmark import featurevis_bench, featurevis_bench_lines
 

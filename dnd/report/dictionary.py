@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,18 @@ class LayerMixes:
         id; features that do not use the channel (weight 0) are left out."""
         if not 0 <= channel < self.rows.shape[1]:
             return []
-        totals = np.abs(self.rows).sum(1)
         col = self.rows[:, channel].astype(np.float64)
+        totals = self._row_totals
         shares = np.divide(np.abs(col), totals, out=np.zeros_like(col), where=totals > 0)
-        order = sorted((f for f in range(len(col)) if col[f] != 0),
-                       key=lambda f: (-shares[f], f))[:n]
-        return [(f, float(col[f]), float(shares[f])) for f in order]
+        used = np.flatnonzero(col)
+        order = used[np.lexsort((used, -shares[used]))][:n]  # by share, then feature id
+        return [(int(f), float(col[f]), float(shares[f])) for f in order]
+
+    @cached_property
+    def _row_totals(self) -> np.ndarray:
+        """Each feature's total absolute weight [F], once per report (every neuron page of
+        the parent layer reads it)."""
+        return np.abs(self.rows).sum(1).astype(np.float64)
 
     def readers_section(self, channel: int, up: str = "../../") -> str:
         """HTML of a neuron's page (a channel of ``parent``): the features of this

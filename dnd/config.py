@@ -96,6 +96,14 @@ class DictionaryConfig:
         """What a run layer's name ends with to describe this dictionary's features."""
         return DICTIONARY_KINDS.get(self.kind)
 
+    def n_features(self, channels: int) -> int:
+        """Features to fit on a layer of ``channels`` channels (nmf, sae)."""
+        return self.features or (32 if self.kind == "nmf" else 4 * channels)
+
+    def fit_options(self) -> dict:
+        """Keyword options of :func:`dnd.dictionary.fit_dictionary` for this kind."""
+        return {"k": self.k, "steps": self.steps} if self.kind == "sae" else {}
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -820,11 +820,10 @@ def _fit_and_save(target: Target, config: Any, layer: str, probe: ProbeSet, path
     started = time.perf_counter()
     samples = sample_positions(target, probe, layer, max_samples=dc.samples, seed=dc.seed,
                                batch_size=config.batch_size, workers=config.workers)
-    n = dc.features or (32 if dc.kind == "nmf" else 4 * samples.shape[1])
+    n = dc.n_features(samples.shape[1])
     log.info("fitting %s with %d features on %d positions of %s", dc.kind, n, len(samples),
              layer)
-    options = {"k": dc.k, "steps": dc.steps} if dc.kind == "sae" else {}
-    dictionary = fit_dictionary(dc.kind, samples, n, seed=dc.seed, **options)
+    dictionary = fit_dictionary(dc.kind, samples, n, seed=dc.seed, **dc.fit_options())
     dictionary.source = f"fitted on {len(samples)} positions of {layer} over {probe.name}"
     tmp = path.with_name(path.name + ".tmp")
     save_dictionary(dictionary, tmp)

@@ -128,17 +128,30 @@ class Dictionary(nn.Module):
     def _shape_hint(self, channels: int) -> str:
         return f"this layer needs a dictionary over {channels} channels"
 
+    def surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        """A continuous stand-in [N, F] for :meth:`encode` of ``x`` [N, C] that still has a
+        gradient where a feature is 0 and rises as it would switch on (an SAE's
+        pre-activations); feature visualization follows it while a feature is off. Default:
+        the features themselves."""
+        return self.encode(x)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> [B, F, h, w]; [B, C] -> [B, F]; [B, T, C] -> [B, T, F]."""
+        return self.per_position(self.encode, h)
+
+    def per_position(self, fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor
+                     ) -> torch.Tensor:
+        """``fn`` ([N, C] -> [N, F], e.g. :meth:`encode`) applied at every position of a
+        layer output ``h``, laid out as :meth:`forward` lays out the features."""
         self.check_input(h)
         if h.dim() == 4:
             b, c, hh, ww = h.shape
-            z = self.encode(h.permute(0, 2, 3, 1).reshape(-1, c))
+            z = fn(h.permute(0, 2, 3, 1).reshape(-1, c))
             return z.reshape(b, hh, ww, -1).permute(0, 3, 1, 2).contiguous()
         if h.dim() == 2:
-            return self.encode(h)
+            return fn(h)
         b, t, c = h.shape
-        return self.encode(h.reshape(-1, c)).reshape(b, t, -1)
+        return fn(h.reshape(-1, c)).reshape(b, t, -1)
 
     def fingerprint(self) -> str:
         """Hash of the kind, settings and every tensor's bytes: two dictionaries with the
@@ -480,6 +493,12 @@ class SparseAutoencoder(Dictionary):
         if self.b_pre is not None:
             x = x - self.b_pre
         return x @ self.W_enc + self.b_enc
+
+    def surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activations: a TopK or JumpReLU latent that is off has no gradient.
+        (Raising a TopK latent's margin over the k-th largest instead woke fewer: 29 of
+        256 toy conv4 latents stayed at 0 against 13.)"""
+        return self.pre_activations(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)

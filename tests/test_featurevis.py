@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import colour_target
 
-from dnd.config import RunConfig
+from dnd.config import DictionaryConfig, RunConfig
 from dnd.featurevis import (
     ColourBasis,
     FeatureVisConfig,
@@ -106,6 +106,46 @@ def test_diversity_makes_a_units_images_differ_in_what_the_layer_sees():
 
     plain, diverse = style_similarity(0.0), style_similarity(1.0)
     assert diverse < plain - 0.2, (plain, diverse)
+
+
+@pytest.fixture(scope="module")
+def conv4_positions() -> np.ndarray:
+    """The toy CNN's conv4 channel vectors at every position of 200 probing renders:
+    float32 [12800, 128]."""
+    from dnd.dictionary import _positions
+    from dnd.toyworld.demo import probe_scenes
+    from dnd.toyworld.render import images_array
+    from dnd.toyworld.target import preprocess
+
+    m = load_target("toyworld-cnn").module.eval()
+    with torch.no_grad():
+        h = m.conv4(m.conv3(m.conv2(m.conv1(preprocess(images_array(probe_scenes(200)))))))
+    return _positions(h).reshape(-1, h.shape[1]).numpy()
+
+
+@pytest.mark.parametrize("kind", ["topk_sae", "nmf"])
+def test_every_dictionary_feature_is_raised_above_its_starting_noise(kind, conv4_positions):
+    # A TopK latent below its position's top k has no gradient at all, and redirecting the
+    # network's ReLUs left most TopK latents at zero and some NMF factors below their
+    # start: the dictionary's stand-in gradient has to wake them.
+    from dnd.dictionary import NMFDictionary, attach, train_sae
+
+    target = load_target("toyworld-cnn")
+    dictionary = (train_sae(conv4_positions, 256, k=8, steps=600) if kind == "topk_sae"
+                  else NMFDictionary.fit(conv4_positions[::4], 32))
+    with torch.no_grad():
+        firing = (dictionary.encode(torch.from_numpy(conv4_positions)) > 0).float().mean(0)
+    # Features the probing data switches on at 1% of positions or more (a rarer one may
+    # stay off: 13 of 256 such TopK latents, all rare, at the default settings).
+    units = torch.nonzero(firing >= 0.01).flatten().tolist()[::2][:16]
+    assert len(units) == 16
+    with attach(target, "conv4", dictionary, "dict"):
+        vis = visualize(target, "conv4.dict", units, FeatureVisConfig(batch_size=16))
+    start = np.array([v.start_activations[0] for v in vis])
+    final = np.array([v.activations[0] for v in vis])
+    if kind == "topk_sae":
+        assert (start == 0).sum() >= 8, start  # the test needs latents that start off
+    assert (final > 0).all() and (final > start).all(), (units, start, final)
 
 
 def test_colour_basis_centres_on_the_images_mean_colour():
@@ -222,14 +262,19 @@ def test_cli_options_reach_the_settings(tmp_path, monkeypatch):
 def test_featurevis_bench_judges_visualizations_and_their_starting_images(tmp_path):
     from dnd.toyworld.featurevis_benchmark import featurevis_bench, featurevis_bench_lines
 
-    r = featurevis_bench(120, {"short": FeatureVisConfig(steps=8, lr=0.05)})
+    r = featurevis_bench(120, {"short": FeatureVisConfig(steps=8, lr=0.05)},
+                         (DictionaryConfig(kind="sae", features=32, steps=100),))
     row = r["rows"]["short"]
     # Even 8 steps make the toy CNN pick the unit's own class far above chance (1/64).
     assert row["fc_self"] > 0.2
     assert 0 <= row["fc_start"]["class"] <= row["fc"]["colour"] <= 1
     assert len(row["hidden"]) == len(row["hidden_start"]) == len(r["hidden"]) > 0
+    (sae,) = r["dictionaries"]
+    assert sae["features"] == 32 and sae["positions"] == 120 * 64
+    assert 0 < sae["on"] <= sae["features"] and sae["on_of_firing"] <= sae["fire_on_probe"]
     text = "\n".join(featurevis_bench_lines(r, "dnd bench featurevis"))
     assert "Regenerate: `dnd bench featurevis`" in text and "| short (steps 8" in text
+    assert f"| TopK SAE, k = 8, on 7,680 positions | 32 | {sae['fire_on_probe']} |" in text
 
 
 def test_a_run_of_several_layers_needs_the_layer(tmp_path):

@@ -12,6 +12,10 @@ independent model, the toy CLIP, with its own zero-shot prompts.
   (the toy CLIP has no prompt for it).
 
 The baseline is the unoptimised starting image of the same unit (the same seed).
+
+Dictionary features: a NMF and a TopK SAE fitted on conv4's positions as ``dnd describe
+--dictionary`` fits them; how many features their visualizations switch on (above zero and
+above the starting image), against how many the probing renders switch on.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import numpy as np
 import torch
 
 from dnd.bench import write_table
+from dnd.config import DictionaryConfig
 from dnd.featurevis import ColourBasis, FeatureVisConfig, start_images, visualize
 
 HIDDEN = "conv4"
+DICTIONARIES = (DictionaryConfig(kind="nmf"), DictionaryConfig(kind="sae"))
 
 
 def _zero_shot(model, transform, texts_emb: torch.Tensor, images) -> np.ndarray:
@@ -36,11 +42,13 @@ def _zero_shot(model, transform, texts_emb: torch.Tensor, images) -> np.ndarray:
     return (emb @ texts_emb.T).argmax(1).numpy()
 
 
-def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] | None = None
-                     ) -> dict:
+def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] | None = None,
+                     dictionaries: tuple[DictionaryConfig, ...] = DICTIONARIES) -> dict:
     """Per config name: fc and conv4 judgements of the visualizations and of their starting
     images, and seconds per unit. Default configs: the default, the default with an
-    opacity mask, and a flatter spectrum."""
+    opacity mask, and a flatter spectrum. Per dictionary fitted on conv4 (visualised with
+    the first config): features, how many the probing renders and the visualizations
+    switch on."""
     from dnd.target import load_target
     from dnd.toyworld.clip import (
         background_prompts,
@@ -62,13 +70,13 @@ def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] |
     pixels = images_array(scenes)
     colour = ColourBasis.from_images(pixels[:64])
     # conv4 ground truth from the probing renders' mean activations.
-    acts = []
+    maps = []
     with torch.no_grad():
         for i in range(0, len(pixels), 256):
-            feats = target.module.conv4(target.module.conv3(target.module.conv2(
-                target.module.conv1(preprocess(pixels[i:i + 256])))))
-            acts.append(feats.mean((2, 3)).numpy())
-    truths = [t for t in unit_ground_truth(np.concatenate(acts), scenes)
+            maps.append(target.module.conv4(target.module.conv3(target.module.conv2(
+                target.module.conv1(preprocess(pixels[i:i + 256]))))))
+    maps = torch.cat(maps)                                   # [n_probe, C, 8, 8]
+    truths = [t for t in unit_ground_truth(maps.mean((2, 3)).numpy(), scenes)
               if t.clear and t.concept != "text"]
     model, transform, tokenizer = load_toy_clip()
     cls_emb = embed_texts(model, tokenizer, class_prompts())
@@ -114,7 +122,42 @@ def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] |
                                                       colour)),
             "seconds_per_unit": (fc_s + hidden_s) / (64 + len(truths)),
             "fc_seconds_per_unit": fc_s / 64}
+    first = next(iter(configs.values()))
+    out["dictionaries"] = [_dictionary_row(target, maps, dc, first, colour)
+                           for dc in dictionaries]
     return out
+
+
+def _dictionary_row(target, maps: torch.Tensor, dc: DictionaryConfig, cfg: FeatureVisConfig,
+                    colour: ColourBasis) -> dict:
+    """Fit ``dc`` on conv4's positions (``maps`` [n, C, h, w]), visualise every feature."""
+    from dnd.dictionary import _positions, attach, fit_dictionary
+
+    positions = _positions(maps).reshape(-1, maps.shape[1])
+    rng = np.random.default_rng(dc.seed)
+    chosen = rng.choice(len(positions), size=min(dc.samples, len(positions)), replace=False)
+    t0 = time.perf_counter()
+    dictionary = fit_dictionary(dc.kind, positions[np.sort(chosen)].numpy(),
+                                dc.n_features(maps.shape[1]), seed=dc.seed,
+                                **dc.fit_options())
+    fit_s = time.perf_counter() - t0
+    with torch.no_grad():
+        probe_acts = dictionary(maps).flatten(2).mean(2)    # [n_probe, F]
+    units = list(range(dictionary.n_features))
+    t0 = time.perf_counter()
+    with attach(target, HIDDEN, dictionary, dc.name) as handle:
+        vis = visualize(target, handle.layer, units, cfg, colour=colour)
+    vis_s = time.perf_counter() - t0
+    final = np.array([v.activations[0] for v in vis])
+    start = np.array([v.start_activations[0] for v in vis])
+    probe_max = probe_acts.amax(0).numpy()
+    fires = probe_max > 0
+    return {"kind": dc.kind, "features": len(units), "k": dc.k if dc.kind == "sae" else None,
+            "positions": int(len(chosen)), "fire_on_probe": int(fires.sum()),
+            "on": int((final > 0).sum()), "on_of_firing": int((final[fires] > 0).sum()),
+            "above_start": int((final > start).sum()), "start_off": int((start <= 0).sum()),
+            "median_vs_probe_max": float(np.median(final[fires] / probe_max[fires])),
+            "fit_seconds": fit_s, "seconds_per_unit": vis_s / len(units)}
 
 
 def _pct(x: float) -> str:
@@ -156,6 +199,28 @@ def featurevis_bench_lines(r: dict, command: str) -> list[str]:
               "than their shape. `fc` reads a spatial mean, so the optimum tiles the local "
               "evidence the toy CNN uses for a shape (corners, edge pieces) across the image, "
               "and an independent model does not read that as one whole shape."]
+    if r.get("dictionaries"):
+        lines += ["", "## Dictionary features", "",
+                  f"Dictionaries fitted on {HIDDEN}'s positions over the probing renders as "
+                  "`dnd describe --dictionary` fits them (`dnd.config.DictionaryConfig` "
+                  "defaults), every feature visualised with the first settings above. A "
+                  "feature is switched on when its visualization's activation (spatial "
+                  "mean) is above zero; an off TopK latent has no gradient, so a dictionary "
+                  "feature that is off is woken by the gradient of the dictionary's "
+                  "pre-activations (`Dictionary.surrogate`), not by redirected ReLUs.", "",
+                  "| dictionary | features | switched on by some probing render | off on "
+                  "the starting image | switched on by its visualization | of those the "
+                  "renders switch on | above its starting activation | visualization / "
+                  "best probing render (median) | seconds per feature (fit) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in r["dictionaries"]:
+            name = (f"TopK SAE, k = {d['k']}" if d["kind"] == "sae" else d["kind"].upper()
+                    ) + f", on {d['positions']:,} positions"
+            lines.append(
+                f"| {name} | {d['features']} | {d['fire_on_probe']} | {d['start_off']} | "
+                f"{d['on']} | {d['on_of_firing']}/{d['fire_on_probe']} | "
+                f"{d['above_start']} | {d['median_vs_probe_max']:.1f}x | "
+                f"{d['seconds_per_unit']:.2f} ({d['fit_seconds']:.0f} s) |")
     lines += ["", f"{HIDDEN} units judged: " + ", ".join(
         f"{u} ({c})" for u, c in r["hidden"]) + "."]
     return lines

@@ -17,8 +17,8 @@ ascent on the input with:
   (``dnd describe --dictionary``) is woken differently: the network's ReLUs stay plain
   and the gradient of the dictionary's continuous stand-in (an SAE's pre-activations,
   :meth:`dnd.dictionary.Dictionary.surrogate`) replaces the feature's own. On the toy
-  CNN's conv4, redirected ReLUs switched on 52 of the 500 TopK SAE latents that probing
-  renders switch on and 24 of 32 NMF factors, this 444 and 32
+  CNN's conv4, redirected ReLUs switched on 59 of the 500 TopK SAE latents that probing
+  renders switch on and 25 of 32 NMF factors, this 440 and 32
   (results/featurevis-toyworld.md), while for the network's own channels the redirect
   reads better (toy conv4: 26 of 73 units right, 16 without);
 - objective: the unit's activation as the run summarises it (``split_output``: a channel's
@@ -363,13 +363,13 @@ def visualize(target: Target, layer: str, units: Sequence[int],
     std = torch.tensor(target.preprocess.std, device=target.device).view(1, 3, 1, 1)
     per_batch = max(1, cfg.batch_size // cfg.per_unit)
     dictionary = module if isinstance(module, Dictionary) else None
-    dict_input: dict[str, torch.Tensor] = {}
+    if dictionary is not None:
+        # The layer the dictionary reads ("conv4" of "conv4.sae"), for its stand-in.
+        parent = layer.rpartition(".")[0]
+        hooked[parent] = target.layer(parent)
     results: list[UnitVis] = []
     was_training = target.module.training
     target.module.eval()
-    handle = (dictionary.register_forward_hook(
-        lambda _m, args, _out: dict_input.__setitem__("h", args[0]))
-        if dictionary is not None else None)
     try:
         with capture(target.module, hooked) as outs, _Redirect(target.module) as redirect:
             def unit_objective(x: torch.Tensor, which: torch.Tensor,
@@ -383,7 +383,7 @@ def visualize(target: Target, layer: str, units: Sequence[int],
                 value = summary[rows, which]
                 if dictionary is None or wake is None or not bool(wake.any()):
                     return value
-                stand_in = dictionary.per_position(dictionary.surrogate, dict_input["h"])
+                stand_in = dictionary.per_position(dictionary.surrogate, outs[parent])
                 stand_in, _ = split_output(stand_in, cfg.summary, target.num_prefix_tokens)
                 stand_in = stand_in[rows, which]
                 # The value stays the feature's; its gradient is the stand-in's.
@@ -397,8 +397,6 @@ def visualize(target: Target, layer: str, units: Sequence[int],
                 if progress:
                     progress(len(chunk))
     finally:
-        if handle is not None:
-            handle.remove()
         target.module.train(was_training)
     return results
 

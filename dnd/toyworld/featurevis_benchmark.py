@@ -123,23 +123,23 @@ def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] |
             "seconds_per_unit": (fc_s + hidden_s) / (64 + len(truths)),
             "fc_seconds_per_unit": fc_s / 64}
     first = next(iter(configs.values()))
-    out["dictionaries"] = [_dictionary_row(target, maps, dc, first, colour)
+    out["dictionaries"] = [_dictionary_row(target, n_probe, maps, dc, first, colour)
                            for dc in dictionaries]
     return out
 
 
-def _dictionary_row(target, maps: torch.Tensor, dc: DictionaryConfig, cfg: FeatureVisConfig,
-                    colour: ColourBasis) -> dict:
-    """Fit ``dc`` on conv4's positions (``maps`` [n, C, h, w]), visualise every feature."""
-    from dnd.dictionary import _positions, attach, fit_dictionary
+def _dictionary_row(target, n_probe: int, maps: torch.Tensor, dc: DictionaryConfig,
+                    cfg: FeatureVisConfig, colour: ColourBasis) -> dict:
+    """Fit ``dc`` on conv4's positions over ``toyworld:n_probe`` as a run does (``maps``
+    [n_probe, C, h, w]: conv4 on those renders) and visualise every feature."""
+    from dnd.dictionary import attach, fit_dictionary, sample_positions
+    from dnd.probe import open_probe
 
-    positions = _positions(maps).reshape(-1, maps.shape[1])
-    rng = np.random.default_rng(dc.seed)
-    chosen = rng.choice(len(positions), size=min(dc.samples, len(positions)), replace=False)
     t0 = time.perf_counter()
-    dictionary = fit_dictionary(dc.kind, positions[np.sort(chosen)].numpy(),
-                                dc.n_features(maps.shape[1]), seed=dc.seed,
-                                **dc.fit_options())
+    samples = sample_positions(target, open_probe(f"toyworld:{n_probe}"), HIDDEN,
+                               max_samples=dc.samples, seed=dc.seed)
+    dictionary = fit_dictionary(dc.kind, samples, dc.n_features(samples.shape[1]),
+                                seed=dc.seed, **dc.fit_options())
     fit_s = time.perf_counter() - t0
     with torch.no_grad():
         probe_acts = dictionary(maps).flatten(2).mean(2)    # [n_probe, F]
@@ -153,7 +153,7 @@ def _dictionary_row(target, maps: torch.Tensor, dc: DictionaryConfig, cfg: Featu
     probe_max = probe_acts.amax(0).numpy()
     fires = probe_max > 0
     return {"kind": dc.kind, "features": len(units), "k": dc.k if dc.kind == "sae" else None,
-            "positions": int(len(chosen)), "fire_on_probe": int(fires.sum()),
+            "positions": len(samples), "fire_on_probe": int(fires.sum()),
             "on": int((final > 0).sum()), "on_of_firing": int((final[fires] > 0).sum()),
             "above_start": int((final > start).sum()), "start_off": int((start <= 0).sum()),
             "median_vs_probe_max": float(np.median(final[fires] / probe_max[fires])),

@@ -238,7 +238,9 @@ class Scoring:
     no candidate could be rendered; then ``fallback`` says so and Label 1 is unscored.
     ``generated``: concept -> feature-cache keys of its usable generated images (the
     store maps a key to its thumbnail); ``prompts``: concept -> text-to-image prompt;
-    ``dropped``: concept -> why it could not be scored.
+    ``dropped``: concept -> why it could not be scored. ``confidence`` in [0, 1]: how far
+    the evidence supports Label 1 (:mod:`dnd.stages.select`; None for the paper's rule,
+    which has none, and for records written before it existed).
     """
 
     labels: tuple[str, ...]
@@ -248,10 +250,13 @@ class Scoring:
     generated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     prompts: Mapping[str, str] = field(default_factory=dict)
     fallback: str | None = None
+    confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"labels": list(self.labels), "dropped": dict(self.dropped),
                              "interpretability": self.interpretability}
+        if self.confidence is not None:  # absent, as before, under the paper's rule
+            d["confidence"] = self.confidence
         if self.selection is not None:
             d["selection"] = self.selection.to_json()
             d["generated"] = {c: list(k) for c, k in self.generated.items()}
@@ -266,7 +271,7 @@ class Scoring:
         return cls(tuple(d.get("labels") or ()), d.get("interpretability"),
                    dict(d.get("dropped") or {}), Selection.from_json(sel) if sel else None,
                    {c: tuple(k) for c, k in (d.get("generated") or {}).items()},
-                   dict(d.get("prompts") or {}), d.get("fallback"))
+                   dict(d.get("prompts") or {}), d.get("fallback"), d.get("confidence"))
 
 
 # ----------------------------------------------------------------------- the record

@@ -319,6 +319,19 @@ class RunStore:
         total = {k: sum(int(e.get("work", {}).get(k, 0)) for e in entries) for k in COUNTS}
         return atomic_write_json(self.work_path, {"invocations": entries, "total": total})
 
+    def read_work(self) -> dict[str, Any]:
+        """``work.json`` as :meth:`save_work` writes it: ``{"invocations": [...], "total":
+        {count: n}}``; both empty when the run has none yet, or (with a warning) when it is
+        unreadable. Writes nothing, so it may run beside a describe."""
+        try:
+            data = json.loads(self.work_path.read_text())
+            return {"invocations": list(data["invocations"]), "total": dict(data["total"])}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s is unreadable (%s); reading it as empty", self.work_path, e)
+        return {"invocations": [], "total": {}}
+
     def _units_dir(self, layer: str, basis: str = NEURON) -> Path:
         # Neurons keep the plain layer folder; another basis gets its own beside it.
         name = safe_name(layer) if basis == NEURON else f"{safe_name(layer)}@{safe_name(basis)}"
@@ -331,6 +344,13 @@ class RunStore:
         """Folder names under units/ (one per layer and basis), sorted."""
         units = self.root / "units"
         return sorted(p.name for p in units.iterdir() if p.is_dir()) if units.is_dir() else []
+
+    def unit_ids(self, layer: str, basis: str = NEURON) -> list[int]:
+        """The units of ``layer`` that have a record file, sorted (files are not read)."""
+        folder = self._units_dir(layer, basis)
+        ids = (int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()) \
+            if folder.is_dir() else ()
+        return sorted(ids)
 
     def read_unit(self, layer: str, unit: int, basis: str = NEURON) -> UnitRecord | None:
         """The unit's record, or None if absent or unreadable (a partial write). A record

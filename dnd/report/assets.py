@@ -107,3 +107,19 @@ q.addEventListener('input',render);
 render();
 })();
 """
+
+
+def scoped_css(scope: str, extra: str = "") -> str:
+    """:data:`CSS` (and ``extra`` rules) confined to the elements inside ``scope`` (a
+    selector), for report HTML shown inside another page (a notebook's output): ``body``
+    becomes ``scope`` itself, every other selector ``scope <selector>``. The rules are
+    plain ``selectors{declarations}`` (no @-rules, no nesting)."""
+    out = []
+    for rule in (CSS + extra).split("}"):
+        selectors, _, body = rule.partition("{")
+        if not body.strip():
+            continue
+        scoped = [scope if s == "body" else f"{scope} {s}"
+                  for s in (" ".join(part.split()) for part in selectors.split(","))]
+        out.append(",".join(scoped) + "{" + " ".join(body.split()) + "}")
+    return "\n".join(out)

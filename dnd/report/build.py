@@ -69,22 +69,40 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 class _Images:
-    """Writes the report's image files once per build; paths are relative to report/."""
+    """Writes the report's image files once per build; paths are relative to report/.
+
+    Every image goes out through :meth:`_put` or :meth:`_put_file`, which return what a
+    page's ``src`` names (here the file's path relative to report/); ``done`` maps each
+    image's report path to it, so an image shown twice is made once. A subclass that
+    returns data URIs instead renders the same pages inline (:mod:`dnd.report.inline`).
+    """
 
     def __init__(self, store: RunStore, probe: ProbeSet | None):
         self.store, self.out, self.probe = store, store.report_dir, probe
         self.sizes: dict[int, tuple[int, int]] = {}  # probe index -> original (w, h)
-        self.done: set[str] = set()
+        self.done: dict[str, str] = {}  # report path -> the src that shows it
         self.bad: set[int] = set()
+
+    def _put(self, rel: str, data: bytes) -> str:
+        """Keep an image's bytes as ``rel`` (a path under report/); return its src."""
+        # Report files are rebuilt from the records on every run: no flush to disk.
+        atomic_write_bytes(self.out / rel, data, durable=False)
+        self.done[rel] = rel
+        return rel
+
+    def _put_file(self, rel: str, src: Path) -> str:
+        """Keep a copy of the image file ``src`` as ``rel``; return its src."""
+        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, self.out / rel)
+        self.done[rel] = rel
+        return rel
 
     def _save(self, rel: str, image: Image.Image, px: int) -> str:
         thumb = image.convert("RGB")
         thumb.thumbnail((px, px))
         buf = io.BytesIO()
         thumb.save(buf, format="JPEG", quality=85)
-        atomic_write_bytes(self.out / rel, buf.getvalue(), durable=False)
-        self.done.add(rel)
-        return rel
+        return self._put(rel, buf.getvalue())
 
     def _load(self, index: int) -> Image.Image | None:
         """Probe image ``index``; None (once warned) when it is gone or unreadable, so one
@@ -105,7 +123,7 @@ class _Images:
         index = int(index)
         rel = f"img/probe/{index}{'_l' if large else ''}.jpg"
         if rel in self.done:
-            return rel
+            return self.done[rel]
         image = self._load(index)
         return None if image is None else self._save(rel, image, LARGE_PX if large else GRID_PX)
 
@@ -121,26 +139,27 @@ class _Images:
             return self.probe_image(ev.index, large)
         rel = f"img/crop/{ev.index}_{'-'.join(map(str, ev.box))}{'_l' if large else ''}.jpg"
         if rel in self.done:
-            return rel
+            return self.done[rel]
         if self._load(ev.index) is None:
             return None
         # Evidence.pixels is the pipeline's own definition of a record's pixels.
         return self._save(rel, ev.pixels(self.probe), LARGE_PX if large else GRID_PX)
 
-    def heatmap(self, unit: int, index: int, act_map: Sequence[Sequence[float]]) -> str:
+    def heatmap(self, layer: str, unit: int, index: int, act_map: Sequence[Sequence[float]]
+                ) -> str:
         """A translucent warm-colour PNG of a unit's activation map on one image."""
-        rel = f"img/heat/{int(unit)}_{int(index)}.png"
-        if rel not in self.done:
-            m = np.asarray(act_map, dtype=np.float32)
-            span = float(m.max() - m.min())
-            v = (m - m.min()) / span if span > 0 else np.zeros_like(m)
-            # Transparent where the unit is quiet, opaque red-to-yellow where it fires.
-            rgba = np.stack([np.full_like(v, 255), 255 * v, np.zeros_like(v), 190 * v], -1)
-            buf = io.BytesIO()
-            Image.fromarray(rgba.astype(np.uint8), "RGBA").save(buf, format="PNG")
-            atomic_write_bytes(self.out / rel, buf.getvalue(), durable=False)
-            self.done.add(rel)
-        return rel
+        # By layer too: unit 0 of two conv layers on one image has two maps.
+        rel = f"img/heat/{safe_name(layer)}/{int(unit)}_{int(index)}.png"
+        if rel in self.done:
+            return self.done[rel]
+        m = np.asarray(act_map, dtype=np.float32)
+        span = float(m.max() - m.min())
+        v = (m - m.min()) / span if span > 0 else np.zeros_like(m)
+        # Transparent where the unit is quiet, opaque red-to-yellow where it fires.
+        rgba = np.stack([np.full_like(v, 255), 255 * v, np.zeros_like(v), 190 * v], -1)
+        buf = io.BytesIO()
+        Image.fromarray(rgba.astype(np.uint8), "RGBA").save(buf, format="PNG")
+        return self._put(rel, buf.getvalue())
 
     def featurevis(self, layer: str, unit: int) -> list[tuple[str, list[tuple[str, float]],
                                                              list[float]]]:
@@ -162,11 +181,7 @@ class _Images:
             shown = []
             for path, act in zip(paths, data["activations"], strict=True):
                 rel = f"img/fv/{safe_name(layer)}/{kind}/{path.name}"
-                if rel not in self.done:
-                    (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, self.out / rel)
-                    self.done.add(rel)
-                shown.append((rel, float(act)))
+                shown.append((self.done.get(rel) or self._put_file(rel, path), float(act)))
             out.append((kind, shown, [float(a) for a in data["start_activations"]]))
         return out
 
@@ -178,13 +193,9 @@ class _Images:
             log.warning("report: generated image %r has no thumbnail (%s)", key, e)
             return None
         rel = f"img/gen/{src.name}"
-        if rel not in self.done:
-            if not src.is_file():
-                return None
-            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, self.out / rel)
-            self.done.add(rel)
-        return rel
+        if rel in self.done:
+            return self.done[rel]
+        return self._put_file(rel, src) if src.is_file() else None
 
 
 def _run_config(store: RunStore) -> RunConfig | None:
@@ -305,10 +316,7 @@ def build_report(run_dir: str | Path) -> Path:
     config = _run_config(store)
     images = _Images(store, _open_run_probe(config))
     records = store.all_records()
-    by_layer: dict[str, list[float | None]] = {}
-    for rec in records:
-        by_layer.setdefault(rec.layer, []).append(_scoring(rec).interpretability)
-    rules = {layer: low_interpretability_rule(s) for layer, s in by_layer.items()}
+    rules = layer_rules(records)
     mixes = layer_mixes(store, config, records)  # dictionary layers only
     cards = []
     for rec in records:
@@ -318,24 +326,40 @@ def build_report(run_dir: str | Path) -> Path:
                           unit_page(rec, images, rules[rec.layer], mixes.get(rec.layer),
                                     [m for m in mixes.values() if m.parent == rec.layer]),
                           durable=False)
-        top = (rec.crops.top or rec.crops.activating) if rec.crops else ()
-        thumbs = [images.probe_image(e.index) for e in top[:CARD_THUMBS]]
-        scoring = _scoring(rec)
-        cards.append({"layer": rec.layer, "unit": rec.unit, "href": href,
-                      "labels": [str(x) for x in rec.labels],
-                      "score": scoring.selection.winner_score if scoring.selection else None,
-                      "interp": scoring.interpretability,
-                      "low": rules[rec.layer].is_low(scoring.interpretability),
-                      "fallback": bool(rec.fallbacks),
-                      "stage": rec.stage, "failed_at": rec.failed_at,
-                      "thumbs": [t for t in thumbs if t],
-                      # The card shows a short reason; the full error is on the unit page.
-                      "error": short_reason(rec.error) if rec.failed else None})
+        cards.append({**card_data(rec, images, rules[rec.layer]), "href": href})
     index = store.report_dir / "index.html"
     atomic_write_text(index, index_page(store.root, cards, probe_ok=images.probe is not None,
                                         stop_after=config.stop_after if config else None,
                                         rules=rules), durable=False)
     return index
+
+
+def layer_rules(records: Sequence[UnitRecord]) -> dict[str, InterpretabilityRule]:
+    """Layer -> its low-interpretability rule over ``records`` (a run's, all layers)."""
+    by_layer: dict[str, list[float | None]] = {}
+    for rec in records:
+        by_layer.setdefault(rec.layer, []).append(_scoring(rec).interpretability)
+    return {layer: low_interpretability_rule(s) for layer, s in by_layer.items()}
+
+
+def card_data(rec: UnitRecord, images: _Images, rule: InterpretabilityRule) -> dict[str, Any]:
+    """What a unit's card shows (the report's index and the notebook's run table): labels,
+    Label 1's final score, interpretability (``low`` by its layer's ``rule``), confidence,
+    stage, a short failure reason, and up to CARD_THUMBS thumbnails of its top images."""
+    top = (rec.crops.top or rec.crops.activating) if rec.crops else ()
+    thumbs = [images.probe_image(e.index) for e in top[:CARD_THUMBS]]
+    scoring = _scoring(rec)
+    return {"layer": rec.layer, "unit": rec.unit,
+            "labels": [str(x) for x in rec.labels],
+            "score": scoring.selection.winner_score if scoring.selection else None,
+            "interp": scoring.interpretability,
+            "confidence": scoring.confidence,
+            "low": rule.is_low(scoring.interpretability),
+            "fallback": bool(rec.fallbacks),
+            "stage": rec.stage, "failed_at": rec.failed_at,
+            "thumbs": [t for t in thumbs if t],
+            # The card shows a short reason; the full error is on the unit page.
+            "error": short_reason(rec.error) if rec.failed else None}
 
 
 def _page(title: str, body: str) -> str:
@@ -401,7 +425,7 @@ def _img(rel: str | None, up: str, alt: str = "") -> str:
 
 
 def _boxed(images: _Images, top: Evidence, boxes: Sequence[Sequence[int]], up: str,
-           unit: int, count_crops: bool = True) -> str:
+           layer: str, unit: int, count_crops: bool = True) -> str:
     """A top image with the unit's activation heatmap over the region the network saw (when
     the record has one) and its attention-crop boxes (original-image pixels) drawn over it;
     ``count_crops`` adds "N crop(s)" to the caption."""
@@ -412,7 +436,7 @@ def _boxed(images: _Images, top: Evidence, boxes: Sequence[Sequence[int]], up: s
     heat = ""
     if top.act_map and top.view_box:
         x0, y0, x1, y1 = top.view_box
-        href = esc(up + images.heatmap(unit, top.index, top.act_map))
+        href = esc(up + images.heatmap(layer, unit, top.index, top.act_map))
         heat = (f'<image class=heat href="{href}" x="{x0}" y="{y0}" width="{x1 - x0}" '
                 f'height="{y1 - y0}" preserveAspectRatio="none"/>')
     rects = "".join(f'<rect x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" '
@@ -479,7 +503,7 @@ def _top_images(rec: UnitRecord, images: _Images, up: str) -> str:
     top, crops = rec.crops.top, rec.crops.crops
     has_maps = any(t.act_map for t in top)
     figs = "".join(_boxed(images, t, [c.box for c in crops if c.box and c.index == t.index],
-                          up, rec.unit, count_crops=bool(crops)) for t in top)
+                          up, rec.layer, rec.unit, count_crops=bool(crops)) for t in top)
     if has_maps:
         title = "Top images: activation heatmap" + (" and attention crops" if crops else "")
         note = "" if crops else ("<p class=note>No attention crops for this unit (none "
@@ -532,11 +556,30 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
     ``readers``: for a neuron, the dictionaries of its layer (the features that use it).
     """
     up = "../../"
-    layer, unit = rec.layer, rec.unit
+    title, body = unit_body(rec, images, up, rule, mixes, readers)
+    return _page(f"{rec.layer} #{rec.unit}: {title}",
+                 f'<header><a href="{up}index.html">&larr; all units</a> &middot; '
+                 f"{unit_heading(rec)}</header><main>{body}</main>")
+
+
+def unit_heading(rec: UnitRecord) -> str:
+    """'model &middot; layer fc &middot; unit 3', escaped."""
+    return (f"{esc(rec.model)} &middot; layer {esc(rec.layer)} &middot; "
+            f"unit {esc(rec.unit)}")
+
+
+def unit_body(rec: UnitRecord, images: _Images, up: str,
+              rule: InterpretabilityRule | None = None, mixes: LayerMixes | None = None,
+              readers: Sequence[LayerMixes] = ()) -> tuple[str, str]:
+    """Everything a unit's page shows under its header: (title, HTML). The report's unit
+    pages and the notebook's unit cards (:mod:`dnd.report.inline`) are both this.
+
+    ``up``: what leads from the page to report/, prefixed to every image path (``""``
+    when ``images`` gives data URIs); the other arguments as for :func:`unit_page`.
+    """
+    unit = rec.unit
     scoring, cands = _scoring(rec), rec.candidates
-    parts = [f'<header><a href="{up}index.html">&larr; all units</a> &middot; '
-             f"{esc(rec.model)} &middot; layer {esc(layer)} &middot; unit {esc(unit)}"
-             "</header><main>"]
+    parts: list[str] = []
     labels = rec.labels
     if labels:
         title = str(labels[0])
@@ -566,6 +609,9 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
         parts.append(f"<p id=interp>{esc(rule.explain(interp))}</p>")
     elif interp is not None:
         parts.append(f"<p id=interp>Interpretability score: {_num(interp)}</p>")
+    if scoring.confidence is not None:
+        parts.append(f"<p id=confidence>Confidence in Label 1: {_num(scoring.confidence)} "
+                     "(0-1: how far the evidence supports it)</p>")
     for reason in rec.fallbacks:
         parts.append(f"<p class=lowwarn id=fallback><span class=fallback-badge>fallback"
                      f"</span> {esc(reason)}.</p>")
@@ -625,8 +671,7 @@ def unit_page(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | Non
     if scoring.dropped:
         parts.append("<h3>Dropped candidates</h3><ul>" + "".join(
             f"<li>{esc(c)}: {esc(why)}</li>" for c, why in scoring.dropped.items()) + "</ul>")
-    parts.append("</main>")
-    return _page(f"{layer} #{unit}: {title}", "".join(parts))
+    return title, "".join(parts)
 
 
 def export_rating(run_dir: str | Path, out: str | Path, seed: int = 0,

@@ -325,9 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--out", default="results", help="folder for the table (default results)")
 
     sub.add_parser("models", help="list the model names --model accepts")
-    la = sub.add_parser("layers", help="list the layer names of a model")
+    la = sub.add_parser("layers", help="list the layers of a model with their unit counts "
+                        "(random weights, one forward pass)")
     la.add_argument("--model", required=True, help="model name, as for describe")
     return p
+
+
+def _layers_listing(target) -> str:
+    """``dnd layers``: one line per layer, its name, unit count ("-": none to describe) and
+    where its units are (the axis of a 4-D output and what says so), from one forward pass
+    of a blank image."""
+    from dnd.target import layer_infos
+
+    infos = layer_infos(target)
+    width = max((len(i.name) for i in infos), default=0)
+    return "\n".join(f"{i.name:<{width}}  {'-' if i.units is None else i.units:>6}  {i.note}"
+                     for i in infos)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -520,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(model_names() + ["timm:<any timm model name>",
                                               "open_clip:<model>/<pretrained>"]))
         elif args.command == "layers":
-            print("\n".join(load_target(args.model, weights="none").layer_names()))
+            print(_layers_listing(load_target(args.model, weights="none")))
         return 0
     except (ConfigError, ValueError, KeyError, OSError, ImportError, LLMError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -1,16 +1,24 @@
 """The Ray executor (`dnd describe --executor ray`) on a local two-CPU Ray cluster with the
-toy world: records byte-identical to the local executor's, an actor killed mid-run replaced
-with every unit written exactly once, and runs that resume across executors.
+toy world: records equal to the local executor's, an actor killed mid-run replaced with
+every unit written exactly once, and runs that resume across executors.
 
-Records are compared field by field, floats to 7 significant digits. The same arithmetic
-gives the same bytes, but two things change the last digits of a score: the thread count
-(Ray gives each CPU actor one thread, so the local reference runs with one torch thread
-too), and which batch a generated image shared by two units is embedded in, which depends
-on which actor draws it first (the local executor's chunk size has the same effect)."""
+What a user may rely on (README, "What is reproducible"): with the same thread count (Ray
+gives each CPU actor one thread, so the local reference runs with one torch thread too and
+the actors are pinned to one), a record does not depend on the executor, on which actor
+draws an image first or on how busy the machine is. Generated images are run through the
+target and the encoder in batches fixed by their own keys (``ConceptScorer.feature_block``),
+so an image two units share gets the same features bit for bit whichever chunk or actor
+computes it. With the same chunks, records are equal bit for bit. With other chunks (another
+``chunk_units``, or a run resumed at another unit), the activating images of a chunk's units
+are still embedded together, so the image-product weights, the final scores and the
+interpretability score may move in their last digits (:data:`CHUNK_FLOATS`, to
+:data:`REL_TOL`); labels, candidates, selection order and every other field stay exact.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -24,6 +32,9 @@ from dnd.store import RunStore
 ray = pytest.importorskip("ray")
 
 N_UNITS = 8
+# Floats computed from a chunk's activating images embedded together (see the docstring).
+CHUNK_FLOATS = frozenset({"weights", "final_scores", "interpretability"})
+REL_TOL = 1e-5
 
 
 def _config(**kw) -> RunConfig:
@@ -39,9 +50,10 @@ def _ray(**kw) -> RunConfig:
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module (starting one takes seconds); the executor
-    uses it and leaves it running."""
+    uses it and leaves it running. Its actors run one thread each, as the reference does,
+    whatever OMP_NUM_THREADS this process was started with."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
 
@@ -63,20 +75,52 @@ def reference(tmp_path_factory, one_thread):
 
 
 def _files(run):
-    """(unit file -> its record with floats to 7 significant digits, labels.csv)."""
-    units = {p.name: _rounded(json.loads(p.read_text()))
-             for p in (run / "units" / "fc").glob("*.json")}
+    """(unit file -> its record, labels.csv)."""
+    units = {p.name: json.loads(p.read_text()) for p in (run / "units" / "fc").glob("*.json")}
     return units, (run / "labels.csv").read_text()
 
 
-def _rounded(x):
-    if isinstance(x, float):
-        return float(f"{x:.7g}")
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_rounded(v) for v in x]
-    return x
+def _differences(a, b, where: str = "", loose: bool = False) -> list[str]:
+    """Where ``b`` differs from ``a``: exactly, except floats under a :data:`CHUNK_FLOATS`
+    key (``loose``: inside one), which may differ by :data:`REL_TOL` relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in sorted(a)
+                for d in _differences(a[k], b[k], f"{where}.{k}", loose or k in CHUNK_FLOATS)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} -> {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in _differences(x, y, f"{where}[{i}]", loose)]
+    if loose and isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-9) else [
+            f"{where}: {a!r} -> {b!r}"]
+    return [] if a == b and type(a) is type(b) else [f"{where}: {a!r} -> {b!r}"]
+
+
+def _same_but_chunk_floats(run_files, reference_files) -> None:
+    (units, labels), (ref_units, ref_labels) = run_files, reference_files
+    assert sorted(units) == sorted(ref_units) and labels == ref_labels
+    problems = [d for name in sorted(ref_units)
+                for d in _differences(ref_units[name], units[name], name)]
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_differences_are_exact_but_for_chunk_floats():
+    record = {"labels": ["red"], "interpretability": 0.5,
+              "selection": {"order": [1, 0], "final_scores": [0.25, 0.5],
+                            "rank_scores": [3.0, 4.0]}}
+    moved = json.loads(json.dumps(record))
+    moved["interpretability"] += 1e-8
+    moved["selection"]["final_scores"][0] += 1e-9
+    assert _differences(record, moved) == []
+    for path, value in [(("selection", "rank_scores"), [3.0, 4.000001]),
+                        (("selection", "order"), [0, 1]), (("labels",), ["blue"])]:
+        other = json.loads(json.dumps(record))
+        (other["selection"] if len(path) == 2 else other)[path[-1]] = value
+        assert _differences(record, other), path
+    assert _differences({"x": 1}, {"x": 1.0}) == [".x: 1 -> 1.0"]
 
 
 def test_ray_records_are_those_of_the_local_executor(cluster, reference, tmp_path):
@@ -84,7 +128,7 @@ def test_ray_records_are_those_of_the_local_executor(cluster, reference, tmp_pat
     assert result.done_now == list(range(N_UNITS)) and not result.failed
     units, labels = _files(tmp_path)
     assert sorted(units) == sorted(reference[0][0]) and len(units) == N_UNITS
-    assert (units, labels) == reference[0]
+    assert (units, labels) == reference[0]  # the same chunks: bit for bit
     # The actors' work comes back to the driver: at least what the local run did (two
     # actors may both caption or draw an image before either has cached it).
     local = reference[1]
@@ -122,7 +166,7 @@ def test_killed_actor_is_replaced_and_every_unit_written_once(cluster, reference
     result = out["result"]
     assert result.done_now == list(range(N_UNITS)) and not result.failed
     assert writes == dict.fromkeys(range(N_UNITS), 1)  # each record written once
-    assert _files(tmp_path) == reference[0]
+    _same_but_chunk_floats(_files(tmp_path), reference[0])  # chunks of 1 unit, not 2
 
 
 def test_runs_resume_across_executors(cluster, reference, tmp_path):
@@ -133,8 +177,8 @@ def test_runs_resume_across_executors(cluster, reference, tmp_path):
     describe(_config(units="0-2"), local_first, progress=False)
     then = describe(_ray(), local_first, progress=False)
     assert then.already_done == [0, 1, 2] and then.done_now == list(range(3, N_UNITS))
-    assert _files(ray_first) == reference[0]
-    assert _files(local_first) == reference[0]
+    _same_but_chunk_floats(_files(ray_first), reference[0])
+    _same_but_chunk_floats(_files(local_first), reference[0])
 
 
 def test_ray_settings_need_the_ray_executor():

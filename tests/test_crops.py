@@ -23,15 +23,26 @@ def _close(a, b, tol=3):
     return all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
-@pytest.fixture
-def step1(colour_probe, tmp_path):
+def _step1(colour_probe, tmp_path, score):
     folder, red, green = colour_probe
     target, probe = colour_target(), open_probe(str(folder))
     acts = compute_activations(target, probe, ["pool"], tmp_path / "acts", progress=False)["pool"]
     idx, _ = acts.top_images([0, 1], 6)
-    out = Cropper(target, CropConfig(top_n=6, top_k=10))(probe, "pool", [0, 1], idx,
-                                                           progress=False)
+    out = Cropper(target, CropConfig(top_n=6, top_k=10, score=score))(
+        probe, "pool", [0, 1], idx, progress=False)
     return out, red, green, probe
+
+
+@pytest.fixture
+def step1(colour_probe, tmp_path):
+    """The paper's Step 1: crops enlarged and re-scored."""
+    return _step1(colour_probe, tmp_path, "rescored")
+
+
+@pytest.fixture
+def in_place(colour_probe, tmp_path):
+    """The default Step 1: crops scored inside the original map."""
+    return _step1(colour_probe, tmp_path, "in_place")
 
 
 def test_top_images_are_exactly_the_pattern_images(step1):
@@ -77,6 +88,32 @@ def test_tight_crops_outscore_originals_and_lead_the_activating_images(step1):
     crops_by_image = {c.index: c.activation for c in out[0].crops}
     top_by_image = {t.index: t.activation for t in out[0].top}
     assert all(crops_by_image[i] > top_by_image[i] for i in crops_by_image)
+
+
+def test_in_place_crops_keep_the_maps_activation_and_join_their_originals(in_place, step1):
+    out, red, _, _ = in_place
+    # The same boxes either way; only their scores and the activating images differ.
+    assert [c.box for c in out[0].crops] == [c.box for c in step1[0][0].crops]
+    top = {t.index: t for t in out[0].top}
+    for c in out[0].crops:  # mean of the map cells under the box: above the image's mean
+        assert top[c.index].activation < c.activation
+    act = out[0].activating
+    # Every top image, then each one's best crop: 6 originals + one crop per red image.
+    assert sorted(e.index for e in act if e.box is None) == sorted(top)
+    assert sorted(e.index for e in act if e.box is not None) == sorted(red)
+    assert [e.activation for e in act] == sorted((e.activation for e in act), reverse=True)
+
+
+def test_in_place_activation_reads_the_cells_under_the_box():
+    from dnd.stages.crop import in_place_activation
+
+    m = np.zeros((4, 4))
+    m[1, 2] = 8.0
+    m[3, 0] = 2.0
+    # A 16-px view: cell (row 1, col 2) covers x 8..12, y 4..8.
+    assert in_place_activation(m, (8, 4, 12, 8), 16, "max") == 8.0
+    assert in_place_activation(m, (6, 4, 12, 8), 16, "mean") == 4.0  # cells 1 and 2 of row 1
+    assert in_place_activation(m, (0, 0, 16, 16), 16, "mean") == pytest.approx(10 / 16)
 
 
 def test_fc_layer_has_no_crops(colour_probe, tmp_path):

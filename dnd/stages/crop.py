@@ -1,9 +1,18 @@
 """Step 1 of DnD: attention crops of each unit's top images, re-scored by the target.
 
-For each unit: take its top-N probe images, turn the unit's spatial activation map on each
-into at most ``max_crops`` boxes (min-max normalise to [0, 255], Otsu threshold, bounding
-boxes of the external contours, IoU rules), add the crops to the originals, re-score all
-of them with the target and keep the unit's top-K: the "activating images".
+For each unit: take its top-N probe images and turn the unit's spatial activation map on
+each into at most ``max_crops`` boxes (min-max normalise to [0, 255], Otsu threshold,
+bounding boxes of the external contours, IoU rules). Which of them become the "activating
+images" (captioned, and compared with generated images) depends on ``CropConfig.score``:
+
+- ``in_place`` (default): a crop is scored by the unit's activation inside it on the
+  original image (its map's cells under the box, summarised as the run summarises a map),
+  so a crop of a small thing the unit fires on keeps the activation it has in the scene.
+  The activating images are the top-K originals and, for each, its best crop: the
+  captioner then sees both the scene and what the heatmap points at.
+- ``rescored`` (the paper): each crop is enlarged to the network's input and re-scored;
+  the top-K of originals and crops together are kept. A unit that answers to small things
+  only sees a large one in its crop, so its crops rarely make the top-K.
 
 The map is laid over the exact region the network saw (the centre crop), and boxes are
 mapped back to original-image pixels, so crops come from the full-resolution photo.
@@ -40,6 +49,10 @@ class CropConfig:
     max_crops: int = 4         # crops per image
     iou_between: float = 0.5   # keep a box only if IoU with every kept box <= this
     iou_image: float = 0.8     # ... and IoU with the whole image < this
+    # How a crop is scored and which crops are captioned (module docstring): "in_place"
+    # (its activation inside the original map; top-K originals + each one's best crop) or
+    # "rescored" (the paper: enlarged and re-scored; the top-K of originals and crops).
+    score: str = "in_place"
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -51,6 +64,12 @@ class CropConfig:
         for name in ("iou_between", "iou_image"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"crop.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.score not in CROP_SCORES:
+            raise ValueError(f"crop.score must be one of {', '.join(CROP_SCORES)}, got "
+                             f"{self.score!r}")
+
+
+CROP_SCORES = ("in_place", "rescored")
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,6 +152,38 @@ def attention_boxes(act_map: np.ndarray, size: int, *, max_crops: int = 4,
                         iou_image=iou_image)
 
 
+def in_place_activation(act_map: np.ndarray, box: Box, size: int, summary: str) -> float:
+    """The unit's activation inside ``box`` (x0, y0, x1, y1 view pixels, ends exclusive) of
+    a [size, size] view, read off its [h, w] map: the ``summary`` ("mean" or "max") of the
+    map cells the box overlaps."""
+    h, w = act_map.shape
+    x0, y0, x1, y1 = box
+    cols = slice(int(np.floor(x0 * w / size)), max(int(np.ceil(x1 * w / size)), 1))
+    rows = slice(int(np.floor(y0 * h / size)), max(int(np.ceil(y1 * h / size)), 1))
+    cells = np.asarray(act_map, dtype=np.float64)[rows, cols]
+    return float(cells.max() if summary == "max" else cells.mean())
+
+
+def attention_scale(crops: UnitCrops, max_scale: int) -> int:
+    """How many times smaller than the network's input the unit's evidence is: the input
+    side over the side of the largest attention box of each top image (its view's side
+    over the box's longer side), median over the top images with a box, rounded, in
+    1..``max_scale``. 1 when no top image has a box (fc layers, flat maps, no crops).
+    Best-concept selection also shows generated images at this scale, since a
+    text-to-image model draws a concept large and a unit of small things may not fire on
+    it then."""
+    ratios = []
+    for top in crops.top:
+        box = next((c.box for c in crops.crops if c.index == top.index), None)
+        if box is None or top.view_box is None:
+            continue
+        vx0, vy0, vx1, vy1 = top.view_box
+        ratios.append(max(vx1 - vx0, vy1 - vy0) / max(box[2] - box[0], box[3] - box[1], 1))
+    if not ratios:
+        return 1
+    return int(min(max(round(float(np.median(ratios))), 1), max_scale))
+
+
 # ---------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------
@@ -174,12 +225,14 @@ class Cropper:
         """
         cfg = self.config
         tops = {int(u): [int(i) for i in row[:cfg.top_n]] for u, row in zip(units, top_indices)}
-        # 1. One forward pass per unique top image: fp32 scores and maps for every unit.
-        scores, boxes, heat = self._maps_and_boxes(probe, layer, tops, summary, workers,
-                                                   progress)
-        # 2. Re-score all crops of all units in shared batches.
-        crop_scores = self._score_crops(probe, layer, boxes, summary, progress)
-        # 3. Per unit: originals + crops, highest activation first, keep top-K.
+        # 1. One forward pass per unique top image: fp32 scores, maps, boxes and the crops'
+        #    in-place activations for every unit.
+        scores, boxes, heat, in_place = self._maps_and_boxes(probe, layer, tops, summary,
+                                                             workers, progress)
+        # 2. The paper re-scores all crops of all units, enlarged, in shared batches.
+        crop_scores = (in_place if cfg.score == "in_place" else
+                       self._score_crops(probe, layer, boxes, summary, progress))
+        # 3. Per unit: the activating images (module docstring), highest activation first.
         out = {}
         for u, idx in tops.items():
             top = [Evidence(i, probe.ids[i], None, scores[(u, i)], *heat.get((u, i), (None,
@@ -187,9 +240,25 @@ class Cropper:
                    for i in idx]
             crops = [Evidence(i, probe.ids[i], b, crop_scores[(u, i, b)])
                      for i in idx for b in boxes.get((u, i), [])]
-            pool = sorted(top + crops, key=lambda e: (-e.activation, e.index, e.box or ()))
-            out[u] = UnitCrops(tuple(top), tuple(crops), tuple(pool[:cfg.top_k]))
+            out[u] = UnitCrops(tuple(top), tuple(crops), self._activating(top, crops))
         return out
+
+    def _activating(self, top: list[Evidence], crops: list[Evidence]
+                    ) -> tuple[Evidence, ...]:
+        """The images later stages see, highest activation first (ties: the original
+        before its crops)."""
+        def order(e: Evidence) -> tuple:
+            return (-e.activation, e.index, e.box or ())
+
+        k = self.config.top_k
+        if self.config.score == "rescored":
+            return tuple(sorted(top + crops, key=order)[:k])
+        kept = sorted(top, key=order)[:k]
+        best: dict[int, Evidence] = {}
+        for c in crops:  # boxes come largest first, so a tie keeps the larger crop
+            if c.index not in best or c.activation > best[c.index].activation:
+                best[c.index] = c
+        return tuple(sorted(kept + [best[e.index] for e in kept if e.index in best], key=order))
 
     def _maps_and_boxes(self, probe, layer, tops, summary, workers, progress):
         cfg, target = self.config, self.target
@@ -201,6 +270,7 @@ class Cropper:
         scores: dict[tuple[int, int], float] = {}
         boxes: dict[tuple[int, int], list] = {}
         heat: dict[tuple[int, int], tuple] = {}  # (unit, image) -> (small map, view box)
+        in_place: dict[tuple[int, int, Box], float] = {}  # (unit, image, box) -> activation
         module = {layer: target.layer(layer)}
         desc = "attention maps" if progress else None
         with capture(target.module, module) as outs:
@@ -222,12 +292,15 @@ class Cropper:
                                             geom.box_to_original((0, 0, crop, crop)))
                         if maps is None or cfg.max_crops == 0 or geom is None:
                             continue
+                        unit_map = maps[b, u].float().cpu().numpy()
                         view_boxes = attention_boxes(
-                            maps[b, u].float().cpu().numpy(), target.preprocess.crop,
-                            max_crops=cfg.max_crops, iou_between=cfg.iou_between,
-                            iou_image=cfg.iou_image)
+                            unit_map, crop, max_crops=cfg.max_crops,
+                            iou_between=cfg.iou_between, iou_image=cfg.iou_image)
                         boxes[(u, i)] = [geom.box_to_original(vb) for vb in view_boxes]
-        return scores, boxes, heat
+                        for vb, ob in zip(view_boxes, boxes[(u, i)]):
+                            in_place[(u, i, ob)] = in_place_activation(unit_map, vb, crop,
+                                                                       summary)
+        return scores, boxes, heat, in_place
 
     def _score_crops(self, probe, layer, boxes, summary, progress):
         """Summary activation of unit u on each of its crops: (u, image, box) -> float."""

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # Where candidate concepts come from: an LLM (Steps 2.2-2.4), the phrases the captions
 # share (no LLM), or the LLM's candidates joined by up to summarize.consensus_extra phrases.
 SUMMARIZERS = ("llm", "consensus", "llm+consensus")
+# How candidates are formed from the summariser's output (dnd.stages.candidates).
+CANDIDATE_LEVELS = ("levels", "phrases")
 # Config sections that only the LLM summariser reads.
 LLM_SECTIONS = ("llm", "summarize")
 # Where the per-unit stages run (dnd.executor).
@@ -136,6 +138,10 @@ class RunConfig:
     crop: CropConfig = field(default_factory=CropConfig)
     captioner: BackendConfig = field(default_factory=lambda: BackendConfig("blip"))
     summarizer: str = "llm"       # llm | consensus (offline, no LLM) | llm+consensus
+    # Candidate concepts at every level (attributes, objects, conjunctions: the summariser's
+    # concepts, their parts, the words the captions share) or the summariser's phrases as
+    # they are (the paper); dnd.stages.candidates.
+    candidates: str = "levels"
     llm: BackendConfig = field(default_factory=lambda: BackendConfig("openai"))
     summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
     generator: BackendConfig = field(default_factory=lambda: BackendConfig("diffusers"))
@@ -161,6 +167,9 @@ class RunConfig:
             raise ConfigError(f"image_bank_max_gb must be > 0, got {self.image_bank_max_gb}")
         if not self.probe:
             raise ConfigError("probe is empty: give at least one probing set")
+        if self.candidates not in CANDIDATE_LEVELS:
+            raise ConfigError(f"candidates must be one of {', '.join(CANDIDATE_LEVELS)}, "
+                              f"got {self.candidates!r}")
         if self.summarizer not in SUMMARIZERS:
             raise ConfigError(f"summarizer must be one of {', '.join(SUMMARIZERS)}, "
                               f"got {self.summarizer!r}")

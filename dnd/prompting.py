@@ -1,7 +1,9 @@
 """Versioned chat prompts loaded from ``prompts/<name>.vN.yaml``.
 
 A prompt file holds ``version``, ``system``, optional few-shot ``examples`` (``user`` /
-``assistant`` pairs) and a ``user`` template whose ``{placeholders}`` are plain names. The
+``assistant`` pairs), a ``user`` template whose ``{placeholders}`` are plain names and an
+optional ``answer_prefix``: the start of the answer, for chat models that go on from a
+prefilled answer (:class:`dnd.backends.llm.ChatRequest`). The
 prompt's id (``name.vN``) is its identity in cache keys and results.
 Used by the summarisers (:mod:`dnd.stages.summarize`) and the chat captioner
 (:mod:`dnd.backends.caption`); it depends on neither.
@@ -46,6 +48,7 @@ class Prompt:
     system: str
     examples: tuple[tuple[str, str], ...]
     user: str
+    answer_prefix: str = ""
 
     def __post_init__(self) -> None:
         _placeholders(self.user, self.id)  # fail at load time, not at the first request
@@ -100,6 +103,6 @@ def load_prompt(name: str, prompts_dir: str | Path | None = None) -> Prompt:
     try:
         examples = tuple((str(e["user"]), str(e["assistant"])) for e in data.get("examples", []))
         return Prompt(match["base"], version, str(data["system"]).strip(), examples,
-                      str(data["user"]))
+                      str(data["user"]), str(data.get("answer_prefix") or ""))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed prompt ({exc!r})") from exc

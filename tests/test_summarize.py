@@ -4,6 +4,7 @@ one and the candidate pool."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -73,7 +74,8 @@ class ScriptedLLM:
 
 def listed(text: str) -> list[str]:
     """The captions in a concept request, in the order sent ("1. a red circle")."""
-    return [line.split(". ", 1)[1] for line in text.splitlines()[1:] if ". " in line]
+    return [line.split(". ", 1)[1] for line in text.splitlines()[1:]
+            if re.match(r"\d+\. ", line)]
 
 
 def first_caption(kind: str, text: str, request: ChatRequest, j: int) -> str:
@@ -191,13 +193,14 @@ def test_one_request_per_unit_answered_t_times():
     assert len(llm.batches) == 1 and len(llm.batches[0]) == len(UNITS)
     request = llm.batches[0][0]
     assert (request.n, request.temperature, request.sample) == (5, 0.3, 0)
-    assert request.stop == ("\n",) and request.max_tokens == 24
+    assert request.stop == ("\n",) and request.max_tokens == 40
+    assert request.answer_prefix == "" and request.schema is None  # a plain-reply backend
     assert listed(request.messages[-1]["content"]) == UNITS[0]  # captions whole, numbered
     r0 = results[0]
     assert r0.ok and r0.concepts == ("red circle",) and r0.sources == (("llm",),)
     assert r0.replies == ("a red circle",) * 5 and r0.rejected == ()
     assert r0.usage == LLMUsage(requests=1, prompt_tokens=10, completion_tokens=10, cached=0)
-    assert r0.prompt_versions == ("summarize_concept.v2", "merge_concepts.v2")
+    assert r0.prompt_versions == ("summarize_concept.v3", "merge_concepts.v2")
 
 
 DEGENERATE = ["pink-white-white-white-white", "cyan-blue-green-red", "blue blue ring",
@@ -382,7 +385,7 @@ def test_consensus_with_only_stopwords_fails_cleanly():
 
 def test_degenerate_reply_is_rejected_and_reasked_through_the_fake_server(monkeypatch):
     """Against an OpenAI-compatible server: the first draw of T replies loops, the re-ask
-    (a new seed) answers well; both requests carry n, the cap, the stop and the seeds."""
+    (a new seed) answers well; both requests carry n, the cap, the schema and the seeds."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 
     def script(body, n):
@@ -396,8 +399,10 @@ def test_degenerate_reply_is_rejected_and_reasked_through_the_fake_server(monkey
         first, again = server.requests
     assert result.ok and result.concepts[0] == "green star" and "stars" in result.concepts
     assert [r.reason for r in result.rejected] == ["a repeated word"] * 5
-    assert (first["n"], first["stop"], first["max_tokens"], first["temperature"]) == (
-        5, ["\n"], 24, 0.3)
+    # A server that takes a JSON schema is asked for one (no line stop: JSON may span
+    # lines); this one answers plain text anyway, which is read as text.
+    assert (first["n"], first["max_tokens"], first["temperature"]) == (5, 40, 0.3)
+    assert "stop" not in first and first["response_format"]["type"] == "json_schema"
     assert again["temperature"] == 0.7 and again["seed"] != first["seed"]
     assert result.usage.requests == 2
 

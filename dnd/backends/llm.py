@@ -49,6 +49,12 @@ class ChatRequest:
     (OpenAI's ``n``; locally one batch row per reply, each seeded on its own).
     ``max_tokens`` caps each reply (None: the backend's default); generation stops at the
     first of the ``stop`` strings, which is not part of the reply.
+
+    The form of the answer, so that nothing has to be parsed out of a sentence (a backend
+    takes only the forms its ``reply_forms`` names; :func:`reply_form` picks one):
+    ``answer_prefix`` is the start of the answer, written for the model, which goes on from
+    it (the reply is the continuation alone); ``schema`` is a JSON schema the reply must
+    follow (structured output; the reply is the JSON text).
     """
 
     messages: tuple[Mapping[str, str], ...]
@@ -58,6 +64,8 @@ class ChatRequest:
     n: int = 1
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    answer_prefix: str = ""
+    schema: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
@@ -74,6 +82,21 @@ class ChatRequest:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.answer_prefix and self.schema is not None:
+            raise ValueError("a request asks for one answer form: answer_prefix or schema")
+
+
+# Answer forms a backend may take (``reply_forms``): it continues a prefilled answer, or it
+# constrains its reply to a JSON schema.
+PREFIX, JSON_SCHEMA = "prefix", "json_schema"
+
+
+def reply_form(llm: Any) -> str | None:
+    """The answer form to ask ``llm`` for: a JSON schema where it takes one, else a
+    prefilled answer, else None (a plain reply). Read from ``llm.reply_forms`` (absent:
+    none)."""
+    forms = getattr(llm, "reply_forms", frozenset())
+    return JSON_SCHEMA if JSON_SCHEMA in forms else PREFIX if PREFIX in forms else None
 
 
 @dataclass(frozen=True)
@@ -218,9 +241,15 @@ _RETRY_STATUS = {408, 409, 429}
 
 
 class OpenAIChat:
-    """Chat completions from an OpenAI-compatible server, with our own bounded retries."""
+    """Chat completions from an OpenAI-compatible server, with our own bounded retries.
+
+    A request with a ``schema`` is sent with ``response_format`` (structured output: OpenAI,
+    vLLM, Ollama and LM Studio take it). A server that refuses the field (HTTP 400 naming
+    it) gets that request again without it, and every later one plain: the reply is then
+    read as text (a warning says so once)."""
 
     name = "openai"
+    reply_forms = frozenset({JSON_SCHEMA})
 
     def __init__(self, config: OpenAIChatConfig | None = None):
         self.config = config or OpenAIChatConfig()
@@ -237,6 +266,7 @@ class OpenAIChat:
         import openai
 
         self._openai = openai
+        self._plain_only = False  # set when the server refused structured output
         # max_retries=0: the SDK's own retries would hide failures from ours (and from
         # the tests); ours honour Retry-After and also retry empty or malformed replies.
         self._client = openai.OpenAI(
@@ -307,6 +337,10 @@ class OpenAIChat:
             # A seed per (config seed, sample, call): a re-ask or a follow-up call for
             # missing choices must not be told to repeat the earlier answer.
             kwargs["seed"] = int(stable_hash([self.config.seed, request.sample, call]), 16) % 2**31
+        structured = request.schema is not None and not self._plain_only
+        if structured:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": dict(request.schema), "strict": True}}
         try:
             response = self._client.chat.completions.create(
                 model=self.config.model,
@@ -315,6 +349,11 @@ class OpenAIChat:
                 **kwargs,
             )
         except openai.APIStatusError as exc:
+            if structured and exc.status_code == 400 and "response_format" in str(exc.message):
+                log.warning("%s refuses structured output (%s); asking for plain replies",
+                            self.config.base_url or "the OpenAI API", exc.message)
+                self._plain_only = True
+                return self._try_once(request, n, call)
             reason = f"HTTP {exc.status_code}: {exc.message}"
             if exc.status_code in _RETRY_STATUS or exc.status_code >= 500:
                 raise _Retryable(reason, _retry_after_seconds(exc.response.headers)) from exc
@@ -432,9 +471,12 @@ class TransformersChat:
     """A local chat model. Requests of equal decoding settings are generated in batches of
     similar length; the prompt head a batch shares (system text and few-shot examples:
     most of a DnD prompt) is run through the model once and its key/value cache reused by
-    every request, which on a CPU is most of the speed-up of batching."""
+    every request, which on a CPU is most of the speed-up of batching. A request's
+    ``answer_prefix`` is written after the chat template's assistant turn, and the model
+    goes on from it."""
 
     name = "transformers"
+    reply_forms = frozenset({PREFIX})
 
     def __init__(self, config: TransformersChatConfig, model: Any = None, tokenizer: Any = None,
                  *, model_id: str | None = None):
@@ -495,7 +537,7 @@ class TransformersChat:
         tokens: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             try:
-                tokens[i] = self.tokenizer(self._render(r.messages),
+                tokens[i] = self.tokenizer(self._render(r.messages) + r.answer_prefix,
                                            add_special_tokens=False)["input_ids"]
             except Exception as exc:  # a chat the template refuses fails alone
                 results[i] = LLMError(f"could not apply the chat template: {exc!r}")
@@ -822,6 +864,10 @@ class CachedChat:
     def cache_identity(self) -> dict[str, Any]:
         return self.llm.cache_identity
 
+    @property
+    def reply_forms(self) -> frozenset[str]:
+        return getattr(self.llm, "reply_forms", frozenset())
+
     def key(self, request: ChatRequest) -> str:
         return stable_hash(
             {
@@ -833,6 +879,9 @@ class CachedChat:
                 "n": request.n,
                 "max_tokens": request.max_tokens,
                 "stop": list(request.stop),
+                # Only when set, so replies cached before answer forms existed still match.
+                **({"answer_prefix": request.answer_prefix} if request.answer_prefix else {}),
+                **({"schema": dict(request.schema)} if request.schema is not None else {}),
             },
             length=32,
         )

@@ -5,6 +5,12 @@ share, no LLM), ``llm`` (:class:`dnd.stages.summarize.Summarizer`) or ``llm+cons
 (the LLM's candidates joined by up to ``summarize.consensus_extra`` shared phrases). When
 every LLM reply of a unit is rejected, the shared phrases stand in, marked as a fallback;
 a failed LLM request fails the unit instead (it is retried on the next run).
+
+With ``config.candidates`` "levels" (the default) the candidates are taken at every level:
+the consensus summariser adds the words and conjunctions of words the captions share,
+every multi-word candidate's parts join it, and the candidates are ranked by how many of
+the unit's captions name them (:func:`dnd.stages.summarize.at_levels`). "phrases" keeps the
+summariser's candidates as they are (the paper).
 """
 
 from __future__ import annotations
@@ -14,7 +20,13 @@ from collections.abc import Sequence
 
 from dnd.record import UnitRecord
 from dnd.stages.base import RunContext
-from dnd.stages.summarize import ConsensusSummarizer, Summarizer, join_candidates
+from dnd.stages.summarize import (
+    LEVEL_MAX_CANDIDATES,
+    ConsensusSummarizer,
+    Summarizer,
+    at_levels,
+    join_candidates,
+)
 
 
 class CandidateStage:
@@ -25,8 +37,10 @@ class CandidateStage:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         enc = ctx.models.encoder
-        self.consensus = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None)
-        self.summarizer = (Summarizer(ctx.models.llm, ctx.config.summarize)
+        self.levels = ctx.config.candidates == "levels"
+        self.consensus = ConsensusSummarizer(embed=enc.encode_texts if enc is not None else None,
+                                             levels=self.levels)
+        self.summarizer = (Summarizer(ctx.models.llm, ctx.config.summarize, levels=self.levels)
                            if ctx.config.uses_llm else None)
 
     def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
@@ -50,6 +64,9 @@ class CandidateStage:
                         join_candidates(c, phrases[u], len(phrases[u].concepts)),
                         fallback=f"the LLM gave no usable concept in {len(c.replies)} "
                                  "replies; candidates are the captions' shared phrases")
+        if self.levels:
+            cands = {u: at_levels(c, captions[u], LEVEL_MAX_CANDIDATES)
+                     for u, c in cands.items()}
         out = []
         for r in records:
             c = cands[r.unit]

@@ -11,6 +11,7 @@ n-grams the captions share. Both return one frozen ``Candidates`` per unit;
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -20,9 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from dnd.backends.llm import ChatLLM, ChatReply, ChatRequest
+from dnd.backends.llm import JSON_SCHEMA, PREFIX, ChatLLM, ChatReply, ChatRequest, reply_form
 from dnd.prompting import check_prompt_name, load_prompt
 from dnd.record import Candidates, LLMUsage, Rejection
+from dnd.stages.words import (
+    CAPTION_STOPWORDS,
+    HEAD_NOUNS,
+    WORD,
+    conjunctions,
+    content_words,
+    coverage,
+    parts,
+    said_in,
+    shared_words,
+    unquoted,
+)
 
 # --------------------------------------------------------------------- normalising
 
@@ -38,8 +51,11 @@ _LEAD_IN = re.compile(
 )
 # A whole-sentence answer ("The object in every image is a red circle", "Most captions
 # mention a red circle"): the phrase after its first verb of this list is the answer.
+# A verb right after "that", "which" or "who" opens a relative clause ("The object that is
+# in almost every caption is a red circle"), not the answer: it is skipped.
 _SENTENCE = re.compile(
-    r"^(?:the|most|all|every|each|these|they|it|many|almost)\b.*?\b(?:is|are|shows?|"
+    r"^(?:the|most|all|every|each|these|they|it|many|almost)\b.*?"
+    r"(?<!\bthat )(?<!\bwhich )(?<!\bwho )\b(?:is|are|shows?|"
     r"mentions?|contains?|depicts?|features?|includes?)\s+(?P<phrase>.+)$",
     re.IGNORECASE,
 )
@@ -185,6 +201,38 @@ def join_candidates(first: Candidates, second: Candidates, extra: int) -> Candid
                                error=error)
 
 
+def at_levels(cands: Candidates, captions: Sequence[str], limit: int) -> Candidates:
+    """``cands`` with the parts of each multi-word concept (:func:`dnd.stages.words.parts`:
+    "red circle" -> "red", "circle"; source ``part``), ranked by coverage (the share of
+    ``captions`` naming them; ties: fewer words first, then the summariser's order), one
+    per set of content words a head noun aside ("checkered background" repeats "checkered";
+    "background" alone names nothing), the first ``limit``.
+    Unchanged when it failed. The parts make an attribute a candidate whenever a
+    summariser names an object that has it, and coverage puts the concepts the unit's
+    images share before those of one scene."""
+    if not cands.ok or not cands.concepts:
+        return cands
+    sources = dict(zip(cands.concepts, cands.sources or [()] * len(cands.concepts)))
+    for concept in cands.concepts:
+        for part in parts(concept):
+            sources.setdefault(part, ("part",))
+    cover = {c: coverage(c, captions) for c in sources}
+    # One candidate per meaning, in its fewest words: "checkered background" and
+    # "background with the word" say what "checkered" and "word" say.
+    ranked = sorted(sources, key=lambda c: (-cover[c], len(c.split())))  # stable otherwise
+    seen: set[frozenset[str]] = set()
+    kept = []
+    for c in ranked:
+        key = content_words(c) - HEAD_NOUNS
+        # "background" alone names no concept; "thing" says nothing (concept_problem)
+        if key and key not in seen and concept_problem(c, LEVEL_MAX_WORDS) is None:
+            seen.add(key)
+            kept.append(c)
+    kept = kept[:limit]
+    return dataclasses.replace(cands, concepts=tuple(kept),
+                               sources=tuple(sources[c] for c in kept))
+
+
 # -------------------------------------------------------------------- LLM summariser
 
 
@@ -193,7 +241,9 @@ class SummarizeConfig:
     """Settings of ``Summarizer``.
 
     ``num_samples`` concepts (paper: T = 5) are drawn from one prompt at ``temperature``
-    (paper: 0.3), each capped at ``max_tokens`` and ended at the first line break. A
+    (paper: 0.3), each capped at ``max_tokens`` and ended at the first line break. The
+    default ``concept_prompt`` (v3) asks for a list of concepts at every level, for
+    ``candidates: levels``; v2, for one concept per reply, is the paper preset's. A
     concept is 1 to ``max_words`` words (paper: 1-5). When fewer than half the replies are
     usable, the prompt is asked again, at most ``max_reasks`` times, with a new seed and
     at least ``reask_temperature``. ``consensus_extra`` caps the consensus phrases the
@@ -203,13 +253,13 @@ class SummarizeConfig:
     num_samples: int = 5
     temperature: float = 0.3
     reask_temperature: float = 0.7
-    max_tokens: int = 24
+    max_tokens: int = 40
     max_words: int = 5
     max_candidates: int = 6
     max_reasks: int = 2
     consensus_extra: int = 3
     seed: int = 0
-    concept_prompt: str = "summarize_concept.v2"
+    concept_prompt: str = "summarize_concept.v3"
     merge_prompt: str = "merge_concepts.v2"
 
     def __post_init__(self) -> None:
@@ -245,10 +295,33 @@ class _UnitWork:
     rejected: list[Rejection] = field(default_factory=list)
     usage: LLMUsage = LLMUsage()
     error: str | None = None
+    usable: int = 0  # replies that gave at least one concept
 
-    @property
-    def usable(self) -> int:
-        return len(self.concepts) + len(self.lists)
+
+# The structured-output schema of a concept request: the concepts, most shared first.
+CONCEPTS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["concepts"],
+                   "properties": {"concepts": {"type": "array", "items": {"type": "string"}}}}
+
+
+def reply_items(text: str, form: str | None, max_words: int, levels: bool = False
+                ) -> list[str]:
+    """What one reply names, cleaned: the ``concepts`` of a JSON reply (structured output;
+    text that is not such JSON is read as text), else :func:`concepts_in_reply`; with
+    ``levels``, every item of the text, split at commas, semicolons, line breaks and
+    "and" (an item may be long: an echoed caption)."""
+    if form == JSON_SCHEMA:
+        try:
+            items = json.loads(text)["concepts"]
+            if isinstance(items, list) and all(isinstance(i, str) for i in items):
+                return [c for c in map(clean_concept, items) if c]
+        except (ValueError, KeyError, TypeError):
+            pass  # a server that ignored the schema: its text
+    if levels:
+        text = " ".join(text.split())
+        if match := _SENTENCE.match(_LEAD_IN.sub("", text.strip(_QUOTES))):
+            text = match["phrase"]
+        return [c for c in map(clean_concept, re.split(r"[,;\n]+|\s+and\s+", text)) if c]
+    return concepts_in_reply(text, max_words)
 
 
 class Summarizer:
@@ -266,12 +339,23 @@ class Summarizer:
     4. replies listing several concepts are merged by one more request;
     5. concepts are counted, most proposed first, with '<concept> background' variants.
     Each round of requests for all units goes out at once through ``llm.complete_many``.
+
+    The answer is asked for in a form that needs no parsing where the LLM takes one
+    (:func:`dnd.backends.llm.reply_form`): a JSON list (:data:`CONCEPTS_SCHEMA`) from a
+    server with structured output, the prompt's ``answer_prefix`` written for a local chat
+    model to go on from; a plain reply otherwise.
+
+    With ``levels`` (``RunConfig.candidates``), a reply is a list of concepts at any level
+    (the v3 prompt asks for that): each item is a concept, an item too long to be one (an
+    echoed caption) gives its words instead, and nothing is merged (step 4 is skipped).
     """
 
     def __init__(self, llm: ChatLLM, config: SummarizeConfig | None = None,
-                 prompts_dir: str | Path | None = None):
+                 prompts_dir: str | Path | None = None, levels: bool = False):
         self.llm = llm
         self.config = config or SummarizeConfig()
+        self.levels = levels
+        self.form = reply_form(llm)
         self.concept_prompt = load_prompt(self.config.concept_prompt, prompts_dir)
         self.merge_prompt = load_prompt(self.config.merge_prompt, prompts_dir)
         # Answers of the few-shot examples: a reply repeating one is an echo unless the
@@ -291,7 +375,8 @@ class Summarizer:
             if not due:
                 break
             self._ask_concepts(due, attempt)
-        # 4. One merge request per unit whose replies listed several concepts.
+        # 4. One merge request per unit whose replies listed several concepts (levels:
+        #    lists are the answer, nothing is merged).
         self._merge({u: w for u, w in work.items() if w.lists})
         # 5. Normalised, counted candidates.
         return {u: self._result(u, work.get(u)) for u in units}
@@ -303,10 +388,13 @@ class Summarizer:
         cfg, prompt = self.config, self.concept_prompt
         temperature = cfg.temperature if attempt == 0 else max(cfg.temperature,
                                                                  cfg.reask_temperature)
+        form = {"schema": CONCEPTS_SCHEMA} if self.form == JSON_SCHEMA else \
+            {"answer_prefix": prompt.answer_prefix} if self.form == PREFIX else {}
         requests = [
             ChatRequest(tuple(prompt.messages(captions=_numbered(w.captions))), temperature,
                         prompt.id, sample=attempt, n=cfg.num_samples,
-                        max_tokens=cfg.max_tokens, stop=("\n",))
+                        max_tokens=cfg.max_tokens, stop=() if self.form == JSON_SCHEMA
+                        else ("\n",), **form)
             for w in due.values()]
         for w, reply in zip(due.values(), self._send(requests), strict=True):
             if isinstance(reply, Exception):
@@ -315,14 +403,36 @@ class Summarizer:
             w.usage = w.usage.plus(reply)
             for text in reply.texts:
                 w.replies.append(text)
-                parts = concepts_in_reply(text, cfg.max_words)
+                parts = reply_items(text, self.form, cfg.max_words, self.levels)
+                if self.levels:
+                    self._take_items(w, text, parts)
+                    continue
                 problem = self._problem(parts, w.captions)
                 if problem:
                     w.rejected.append(Rejection(text, problem))
                 elif len(parts) > 1:
                     w.lists.append(parts)
+                    w.usable += 1
                 else:
                     w.concepts.append(parts[0])
+                    w.usable += 1
+
+    def _take_items(self, w: _UnitWork, text: str, items: list[str]) -> None:
+        """Levels: every usable item of one reply is a concept; an item of more than
+        ``max_words`` words gives its short parts (its words) instead."""
+        max_words = self.config.max_words
+        short = [p for item in items
+                 for p in ([item] if len(item.split()) <= max_words
+                           else [q for q in parts(item) if len(q.split()) <= max_words])]
+        good, problems = [], []
+        for item in dict.fromkeys(short):
+            problem = self._problem([item], w.captions)
+            (problems if problem else good).append(problem or item)
+        if good:
+            w.concepts += good
+            w.usable += 1
+        else:
+            w.rejected.append(Rejection(text, problems[0] if problems else "empty"))
 
     def _merge(self, due: dict[int, _UnitWork]) -> None:
         cfg, prompt = self.config, self.merge_prompt
@@ -380,27 +490,8 @@ def _numbered(captions: Sequence[str]) -> str:
     return "\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1))
 
 
-def said_in(concept: str, texts: Sequence[str]) -> bool:
-    """Whether every word of ``concept`` occurs in ``texts`` (a plural 's' aside)."""
-    def stems(text: str) -> set[str]:
-        return {w[:-1] if len(w) > 3 and w.endswith("s") else w
-                for w in re.findall(r"[a-z]+", text.lower())}
-
-    return stems(concept) <= stems(" ".join(texts))
-
-
 # --------------------------------------------------------------- consensus (no LLM)
 
-# Function words, plus the boilerplate image captioners put around every subject.
-CAPTION_STOPWORDS = frozenset(
-    """a an the and or of on in at to for with without from by near over under into onto
-    is are was were be being been has have it its this that these those there their his
-    her some two three several many other next up down out off top front back side
-    image images picture pictures photo photos photograph view close closeup shot
-    showing shows shown made looking sitting standing laying lying arafed araffe""".split()
-)
-
-_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
 # The consensus summariser's two settings are constants, not run config: no run has needed
@@ -408,6 +499,14 @@ _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 # the LLM summariser keeps by default (summarize.max_candidates).
 CONSENSUS_MAX_WORDS = 4
 CONSENSUS_MAX_CANDIDATES = 6
+# Candidates at every level (RunConfig.candidates "levels"): a word or a conjunction is a
+# candidate when at least this share of the unit's captions name it.
+LEVEL_MIN_SHARE = 0.5
+# ... and a unit keeps at most this many candidates, the most covered first, each passing
+# concept_problem (the consensus summariser's phrases have up to CONSENSUS_MAX_WORDS content
+# words, a conjunction up to two and their function words: at most this many words).
+LEVEL_MAX_CANDIDATES = 8
+LEVEL_MAX_WORDS = 6
 
 
 class ConsensusSummarizer:
@@ -416,7 +515,12 @@ class ConsensusSummarizer:
     A phrase is a word n-gram (n = 1..``max_n``) that neither starts nor ends with a stopword;
     its support is the number of captions containing it. A phrase inside a longer one
     with the same support is dropped ('red' when 'red circle' is in as many captions).
-    Phrases rank by support, then, given ``embed`` (texts -> array of embeddings), by
+    With ``levels``, also every word at least half the captions share, even inside a longer
+    phrase ('word' of 'background with the word'; source ``shared word``), and conjunctions
+    of two such words the captions say apart ('red ... noisy': 'red on a noisy background';
+    source ``conjunction``, :func:`dnd.stages.words.conjunctions`), so that an attribute or
+    a combination of attributes is a candidate and not only the scene phrases around it.
+    Candidates rank by support, then, given ``embed`` (texts -> array of embeddings), by
     cosine similarity to the mean caption embedding, else by length; the first
     ``max_candidates`` are kept. Deterministic.
     """
@@ -425,6 +529,7 @@ class ConsensusSummarizer:
         self,
         embed: Callable[[list[str]], np.ndarray] | None = None,
         *,
+        levels: bool = False,
         max_n: int = CONSENSUS_MAX_WORDS,
         max_candidates: int = CONSENSUS_MAX_CANDIDATES,
     ):
@@ -432,14 +537,16 @@ class ConsensusSummarizer:
             raise ValueError(f"max_n and max_candidates must be >= 1, got {max_n}, "
                              f"{max_candidates}")
         self.embed = embed
+        self.levels = levels
         self.max_n = max_n
         self.max_candidates = max_candidates
 
     def summarize(self, captions: Mapping[int, Sequence[str]]) -> dict[int, Candidates]:
         """Candidates for every unit (one embedding call for all units)."""
         units = _check_units(captions)
-        # 1. Supported phrases per unit.
-        phrases = {unit: self._phrases(caps) for unit, caps in units.items()}
+        # 1. Supported phrases per unit (with levels: shared words and conjunctions too).
+        found = {unit: self._supported(caps) for unit, caps in units.items()}
+        phrases = {unit: {p: n for p, (n, _) in f.items()} for unit, f in found.items()}
         # 2. Optional tie-break by closeness to what the captions say overall.
         closeness = self._closeness(units, phrases) if self.embed else {}
         # 3. Rank and cut.
@@ -452,15 +559,29 @@ class ConsensusSummarizer:
             )
             concepts = tuple(ranked[: self.max_candidates])
             error = None if concepts else "no words left after removing stopwords"
-            results[unit] = Candidates(unit, concepts, tuple(("consensus",) for _ in concepts),
+            results[unit] = Candidates(unit, concepts,
+                                       tuple((found[unit][c][1],) for c in concepts),
                                        error=error)
         return results
+
+    def _supported(self, captions: list[str]) -> dict[str, tuple[int, str]]:
+        """Candidate -> (support, source) for one unit's captions (with levels, what they
+        quote left out: :func:`dnd.stages.words.unquoted`)."""
+        phrases = self._phrases([unquoted(c) for c in captions] if self.levels else captions)
+        out = {p: (n, "consensus") for p, n in phrases.items()}
+        if self.levels and captions:
+            shared = shared_words(captions, LEVEL_MIN_SHARE)
+            for word, n in shared.items():
+                out.setdefault(word, (n, "shared word"))
+            for text, n in conjunctions(captions, list(shared), LEVEL_MIN_SHARE).items():
+                out.setdefault(text, (n, "conjunction"))
+        return out
 
     def _phrases(self, captions: list[str]) -> dict[str, int]:
         """Phrase -> number of captions containing it, sub-phrases with equal support gone."""
         support: Counter[tuple[str, ...]] = Counter()
         for caption in captions:
-            words = _WORD.findall(caption.lower())
+            words = WORD.findall(caption.lower())
             grams = set()
             for n in range(1, self.max_n + 1):
                 for i in range(len(words) - n + 1):

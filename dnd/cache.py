@@ -69,7 +69,9 @@ class FeatureCache:
     """Step 3's generated images, kept as what scoring needs of them.
 
     ``<root>/<key>.npz``: the unit activations of the whole layer (``acts``, [n_units]
-    float32) and the image embedding (``emb``, [d] float32); ``<root>/<key>.jpg``: a
+    float32), the image embedding (``emb``, [d] float32) and, when scoring asked for them,
+    the activations on the image shown smaller (``scaled``, [n_scales, n_units] float32:
+    :data:`dnd.stages.score.SCALES`); ``<root>/<key>.jpg``: a
     thumbnail (at most 128 px a side) for the report. Keys hash the generator, prompt,
     seed, target, layer, summary and encoder (:meth:`dnd.stages.score.ConceptScorer.request_key`).
     Damaged entries are recomputed, so nothing is flushed to disk.
@@ -86,17 +88,20 @@ class FeatureCache:
         return self._path(key, "jpg")
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
-        """{"acts", "emb"} of generated image ``key``, or None when absent or unreadable."""
+        """{"acts", "emb"} (and "scaled" when stored) of generated image ``key``, or None
+        when absent or unreadable."""
         try:
             with np.load(self._path(key, "npz")) as z:
-                return {"acts": z["acts"], "emb": z["emb"]}
+                return {"acts": z["acts"], "emb": z["emb"],
+                        **({"scaled": z["scaled"]} if "scaled" in z.files else {})}
         except (OSError, ValueError, KeyError):
             return None  # absent or a partial write: recompute
 
-    def put(self, key: str, acts: np.ndarray, emb: np.ndarray, image: Image.Image) -> None:
+    def put(self, key: str, acts: np.ndarray, emb: np.ndarray, image: Image.Image,
+            scaled: np.ndarray | None = None) -> None:
         """Store image ``key``'s features and its thumbnail."""
         buf = io.BytesIO()
-        np.savez(buf, acts=acts, emb=emb)
+        np.savez(buf, acts=acts, emb=emb, **({"scaled": scaled} if scaled is not None else {}))
         atomic_write_bytes(self._path(key, "npz"), buf.getvalue(), durable=False)
         thumb = image.convert("RGB")
         thumb.thumbnail((128, 128))

@@ -76,16 +76,25 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "folder, a dictionary_learning ae.pt, a safetensors file with W_enc and b_enc) or a "
      "[features, channels] matrix of directions (.npy, .pt, .safetensors)"),
     ("--top-n", "crop.top_n", int, f"top probe images per unit (default {_C.top_n})"),
-    ("--top-k", "crop.top_k", int, "activating images kept after re-scoring originals and "
-     f"crops (default {_C.top_k})"),
+    ("--top-k", "crop.top_k", int, "top images captioned with their best crop (in_place), "
+     f"or activating images kept after re-scoring originals and crops (rescored) (default "
+     f"{_C.top_k})"),
     ("--max-crops", "crop.max_crops", int, "attention crops per top image, 0 = none "
      f"(default {_C.max_crops})"),
+    ("--crop-score", "crop.score", str, "how a crop is scored: in_place (the unit's "
+     "activation inside it on the original image; every top image is captioned with its "
+     "best crop, so a small thing's crop is) or rescored (the paper: enlarged to the "
+     f"input and re-scored; the top-K of originals and crops) (default {_C.score})"),
     ("--captioner", "captioner.name", str, f"image-to-text backend: {_NAMES} "
      f"(default {_default_backend('captioner')})"),
     ("--summarizer", "summarizer", str, "where candidate concepts come from: llm (Step 2 "
      "with the --llm backend), consensus (phrases the captions share, no LLM) or "
      "llm+consensus (the LLM's candidates joined by up to 3 shared phrases; best-concept "
      "selection decides) (default llm)"),
+    ("--candidates", "candidates", str, "levels (the summariser's concepts, their parts, "
+     "and the words and conjunctions of words the captions share, ranked by how many "
+     "captions name them: attributes, objects and combinations) or phrases (the "
+     f"summariser's concepts as they are: the paper) (default {_D['candidates'].default})"),
     ("--llm", "llm.name", str, f"chat backend for the summariser: {_NAMES} "
      f"(default {_default_backend('llm')}); switching backend drops the preset's options "
      "for the old one. Naming an LLM (--llm, --llm-model, --base-url) switches a preset's "
@@ -105,6 +114,10 @@ DESCRIBE_FLAGS: list[tuple[str, str, type, str]] = [
      "candidate concept (default 10)"),
     ("--seed", "score.seed", int, "seed of generated image j of every concept is seed + j "
      "(default 0)"),
+    ("--selection", "score.selection", str, "how Label 1 is chosen: evidence (the most "
+     "general candidate whose generated images fire the unit, shown as large as the unit "
+     "sees things, and whose activating images' captions name it: response x coverage) or "
+     "paper (rank score x CLIP image-product weight) (default evidence)"),
     ("--screen-images", "score.screen_images", int, "adaptive best-concept selection: "
      "generate this many images per candidate first; a unit whose best candidate leads "
      "clearly on them is decided there, the others' best candidates get the rest "

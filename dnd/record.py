@@ -197,8 +197,17 @@ class Selection:
     rank_scores: tuple[float, ...]  # [C] lower is better
     positions: tuple[int, ...]  # [C] 0 = best rank score
     weights: tuple[float, ...]  # [C] image-product weight, -1 if no image in top_k
-    final_scores: tuple[float, ...]  # [C] (C - position) x weight
-    order: tuple[int, ...]  # candidate indices, best final score first
+    final_scores: tuple[float, ...]  # [C] the rule's score: (C - position) x weight, or R x S
+    order: tuple[int, ...]  # candidate indices, Label 1 first
+    # Which rule made ``final_scores`` and ``order`` (dnd.stages.select): "paper" or
+    # "evidence". The evidence rule's parts, per candidate [C]: ``responses`` R (its
+    # generated images' activation on the unit's own scale, 0..1), ``coverage`` S (share of
+    # the unit's activating images whose captions name it) and ``scales`` (how many times
+    # smaller than the input its images were shown for R: 1 = as generated).
+    rule: str = "paper"
+    responses: tuple[float, ...] = ()
+    coverage: tuple[float, ...] = ()
+    scales: tuple[int, ...] = ()
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -218,6 +227,8 @@ class Selection:
         """JSON-ready dict (lists, floats, ints, strs), plus the derived ``labels``."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if self.rule == "paper" and f.name in _EVIDENCE_FIELDS:
+                continue  # the paper's records read as they did before the evidence rule
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out["labels"] = list(self.labels)
@@ -227,7 +238,10 @@ class Selection:
     def from_json(cls, d: Mapping[str, Any]) -> Selection:
         """Inverse of ``to_json`` (the derived ``labels`` entry is ignored)."""
         return cls(**{f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
-                      for f in dataclasses.fields(cls)})
+                      for f in dataclasses.fields(cls) if f.name in d})
+
+
+_EVIDENCE_FIELDS = ("rule", "responses", "coverage", "scales")
 
 
 @dataclass(frozen=True)

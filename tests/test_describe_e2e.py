@@ -62,17 +62,26 @@ def test_three_units_get_three_labels_and_complete_records(colour_probe, tmp_pat
     run = tmp_path / "run"
     result = describe(config, run, target=colour_target(), models=m, progress=False)
     assert result.failed == {} and result.done_now == [0, 1, 2]
+    words = {w for c in CONCEPTS for w in c.split()}
     for u in range(3):
         rec = json.loads((run / "units" / "pool" / f"{u}.json").read_text())
         assert rec["stage"] == "labels"
-        # Units 0 and 1 have crops (3 originals + crops, top 4); unit 2 never fires: 3.
-        assert len(rec["captions"]) == len(rec["activating_images"]) == (4 if u < 2 else 3)
+        # The 3 top images, each with its best crop where the unit fires: units 0 (red, a
+        # square in each top image) and 1 (green, two squares in one image); unit 2 never
+        # fires, its maps are flat: no crop.
+        act = rec["activating_images"]
+        assert len(rec["captions"]) == len(act)
+        assert sum(e["box"] is None for e in act) == 3
+        assert sum(e["box"] is not None for e in act) == {0: 3, 1: 1, 2: 0}[u]
         assert all(len(c.split()) >= 3 for c in rec["captions"])
-        assert set(rec["candidates"]["concepts"]) <= set(CONCEPTS)
+        # The replies' concepts and their parts ("red squares": "red", "squares").
+        assert {w for c in rec["candidates"]["concepts"] for w in c.split()} <= words
         sel = rec["selection"]
+        assert sel["rule"] == "evidence" and 0 <= rec["confidence"] <= 1
         assert 1 <= len(rec["labels"]) <= 3 and rec["labels"][0] == sel["labels"][0]
-        for label in rec["labels"][1:]:  # Labels 2-3 only with generated images in the top-k
-            assert sel["weights"][sel["candidates"].index(label)] != -1
+        for label in rec["labels"][1:]:  # Labels 2-3 only with evidence of both kinds
+            i = sel["candidates"].index(label)
+            assert sel["responses"][i] >= 0.5 and sel["coverage"][i] >= 0.4
         assert len(sel["ranks"]) == 2 * len(sel["candidates"])
         assert all(len(v) == 2 for v in rec["generated"].values())
     rows = list(csv.reader(open(run / "labels.csv")))

@@ -78,7 +78,8 @@ def test_failed_unit_is_recorded_and_retried_alone(colour_probe, tmp_path):
     assert fixed.failed == {} and fixed.done_now == [1]
     rec1 = json.loads((run / "units/pool/1.json").read_text())
     assert rec1["stage"] == "candidates" and "error" not in rec1
-    assert rec1["candidates"]["concepts"][0] == "green thing"
+    # The reply's concept and its part the captions name ("thing" alone says nothing).
+    assert set(rec1["candidates"]["concepts"]) == {"green", "green thing"}
 
 
 class LoopingLLM:
@@ -101,7 +102,9 @@ def test_llm_with_no_usable_reply_falls_back_to_caption_phrases(colour_probe, tm
                    models=models, progress=False)
     assert res.failed == {} and res.done_now == [0]
     cands = json.loads((tmp_path / "a/units/pool/0.json").read_text())["candidates"]
-    assert cands["concepts"][0] == "red thing" and cands["sources"][0] == ["consensus"]
+    # The shared phrase and its part, ranked by coverage (equal: fewer words first).
+    assert cands["concepts"][:2] == ["red", "red thing"]
+    assert dict(zip(cands["concepts"], cands["sources"]))["red thing"] == ["consensus"]
     assert "no usable concept in 15 replies" in cands["fallback"]
     assert {r["reason"] for r in cands["rejected"]} == {"a repeated word"}
     assert cands["usage"]["requests"] == 3  # the first ask and two re-asks

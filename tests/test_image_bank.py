@@ -38,8 +38,9 @@ def test_runs_and_layers_share_the_bank_and_records_do_not_change(colour_probe, 
     folder, _, _ = colour_probe
     bank = tmp_path / "bank"
     first = _run(folder, tmp_path / "a", bank)
-    assert first.work.generated_images == 10  # "red thing" x Q = 10, both units
-    assert len(list(bank.glob("??/*.png"))) == 10 and len(list(bank.glob("??/*.npy"))) == 10
+    # "red thing" and its part "red", x Q = 10 each, both units
+    assert first.work.generated_images == 20
+    assert len(list(bank.glob("??/*.png"))) == 20 and len(list(bank.glob("??/*.npy"))) == 20
     # A new run folder, same units: every image and embedding comes from the bank.
     second = _run(folder, tmp_path / "b", bank)
     assert second.work.generated_images == 0 and second.work.encoded_images < \
@@ -50,7 +51,7 @@ def test_runs_and_layers_share_the_bank_and_records_do_not_change(colour_probe, 
     assert other.work.generated_images == 0 and other.done_now == [0, 1]
     # Without the bank, the same records again (a bank hit is exactly the generated image).
     alone = _run(folder, tmp_path / "d", "none")
-    assert alone.work.generated_images == 10
+    assert alone.work.generated_images == 20
     assert _decided(tmp_path / "d") == _decided(tmp_path / "a")
 
 
@@ -130,7 +131,7 @@ def test_where_the_bank_is(tmp_path, monkeypatch):
 def test_a_run_keeps_the_bank_within_its_size_limit(colour_probe, tmp_path):
     folder, _, _ = colour_probe
     bank = tmp_path / "bank"
-    limit_gb = 1.5e-6  # about 1.6 KB: about half the run's 10 images and embeddings
+    limit_gb = 1.5e-6  # about 1.6 KB: under half the run's 20 images and embeddings
     config = RunConfig.from_dict({"model": "colournet", "layer": "pool", "probe": [str(folder)],
                                   "units": "0-1", "crop": {"top_n": 3}, "image_bank": str(bank),
                                   "image_bank_max_gb": limit_gb,
@@ -139,6 +140,6 @@ def test_a_run_keeps_the_bank_within_its_size_limit(colour_probe, tmp_path):
                     encoder=MeanColourEncoder())
     res = describe(config, tmp_path / "run", target=colour_target(), models=models,
                    progress=False)
-    assert res.work.generated_images == 10
+    assert res.work.generated_images == 20
     sizes = [p.stat().st_size for p in bank.glob("??/*")]
     assert 0 < sum(sizes) <= limit_gb * 2**30 and len(list(bank.glob("??/*.png"))) < 10

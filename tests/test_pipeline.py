@@ -200,7 +200,10 @@ def test_run_directory_records_resume_and_conflict(colour_probe, tmp_path):
     rec = __import__("json").loads((run / "units" / "pool" / "0.json").read_text())
     assert rec["unit"] == 0 and rec["stage"] == "crops"
     assert {t["index"] for t in rec["top_images"]} == set(red)
-    assert len(rec["activating_images"]) == 10
+    # The 6 top images (top_n), each with its best crop (the red square's).
+    act = rec["activating_images"]
+    assert sum(e["box"] is None for e in act) == 6
+    assert sorted(e["index"] for e in act if e["box"] is not None) == sorted(red)
     with open(run / "labels.csv") as f:
         assert next(csv.reader(f)) == ["Neuron ID", "Label 1", "Label 2", "Label 3"]
     again = describe(_config(folder, units="0-2"), run, target=target, progress=False)

@@ -1,4 +1,5 @@
-"""Step 3 end to end on the hand-weighted colour network with a colour 'generator'."""
+"""Step 3 end to end on the hand-weighted colour network with a colour 'generator', under
+the paper's rule (the evidence rule: tests/test_hidden_units.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from dnd.stages.score import ConceptScorer, ScoreConfig, UnitInput, secondary_ev
 from dnd.stages.select import select_concept
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def paper_config(**kw) -> ScoreConfig:
+    """Step 3 under the paper's rule, which these tests work through by hand."""
+    return ScoreConfig(selection="paper", **kw)
 
 
 class ColourGenerator:
@@ -69,7 +75,7 @@ def _red_images(n=4):
 def test_red_unit_picks_red_and_cache_makes_reruns_free(tmp_path):
     gen = ColourGenerator()
     stage = ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
-                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=2))
+                          FeatureCache(tmp_path), paper_config(images_per_concept=4, beta=2))
     units = [UnitInput(0, ["blue", "red square", "green", "banana"], _red_images()),
              UnitInput(2, ["blue", "green"], _red_images(2))]
     out = stage(units)
@@ -87,7 +93,7 @@ def test_red_unit_picks_red_and_cache_makes_reruns_free(tmp_path):
     # 4 concepts x 4 seeds, "blue"/"green" shared by both units: 16 requests, not 24.
     assert gen.calls == 16
     again = ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
-                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=2))(units)
+                          FeatureCache(tmp_path), paper_config(images_per_concept=4, beta=2))(units)
     assert gen.calls == 16 + 4  # only the unrenderable "banana" is asked again
     assert again[0].selection == sel
     assert len(list(tmp_path.glob("*.jpg"))) == 12  # thumbnails of the renderable images
@@ -95,7 +101,7 @@ def test_red_unit_picks_red_and_cache_makes_reruns_free(tmp_path):
 
 def test_labels_deduplicated_by_text_similarity(tmp_path):
     stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=3, beta=2))
+                          FeatureCache(tmp_path), paper_config(images_per_concept=3, beta=2))
     out = stage([UnitInput(0, ["red", "red square", "blue", "green"], _red_images())])[0]
     # "red" and "red square" embed identically (similarity 1 > 0.81): only one is kept, and
     # blue and green have no image in the top-k of the red unit: no secondary label at all.
@@ -125,7 +131,7 @@ def test_secondary_labels_need_evidence_worked_example():
 
 def test_unit_with_only_unrenderable_candidates_gets_a_marked_fallback_label(tmp_path):
     stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=2))
+                          FeatureCache(tmp_path), paper_config(images_per_concept=2))
     out = stage([UnitInput(1, ["banana", "blocked red"], _red_images(2))])[1]
     assert out.labels == ("banana",)
     assert "no candidate could be rendered" in out.fallback
@@ -135,7 +141,7 @@ def test_unit_with_only_unrenderable_candidates_gets_a_marked_fallback_label(tmp
 
 def test_blank_images_are_left_out_and_the_rest_scored(tmp_path):
     stage = ConceptScorer(colour_target(), "pool", "mean", ColourGenerator(), MeanColourEncoder(),
-                          FeatureCache(tmp_path), ScoreConfig(images_per_concept=4, beta=1))
+                          FeatureCache(tmp_path), paper_config(images_per_concept=4, beta=1))
     out = stage([UnitInput(0, ["flaky red", "blue"], _red_images())])[0]
     assert out.labels[0] == "flaky red"
     assert len(out.generated["flaky red"]) == 2  # seeds 1 and 3 came back black
@@ -148,7 +154,7 @@ def test_adaptive_selection_screens_then_completes_only_the_contenders(tmp_path)
     gets the same result (a unit uses only what its own evaluation asked for)."""
     def scorer(folder, **kw):
         gen = ColourGenerator()
-        cfg = ScoreConfig(images_per_concept=6, beta=2, **kw)
+        cfg = paper_config(images_per_concept=6, beta=2, **kw)
         return gen, ConceptScorer(colour_target(), "pool", "mean", gen, MeanColourEncoder(),
                                   FeatureCache(tmp_path / folder), cfg)
 
@@ -170,7 +176,7 @@ def test_adaptive_selection_screens_then_completes_only_the_contenders(tmp_path)
     assert full([red, blue])[0].labels[0] == "red square" and gen.calls == 3 * 6
     with pytest.raises(ValueError, match=r"score.screen_images must be in \[0, "
                                          r"images_per_concept = 6\]"):
-        ScoreConfig(images_per_concept=6, screen_images=7)
+        paper_config(images_per_concept=6, screen_images=7)
 
 
 def test_contenders_without_screening_is_an_error_not_ignored():

@@ -85,7 +85,8 @@ def test_counters_equal_what_the_models_did_and_a_resume_costs_nothing(colour_pr
     # tokens, 2 x 2 x 3 completion tokens
     assert (w.llm_requests, w.prompt_tokens, w.completion_tokens) == (2, 14, 12)
     assert w.llm_requests == llm.requests
-    assert w.generated_images == generator.items == 10  # one concept x Q = 10 for both units
+    # "red thing" and its part "red", x Q = 10 each, for both units
+    assert w.generated_images == generator.items == 20
     assert w.denoising_steps == 4 * w.generated_images
     assert (w.encoded_images, w.encoded_texts) == (sum(images), sum(texts))
     assert set(w.seconds) == {"captioner", "llm", "generator", "encoder"}
@@ -96,7 +97,7 @@ def test_counters_equal_what_the_models_did_and_a_resume_costs_nothing(colour_pr
 
     saved = json.loads((tmp_path / "run" / "work.json").read_text())
     assert [e["units_processed"] for e in saved["invocations"]] == [2, 0]
-    assert saved["invocations"][0]["work"]["generated_images"] == 10
+    assert saved["invocations"][0]["work"]["generated_images"] == 20
     assert saved["invocations"][0]["per_unit"]["llm_requests"] == 1.0
     assert saved["total"] == w.counts()
 

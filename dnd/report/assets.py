@@ -75,6 +75,7 @@ function card(u){
   // Only the numbers the unit has: a run stopped early has neither yet.
   var nums=[];
   if(has(u.score))nums.push('score '+fmt(u.score));
+  if(has(u.confidence))nums.push('confidence '+fmt(u.confidence));
   if(has(u.interp))nums.push('interpretability '+fmt(u.interp));
   if(nums.length)a.appendChild(el('div','nums',nums.join(' \\u00b7 ')));
   var t=el('div','thumbs');

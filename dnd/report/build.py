@@ -406,6 +406,7 @@ def index_page(run: Path, cards: list[dict[str, Any]], probe_ok: bool = True,
             'aria-label="search labels">'
             '<label>sort <select id=sort><option value=unit>unit id</option>'
             '<option value=score>final score</option>'
+            '<option value=confidence>confidence, highest first</option>'
             '<option value=interp>interpretability, highest first</option>'
             '<option value=interp_low>interpretability, lowest first</option></select></label>'
             '<label>layer <select id=layer><option value="">all layers</option></select>'
@@ -449,7 +450,10 @@ def _boxed(images: _Images, top: Evidence, boxes: Sequence[Sequence[int]], up: s
 
 
 def why_sentence(sel: Selection) -> str:
-    """Plain-text reason the winner won: best final score = (C - position) x weight."""
+    """Plain-text reason the winner won, by the record's rule: the evidence rule's response
+    x coverage, or the paper's (C - position) x weight."""
+    if sel.rule == "evidence":
+        return _why_evidence(sel)
     c = len(sel.candidates)
     w = sel.order[0]
     text = (f"\u201c{sel.label}\u201d won with the best final score "
@@ -463,6 +467,32 @@ def why_sentence(sel: Selection) -> str:
     return text
 
 
+def _evidence_of(sel: Selection, i: int) -> str:
+    """'response 0.84 (shown 3x smaller) x coverage 1.00' of candidate ``i``."""
+    scale = f" (shown {sel.scales[i]}\u00d7 smaller)" if sel.scales[i] > 1 else ""
+    return f"response {sel.responses[i]:.2f}{scale} \u00d7 coverage {sel.coverage[i]:.2f}"
+
+
+def _why_evidence(sel: Selection) -> str:
+    w = sel.order[0]
+    text = (f"\u201c{sel.label}\u201d won: its generated images fire the unit at "
+            f"{sel.responses[w]:.2f} of its top images' level on average"
+            + (f" when shown {sel.scales[w]}\u00d7 smaller, as the unit sees things"
+               if sel.scales[w] > 1 else "")
+            + f", and the captions of {sel.coverage[w]:.0%} of its activating images name "
+            f"it: score {sel.winner_score:.3f} = {_evidence_of(sel, w)}.")
+    best = max(range(len(sel.candidates)), key=lambda i: (sel.final_scores[i], -i))
+    if best != w:
+        text += (f" It is preferred to the more specific \u201c{sel.candidates[best]}\u201d "
+                 f"({sel.final_scores[best]:.3f}), which explains the unit no better.")
+    rest = [i for i in sel.order[1:] if i != best]
+    if rest:
+        r = rest[0]
+        text += (f" Runner-up \u201c{sel.candidates[r]}\u201d scored "
+                 f"{sel.final_scores[r]:.3f} ({_evidence_of(sel, r)}).")
+    return text
+
+
 def _from(sources: Sequence[str] | None) -> str:
     """' (from llm, consensus)': where a candidate came from, when the record says."""
     return f" <span class=src>(from {esc(', '.join(sources))})</span>" if sources else ""
@@ -472,6 +502,8 @@ def _candidate_table(sel: Selection, generated: Mapping[str, Sequence[str]], ima
                      up: str, sources: Mapping[str, Sequence[str]]) -> str:
     """The candidates, best first, with every number of the selection rule.
     ``generated``: concept -> feature-cache keys of its generated images."""
+    if sel.rule == "evidence":
+        return _evidence_table(sel, generated, images, up, sources)
     c = len(sel.candidates)
     top_k = set(sel.top_k)
     rows = []
@@ -494,6 +526,29 @@ def _candidate_table(sel: Selection, generated: Mapping[str, Sequence[str]], ima
             f"<th>rank score ({esc(sel.rank_score_name)}, beta {esc(sel.beta)})</th>"
             f"<th>position</th><th>image-product weight</th><th>final score "
             f"= ({c} &minus; position) &times; weight</th></tr>{''.join(rows)}</table>")
+
+
+def _evidence_table(sel: Selection, generated: Mapping[str, Sequence[str]], images: _Images,
+                    up: str, sources: Mapping[str, Sequence[str]]) -> str:
+    """The candidates under the evidence rule, Label 1 first: response, the scale it was
+    read at, coverage and score; the paper's final score beside them for comparison."""
+    rows = []
+    for place, i in enumerate(sel.order, 1):
+        name = sel.candidates[i]
+        gens = "".join(_img(images.generated(k), up, name) for k in generated.get(name, ()))
+        scale = "as generated" if sel.scales[i] == 1 else f"{sel.scales[i]}&times; smaller"
+        rows.append(
+            f"<tr class=\"{'winner' if place == 1 else ''}\"><td>{place}</td>"
+            f"<td class=cand>{esc(name)}{_from(sources.get(name))}</td>"
+            f"<td class=gen>{gens}</td><td>{_num(sel.responses[i])} ({scale})</td>"
+            f"<td>{_num(sel.coverage[i])}</td><td>{_num(sel.final_scores[i])}</td>"
+            f"<td>{_num(sel.rank_scores[i])}</td></tr>")
+    return ("<table id=candidates><tr><th>#</th><th>candidate</th><th>generated images</th>"
+            "<th>response: its images' activation on the unit's scale (0 = its median probe "
+            "image, 1 = its top images), mean</th><th>coverage: share of the activating "
+            "images whose captions name it</th><th>score = response &times; coverage</th>"
+            f"<th>rank score ({esc(sel.rank_score_name)}, the paper's)</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _top_images(rec: UnitRecord, images: _Images, up: str) -> str:

@@ -15,6 +15,7 @@ exactly the numbers an uninterrupted one would, without generating again.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,15 @@ from dnd.cache import FeatureCache, ImageBank
 from dnd.io import stable_hash
 from dnd.record import Scoring, Selection, UnitRecord
 from dnd.stages.base import RunContext
+from dnd.stages.crop import attention_scale
 from dnd.stages.select import (
     deduplicate_labels,
+    evidence_order,
     interpretability_score,
+    normalized_response,
     select_concept,
 )
+from dnd.stages.words import coverage, more_general, said_in
 from dnd.target import Target, capture, split_output
 
 
@@ -54,12 +59,25 @@ class ScoreConfig:
     gen_image_size: int = 0              # >0: downsize generated images first (reference: 32)
     rank_score: str = "topk_squared"     # topk_squared | mean | squared_mean
     beta: int = 5
+    # How Label 1 is chosen (dnd.stages.select): "evidence" (its generated images fire the
+    # unit, at the scale the unit looks at, and its activating images' captions name it;
+    # the most general such concept) or "paper" (rank score x image-product weight).
+    selection: str = "evidence"
+    # evidence: a more general candidate ("red" for "red star") whose score is at least
+    # 1 - generality_margin of the best's is preferred to it.
+    generality_margin: float = 0.1
     max_labels: int = 3
     dedup_threshold: float = 0.81        # CLIP text similarity above which a label repeats
-    # Labels 2-3 need evidence (see secondary_evidence): generated images that activate the
-    # unit this far from the median of D_gen towards Label 1's images, and a caption share.
+    # Labels 2-3 need evidence of both kinds (see secondary_evidence): generated images that
+    # activate the unit and a share of captions naming them. paper: this far from the
+    # median of D_gen towards Label 1's images, and this share of the captions ...
     secondary_min_activation: float = 0.5
     secondary_min_captions: float = 0.5
+    # ... evidence: a response R and a coverage S of at least these. A polysemantic unit's
+    # second concept shows in about half of its top images, less when the first dominates
+    # them: the coverage asked for is under a half, sufficiency (R) carries the weight.
+    secondary_min_response: float = 0.5
+    secondary_min_coverage: float = 0.4
     batch_size: int = 64                 # target / encoder batch
 
     def __post_init__(self) -> None:
@@ -80,22 +98,48 @@ class ScoreConfig:
         if not 0 <= self.contender_margin <= 1:
             raise ValueError(f"score.contender_margin must be in [0, 1], got "
                              f"{self.contender_margin}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"score.selection must be one of {', '.join(SELECTIONS)}, got "
+                             f"{self.selection!r}")
+        own = {"evidence": ("generality_margin", "secondary_min_response",
+                            "secondary_min_coverage"),
+               "paper": ("secondary_min_activation", "secondary_min_captions")}
+        for rule, names in own.items():
+            for name in names:
+                if self.selection != rule and getattr(self, name) != getattr(ScoreConfig, name):
+                    raise ValueError(f"score.{name} applies only to selection {rule!r}")
+        if not 0 <= self.generality_margin < 1:
+            raise ValueError(f"score.generality_margin must be in [0, 1), got "
+                             f"{self.generality_margin}")
         if self.gen_image_size < 0:
             raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
-        for name in ("secondary_min_activation", "secondary_min_captions"):
+        for name in ("secondary_min_activation", "secondary_min_captions",
+                     "secondary_min_response", "secondary_min_coverage"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"score.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+SELECTIONS = ("evidence", "paper")
+# Generated images are also shown this many times smaller (tiled to fill the input) to
+# units that look at small regions (dnd.stages.crop.attention_scale).
+SCALES = (2, 3, 4)
 
 
 @dataclass(frozen=True)
 class UnitInput:
     """What Step 3 needs of one unit: its candidates, its activating images and their
-    captions (evidence for Labels 2-3)."""
+    captions (the coverage of the evidence rule, and evidence for Labels 2-3). For the
+    evidence rule also: ``reference`` (the unit's median activation over the probing set,
+    the mean over its top images; :func:`dnd.stages.select.normalized_response`) and
+    ``scale`` (1, or a factor of :data:`SCALES` at which the unit also sees generated
+    images)."""
 
     unit: int
     candidates: Sequence[str]
     activating: Sequence[Image.Image]
     captions: Sequence[str] = ()
+    reference: tuple[float, float] | None = None
+    scale: int = 1
 
 
 class ScoreStage:
@@ -112,11 +156,24 @@ class ScoreStage:
                                     bank=cfg.open_image_bank())
 
     def __call__(self, records: Sequence[UnitRecord]) -> list[UnitRecord]:
-        probe = self.ctx.probe
-        out = self.scorer([UnitInput(r.unit, r.candidates.concepts,
-                                     [e.pixels(probe) for e in r.crops.activating],
-                                     r.captions) for r in records])
+        probe, evidence = self.ctx.probe, self.ctx.config.score.selection == "evidence"
+        medians = (unit_medians(self.ctx.activations, [r.unit for r in records])
+                   if evidence else {})
+        out = self.scorer([UnitInput(
+            r.unit, r.candidates.concepts, [e.pixels(probe) for e in r.crops.activating],
+            r.captions,
+            reference=(medians[r.unit], float(np.mean([e.activation for e in r.crops.top])))
+            if evidence else None,
+            scale=attention_scale(r.crops, max(SCALES)) if evidence else 1)
+            for r in records])
         return [r.finish(self.name, scoring=out[r.unit]) for r in records]
+
+
+def unit_medians(activations: Any, units: Sequence[int]) -> dict[int, float]:
+    """Each unit's median summary activation over the probing set (``activations``: a
+    :class:`dnd.activations.LayerActivations`; one read of the units' columns)."""
+    cols = np.asarray(activations.values[:, list(units)], dtype=np.float32)
+    return {u: float(m) for u, m in zip(units, np.median(cols, axis=0))}
 
 
 class ConceptScorer:
@@ -138,11 +195,13 @@ class ConceptScorer:
 
     def request_key(self, req: GenRequest) -> str:
         """Cache key of one generated image's features (see module docstring)."""
+        # The evidence rule's entries also hold the image's activations at SCALES.
+        scaled = {"scales": list(SCALES)} if self.config.selection == "evidence" else {}
         return stable_hash({"generator": self.generator.identity, "prompt": req.prompt,
                             "seed": req.seed, "target": self.target.identity,
                             "layer": self.layer, "summary": self.summary,
                             "encoder": self.encoder.identity,
-                            "size": self.config.gen_image_size})
+                            "size": self.config.gen_image_size, **scaled})
 
     def requests(self, concept: str, first: int = 0, stop: int | None = None
                  ) -> list[GenRequest]:
@@ -159,26 +218,23 @@ class ConceptScorer:
         unit's selection is computed on those, and only its ``contenders`` best candidates
         get the other Q - q (image j of a concept is the same whichever way it is made, so
         the screening images are part of the full set). A unit sees only what its own
-        evaluation asked for, so its labels do not depend on which units share its batch.
+        evaluation asked for, so its labels do not depend on which units share its batch;
+        its activating images and candidate texts are embedded in batches of its own too,
+        so not even their last bits do.
         """
         cfg = self.config
         q = cfg.screen_images or cfg.images_per_concept
         # 1. Requests of every (unit, concept), deduplicated.
         reqs = {c: self.requests(c, 0, q) for u in units for c in u.candidates}
         feats = self._features([r for rs in reqs.values() for r in rs])
-        # 2. Embeddings of the activating images of all units, in one batched call.
-        act_emb = self.encoder.encode_images([im for u in units for im in u.activating])
-        text_emb = self.encoder.encode_texts(sorted(reqs))
-        text_row = {c: i for i, c in enumerate(sorted(reqs))}
-        embs, start = {}, 0
-        for u in units:
-            embs[u.unit] = act_emb[start:start + len(u.activating)]
-            start += len(u.activating)
+        # 2. Each unit's activating images and candidates, embedded.
+        embs = {u.unit: (self.encoder.encode_images(list(u.activating)),
+                         self.encoder.encode_texts(list(u.candidates))) for u in units}
         # 3. Adaptive: the rest of Q for each unit's contenders on the screening images.
         full = {u.unit: list(u.candidates) for u in units}
         if q < cfg.images_per_concept:
             for u in units:
-                sel = self._select(u, reqs, feats, embs[u.unit], text_emb, text_row).selection
+                sel = self._select(u, reqs, feats, *embs[u.unit]).selection
                 full[u.unit] = self.contenders(sel) if sel else []
             more = {c: self.requests(c, q) for cs in full.values() for c in cs}
             feats.update(self._features([r for rs in more.values() for r in rs]))
@@ -186,7 +242,7 @@ class ConceptScorer:
         for u in units:
             mine = {c: reqs[c] + (self.requests(c, q) if c in full[u.unit] else [])
                     for c in u.candidates}
-            out[u.unit] = self._select(u, mine, feats, embs[u.unit], text_emb, text_row)
+            out[u.unit] = self._select(u, mine, feats, *embs[u.unit])
         return out
 
     def contenders(self, screening: Selection) -> list[str]:
@@ -207,7 +263,9 @@ class ConceptScorer:
         keep = [order[0]] + [i for i in close if i in order[1:self.config.contenders]]
         return [screening.candidates[i] for i in keep]
 
-    def _select(self, u: UnitInput, reqs, feats, emb, text_emb, text_row) -> Scoring:
+    def _select(self, u: UnitInput, reqs, feats, emb, text_emb) -> Scoring:
+        """One unit's scoring; ``emb``: its activating images' embeddings [K, d],
+        ``text_emb``: its candidates' [C, d] (``u.candidates`` order)."""
         cfg = self.config
         # A candidate is scored on its usable images; one with none is dropped.
         keys = {c: [k for k in map(self.request_key, reqs[c])
@@ -225,15 +283,48 @@ class ConceptScorer:
         gen_emb = np.stack([feats[k]["emb"] for c in kept for k in keys[c]])
         sel = select_concept(kept, gen_acts, emb @ gen_emb.T, k=len(u.activating),
                              beta=cfg.beta, rank_score=cfg.rank_score)
-        t = text_emb[[text_row[c] for c in kept]]
-        evidence = secondary_evidence(sel, u.captions, cfg.secondary_min_activation,
-                                      cfg.secondary_min_captions)
+        confidence = None
+        if cfg.selection == "evidence":
+            scaled = ([np.array([feats[k]["scaled"][SCALES.index(u.scale)][u.unit]
+                                 for k in keys[c]]) for c in kept] if u.scale > 1 else None)
+            sel = self._by_evidence(sel, u, gen_acts, scaled)
+            confidence = float(sel.final_scores[sel.order[0]])
+        t = np.asarray(text_emb)[[list(u.candidates).index(c) for c in kept]]
+        evidence = (secondary_evidence(sel, u.captions, cfg.secondary_min_response,
+                                       cfg.secondary_min_coverage) if sel.rule == "evidence"
+                    else secondary_evidence(sel, u.captions, cfg.secondary_min_activation,
+                                            cfg.secondary_min_captions))
         labels_idx = deduplicate_labels(evidence,
                                         t @ t.T, max_labels=cfg.max_labels,
                                         threshold=cfg.dedup_threshold)
         return Scoring(tuple(kept[i] for i in labels_idx), interpretability, dropped, sel,
                        generated={c: tuple(keys[c]) for c in kept},
-                       prompts={c: self.prompt(c) for c in kept})
+                       prompts={c: self.prompt(c) for c in kept}, confidence=confidence)
+
+    def _by_evidence(self, sel: Selection, u: UnitInput, gen_acts: list[np.ndarray],
+                     scaled: list[np.ndarray] | None) -> Selection:
+        """``sel`` (the paper's numbers, kept for comparison) reordered by the evidence rule
+        (:func:`dnd.stages.select.evidence_order`): each candidate's response at the scale
+        where its images fire the unit more (as generated, or ``u.scale`` times smaller),
+        and its coverage in the unit's captions."""
+        if u.reference is None:
+            raise ValueError(f"unit {u.unit}: selection 'evidence' needs the unit's reference "
+                             "activations (UnitInput.reference)")
+        median, top = u.reference
+        responses, scales = [], []
+        for c, acts in enumerate(gen_acts):
+            best = (float(normalized_response(acts, median, top).mean()), 1)
+            if scaled is not None:
+                small = float(normalized_response(scaled[c], median, top).mean())
+                best = max(best, (small, u.scale))
+            responses.append(best[0])
+            scales.append(best[1])
+        cover = [coverage(c, u.captions) for c in sel.candidates]
+        scores, order = evidence_order(sel.candidates, responses, cover,
+                                       self.config.generality_margin)
+        return dataclasses.replace(
+            sel, rule="evidence", final_scores=tuple(float(x) for x in scores), order=order,
+            responses=tuple(responses), coverage=tuple(cover), scales=tuple(scales))
 
     # -- generated images -> cached features ----------------------------------------------
     #
@@ -301,10 +392,16 @@ class ConceptScorer:
         pics = [self._resize(im) for _, im in ok]
         acts = self._target_acts(pics)
         embs = self._embeddings([k for k, _ in ok], pics, bank_key)
-        for (k, im), a, e in zip(ok, acts, embs, strict=True):
+        # The evidence rule also reads each image shown smaller (shrink_and_tile).
+        scaled = (np.stack([self._target_acts([shrink_and_tile(p, n) for p in pics])
+                            for n in SCALES], axis=1)
+                  if self.config.selection == "evidence" else None)  # [images, scales, units]
+        for j, ((k, im), a, e) in enumerate(zip(ok, acts, embs, strict=True)):
             if cached[k] is None:  # a cached one stays as other processes read it
-                out[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32)}
-                self.features.put(k, out[k]["acts"], out[k]["emb"], im)
+                out[k] = {"acts": a, "emb": np.asarray(e, dtype=np.float32),
+                          **({"scaled": scaled[j]} if scaled is not None else {})}
+                self.features.put(k, out[k]["acts"], out[k]["emb"], im,
+                                  scaled=out[k].get("scaled"))
         return out
 
     def _block_images(self, requests: list[GenRequest], bank_key: dict[str, str]
@@ -350,6 +447,8 @@ class ConceptScorer:
 
     @torch.no_grad()
     def _target_acts(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """The layer's summary activations [n_units] float32 on ``images`` (one block), in
+        batches of ``batch_size``."""
         target, module = self.target, {self.layer: self.target.layer(self.layer)}
 
         def run(batch: list[Image.Image]) -> list[np.ndarray]:
@@ -379,10 +478,21 @@ def secondary_evidence(sel: Selection, captions: Sequence[str], min_activation: 
     when a concept it names detects the unit with average precision >= 0.5: with the
     consensus summariser, 2 of the 3 kept are (``results/toyworld_benchmark.md``), against
     39 of 92 under the rule "an image in the top-k and half Label 1's final score".
-    """
-    from dnd.stages.summarize import said_in
 
+    Under the evidence rule (``sel.rule``), point 1 is its response R >= ``min_activation``
+    and point 2 its coverage S >= ``min_captions``; and a candidate that only restates a
+    kept label, more or less specifically ("red star" after "red"), is left out.
+    """
     best = sel.order[0]
+    if sel.rule == "evidence":
+        kept = [best]
+        for c in sel.order[1:]:
+            name = sel.candidates[c]
+            if (sel.responses[c] >= min_activation and sel.coverage[c] >= min_captions
+                    and not any(more_general(name, sel.candidates[k])
+                                or more_general(sel.candidates[k], name) for k in kept)):
+                kept.append(c)
+        return tuple(kept)
     acts = np.asarray(sel.activations)
     owner = np.asarray(sel.image_candidate)
     median, top = float(np.median(acts)), float(acts[owner == best].mean())
@@ -399,6 +509,20 @@ def secondary_evidence(sel: Selection, captions: Sequence[str], min_activation: 
         return named >= min_captions * len(captions)
 
     return (best, *(c for c in sel.order[1:] if responds(c) and shown(c)))
+
+
+def shrink_and_tile(image: Image.Image, k: int) -> Image.Image:
+    """``image`` shown ``k`` times smaller: shrunk to 1/k of each side and tiled k x k over
+    an image of the same size (the last row and column of tiles cut to fit), so what it
+    shows appears at 1/k of its size everywhere, as a small thing in a scene would."""
+    w, h = image.size
+    tw, th = max(1, -(-w // k)), max(1, -(-h // k))
+    tile = image.convert("RGB").resize((tw, th), Image.BILINEAR)
+    out = Image.new("RGB", (w, h))
+    for y in range(0, h, th):
+        for x in range(0, w, tw):
+            out.paste(tile, (x, y))
+    return out
 
 
 # Brightest pixel value (0-255) of an image that counts as blank.

@@ -3,6 +3,21 @@
 Pure numpy: the caller has already generated images for every candidate, run them through
 the target network (``gen_acts``) and computed CLIP image similarities (``sim``).
 
+Two rules order the candidates (``ScoreConfig.selection``):
+
+- ``paper`` (:func:`select_concept`): rank score x image-product weight, ALGORITHM.md
+  Step 3. The weight rewards generated images that look like the unit's top images, so it
+  favours concepts that describe whole scenes over the part the unit responds to.
+- ``evidence`` (:func:`evidence_order`, the default): a candidate must be both
+  *sufficient* and *shown*. Its **response** R is how strongly its generated images fire
+  the unit, on the unit's own scale (0 at its median probe image, 1 at its top images; see
+  :func:`normalized_response`), at the scale the unit looks at; its **coverage** S is the
+  share of the unit's activating images (and crops) whose captions name it. Score = R x S:
+  an estimate of precision times recall of the concept as a detector of the unit, like the
+  IoU of Network Dissection. A specific concept ("red star") has at most the coverage of a
+  general one ("red"), so the general one wins whenever its images fire the unit about as
+  well; ``margin`` makes "about" explicit.
+
 Generated-image layout used throughout: D_gen is the concatenation of the candidates'
 images in candidate order, so ``gen_acts[0]`` covers columns ``0 .. len(gen_acts[0]) - 1``
 of ``sim``, ``gen_acts[1]`` the next ones, and so on. ``gen_acts`` may be a [C, Q] array or
@@ -104,6 +119,45 @@ def select_concept(
         final_scores=tuple(final.tolist()),
         order=tuple(order.tolist()),
     )
+
+
+def normalized_response(acts: np.ndarray, median: float, top: float) -> np.ndarray:
+    """Activations [n] on the unit's own scale, clipped to [0, 1]: 0 at or below its
+    ``median`` activation over the probing set, 1 at or above ``top`` (the mean of its top
+    activating probe images). All 0 when ``top <= median`` (a unit that never fires)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    if not top > median:
+        return np.zeros_like(acts)
+    return np.clip((acts - median) / (top - median), 0.0, 1.0)
+
+
+def evidence_order(candidates: Sequence[str], responses: Sequence[float],
+                   coverage: Sequence[float], margin: float = 0.1
+                   ) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The ``evidence`` rule (module docstring): scores [C] = responses x coverage and the
+    candidate order, best first.
+
+    Label 1 is the best score, replaced by a more general candidate (its content words a
+    proper subset: "red" for "red star") whose score is at least ``1 - margin`` of it, the
+    most general such first; the rest follow by score. Ties keep candidate order.
+    """
+    from dnd.stages.words import more_general
+
+    resp = np.asarray(responses, dtype=np.float64)
+    cov = np.asarray(coverage, dtype=np.float64)
+    if resp.shape != (len(candidates),) or cov.shape != resp.shape:
+        raise ValueError(f"need one response and one coverage per candidate ({len(candidates)}), "
+                         f"got {resp.shape} and {cov.shape}")
+    scores = resp * cov
+    by_score = [int(i) for i in np.argsort(-scores, kind="stable")]
+    best = by_score[0]
+    while True:
+        general = [i for i in by_score if more_general(candidates[i], candidates[best])
+                   and scores[i] >= (1 - margin) * scores[best] and scores[i] > 0]
+        if not general:
+            break
+        best = general[0]
+    return scores, (best, *(i for i in by_score if i != best))
 
 
 def rank_images(acts: np.ndarray) -> np.ndarray:

@@ -48,6 +48,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    "it exists, else none: tables needing data are not run)")
     t.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="activation cache, "
                    f"reused across runs (default {DEFAULT_CACHE_DIR})")
+    t.add_argument("--spec", metavar="FILE", help="toyworld_planted only: judge the planted "
+                   "units of this YAML or JSON spec instead of the committed ones (needs "
+                   "--weights trained for it: `python -m dnd.toyworld.train --only planted "
+                   "--spec FILE --out DIR`); written as <out>/<name>-<FILE stem>.md")
+    t.add_argument("--weights", metavar="DIR", help="toyworld_planted only: the "
+                   "toyworld-planted weights, a folder holding toy_planted.safetensors (as "
+                   "train --out DIR writes) or that file (default: the committed weights)")
     t.set_defaults(func=_tables)
 
     ev = subparsers.add_parser("evaluate", help="score unit descriptions (final-layer, "
@@ -130,7 +137,8 @@ def _embedders(args: argparse.Namespace) -> list:
 
 
 def _tables(args: argparse.Namespace) -> int:
-    written = run_tables(args.only, args.out, args.data_root, cache_dir=args.cache_dir)
+    written = run_tables(args.only, args.out, args.data_root, cache_dir=args.cache_dir,
+                         planted_spec=args.spec, planted_weights=args.weights)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

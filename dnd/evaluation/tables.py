@@ -8,7 +8,9 @@ under ``data_root``, or whose models cannot be loaded here, is written as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,32 +109,72 @@ def run_tables(names: Sequence[str] | None = None, out_dir: str | Path = "result
                definitions: str | Path = DEFAULT_DEFINITIONS,
                cache_dir: str | Path = DEFAULT_CACHE_DIR,
                embedders: Mapping[str, TextEmbedder] | None = None,
+               planted_spec: str | Path | None = None,
+               planted_weights: str | Path | None = None,
                progress: bool = True) -> dict[str, Path]:
     """Regenerate tables ``names`` (default: all) into ``out_dir/<name>.md``.
 
     ``data_root``: folder holding the tables' data files (None: none available).
     ``cache_dir``: activation cache (keep it out of ``out_dir``). ``embedders``: already
     loaded embedders by name, shared across tables (others are loaded once, on first use).
-    Returns name -> written file.
+    ``planted_spec``, ``planted_weights``: the planted spec file and the weights (folder or
+    file) trained for it (``dnd tables --spec FILE --weights DIR``), for tables of kind
+    ``toyworld_planted`` only (refused when another table is selected, which would ignore
+    them); with a spec, a table is written as ``<name>-<spec file stem>.md`` so the
+    committed spec's table stays. Returns name -> written file.
     """
     specs = load_tables(definitions)
     for n in names or []:
         if n not in specs:
             raise KeyError(unknown_name_message("table", n, list(specs)))
+    planted = _planted_settings(planted_spec, planted_weights,
+                                [specs[n] for n in (names or specs)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = {name: CachedEmbedder(e) for name, e in (embedders or {}).items()}
     written = {}
     for spec in (specs[n] for n in (names or specs)):
+        if planted:
+            spec = dataclasses.replace(spec, options={**spec.options, **planted})
         try:
             body, status = _run_one(spec, data_root, loaded, Path(cache_dir), progress), "run"
         except NotRun as e:
             body, status = [f"**not run: needs {e}**"], "not run"
         log.info("table %s: %s", spec.name, status)
+        stem = f"{spec.name}-{Path(planted_spec).stem}" if planted_spec else spec.name
         written[spec.name] = atomic_write_text(
-            out_dir / f"{spec.name}.md", "\n".join(_header(spec, out_dir, data_root) + body)
-            + "\n")
+            out_dir / f"{stem}.md",
+            "\n".join(_header(spec, out_dir, data_root, planted) + body) + "\n")
     return written
+
+
+def _planted_settings(planted_spec: str | Path | None, planted_weights: str | Path | None,
+                      selected: Sequence[TableSpec]) -> dict[str, str]:
+    """The ``spec``/``weights`` options that ``--spec``/``--weights`` give the selected
+    tables; refuses them (before anything runs) when a selected table is not of kind
+    ``toyworld_planted``, when the spec is invalid or the weights are missing."""
+    given = {k: str(v) for k, v in (("spec", planted_spec), ("weights", planted_weights))
+             if v is not None}
+    if not given:
+        return {}
+    flags = " and ".join(f"--{k}" for k in given)
+    others = [s.name for s in selected if s.kind != "toyworld_planted"]
+    if others:
+        raise ValueError(f"{flags} apply to tables of kind toyworld_planted only, and "
+                         f"{', '.join(others)} would ignore them: select the planted "
+                         f"table with `--only toyworld_planted`")
+    from dnd.toyworld.planted import PLANTED, load_spec
+    from dnd.toyworld.planted_benchmark import check_trained_for_planted
+
+    weights = given.get("weights", "DEFAULT")
+    if weights != "DEFAULT" and not Path(weights).exists():
+        raise FileNotFoundError(f"--weights {weights}: no such folder or file; train it with "
+                                "`python -m dnd.toyworld.train --only planted --spec FILE "
+                                "--out DIR`")
+    # A bad spec, or weights trained for other units, fail here, before anything runs.
+    check_trained_for_planted(weights, load_spec(given["spec"]) if "spec" in given
+                              else PLANTED)
+    return given
 
 
 def _run_one(spec: TableSpec, data_root: str | Path | None, loaded: dict[str, TextEmbedder],
@@ -185,13 +227,18 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _header(spec: TableSpec, out_dir: Path, data_root: str | Path | None) -> list[str]:
-    cmd = f"dnd tables --only {spec.name}"
+def _header(spec: TableSpec, out_dir: Path, data_root: str | Path | None,
+            planted: Mapping[str, str] | None = None) -> list[str]:
+    """The lines above a table's numbers; ``planted``: the ``--spec``/``--weights`` given
+    (:func:`_planted_settings`), shown in both commands."""
+    flags = "".join(f" --{k} {shlex.quote(v)}" for k, v in (planted or {}).items())
+    cmd = f"dnd tables --only {spec.name}{flags}"
     if out_dir != Path("results"):
         cmd += f" --out {out_dir}"
     if data_root is not None:
         cmd += f" --data-root {data_root}"
     user_cmd = spec.command.replace("DATA", str(data_root) if data_root is not None else "DATA")
+    user_cmd += flags
     data = [f"`{p}`" for p in spec.data_files()] or ["none (class names only)"]
     return [f"# {spec.name}", "", spec.title, "",
             f"Regenerate: `{cmd}`", "",
@@ -351,7 +398,23 @@ def _toyworld_benchmark(spec: TableSpec, resolve, embedders, cache_dir, progress
                          n_probe=int(spec.options.get("n_probe", 2000)), progress=progress)
 
 
-_PLANTED_OPTIONS = {"n_probe", "free_units", "llm", "n_boot", "seed"}
+_PLANTED_OPTIONS = {"n_probe", "free_units", "llm", "n_boot", "seed", "spec", "weights"}
+
+
+def _planted_cache(cache_dir: Path, spec: str | None, weights: str) -> Path:
+    """The benchmark's run folder: one per spec and weights file (its content hash), as a
+    run folder refuses another config and must not resume runs of older weights."""
+    from dnd.io import bytes_hash
+    from dnd.toyworld.target import PLANTED_STEM
+
+    name = "toyworld-planted"
+    if spec:
+        name += f"-{Path(spec).stem}"
+    if weights != "DEFAULT":
+        path = Path(weights)
+        path = path / f"{PLANTED_STEM}.safetensors" if path.is_dir() else path
+        name += f"-{bytes_hash(path.read_bytes())[:8]}"
+    return cache_dir / name
 
 
 def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
@@ -362,11 +425,12 @@ def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) 
     if unknown:
         raise ValueError(f"table {spec.name}: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(_PLANTED_OPTIONS))}")
-    return run_planted_benchmark(Path(cache_dir) / "toyworld-planted",
+    weights = str(o.get("weights", "DEFAULT"))
+    return run_planted_benchmark(_planted_cache(Path(cache_dir), o.get("spec"), weights),
                                  n_probe=int(o.get("n_probe", 2000)),
                                  free_units=int(o.get("free_units", 16)), llm=o.get("llm"),
                                  n_boot=int(o.get("n_boot", 2000)), seed=int(o.get("seed", 0)),
-                                 progress=progress)
+                                 weights=weights, spec=o.get("spec"), progress=progress)
 
 
 # kind -> fn(spec, resolve, embedders, cache_dir, progress) -> markdown lines

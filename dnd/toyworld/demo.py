@@ -138,8 +138,9 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
     lines = ["| layer | units | with clear ground truth | Label 1 agrees | Labels 1-3 agree |",
              "| --- | --- | --- | --- | --- |", *(a.row() for a in table)]
     md = ("Toy-world demo: DnD labels vs ground truth (keyword match with synonyms). "
-          "Candidates from the consensus summariser (the toyworld preset: phrases the "
-          "captions share, no LLM); `dnd tables --only toyworld_benchmark` also measures "
+          "Candidates from the consensus summariser (the toyworld preset: the words, phrases "
+          "and conjunctions the captions share, no LLM); `dnd tables --only "
+          "toyworld_benchmark` also measures "
           "an LLM summariser.\n\n"
           + "\n".join(lines) + "\n")
     from dnd.toyworld.planted_benchmark import planted_demo

@@ -36,12 +36,19 @@ both summaries the pipeline offers rank it below the firing scenes, and every fi
 scene's peak is drawn to one level, so a unit's concepts fire about equally strongly under
 the max. The behaviour is stated for the spatial max (``SUMMARY``); the trained weights'
 held-out AP per unit, under both summaries, is in ``weights/toy_planted.json``.
+
+Planting concepts of one's own: a spec file (YAML or JSON, :func:`load_spec`) lists units
+as ``{layer, unit, kind, concepts}``, e.g. ``eval/planted_heldout.yaml``;
+``python -m dnd.toyworld.train --only planted --spec FILE --out DIR`` trains weights for it
+and ``dnd tables --only toyworld_planted --spec FILE --weights DIR`` judges describers on
+its units. ``PLANTED`` stays the default everywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -264,14 +271,116 @@ PLANTED: list[PlantedUnit] = [
 ]
 
 
-def planted_layers() -> list[str]:
-    """The layers with planted units, in network order."""
-    return list(dict.fromkeys(u.layer for u in PLANTED))
+# The ToyCNN blocks a unit may be planted in, in network order (``target.ToyCNN``).
+LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4")
 
 
-def units_of(layer: str) -> list[PlantedUnit]:
-    """The planted units of ``layer``, by channel."""
-    return sorted((u for u in PLANTED if u.layer == layer), key=lambda u: u.unit)
+def planted_layers(units: Sequence[PlantedUnit] = PLANTED) -> list[str]:
+    """The layers with planted units among ``units`` (default: ``PLANTED``), in network
+    order."""
+    present = {u.layer for u in units}
+    return [layer for layer in LAYERS if layer in present]
+
+
+def units_of(layer: str, units: Sequence[PlantedUnit] = PLANTED) -> list[PlantedUnit]:
+    """The planted units of ``layer`` among ``units`` (default: ``PLANTED``), by channel."""
+    return sorted((u for u in units if u.layer == layer), key=lambda u: u.unit)
+
+
+# ---------------------------------------------------------------------------- spec files
+
+SPEC_KEYS: tuple[str, ...] = ("layer", "unit", "kind", "concepts")
+
+
+def spec_to_dicts(units: Sequence[PlantedUnit]) -> list[dict]:
+    """``units`` as the mappings of a spec file (:func:`load_spec`): layer, unit, kind and
+    the list of concepts, in order."""
+    return [{"layer": u.layer, "unit": u.unit, "kind": u.kind, "concepts": list(u.concepts)}
+            for u in units]
+
+
+def _spec_entries(raw: object, where: str) -> list:
+    """The list of unit mappings of a parsed spec file: the file itself or its ``units``."""
+    if isinstance(raw, dict):
+        extra = sorted(set(raw) - {"units"})
+        if extra or "units" not in raw:
+            raise ValueError(f"{where}: a mapping at the top must hold only 'units' (the list "
+                             f"of planted units), got key(s) {', '.join(map(str, raw)) or 'none'}")
+        raw = raw["units"]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}: expected a non-empty list of planted units, each "
+                         f"{{layer, unit, kind, concepts}} (or {{units: [...]}}), got "
+                         f"{type(raw).__name__ if raw else 'nothing'}")
+    return raw
+
+
+def _spec_unit(entry: object, what: str, widths: dict[str, int]) -> PlantedUnit:
+    """One validated unit of a spec file; ``what`` names the file and entry in errors."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{what}: expected a mapping with keys {', '.join(SPEC_KEYS)}, "
+                         f"got {entry!r}")
+    unknown = sorted(map(str, set(entry) - set(SPEC_KEYS)))
+    missing = [k for k in SPEC_KEYS if k not in entry]
+    if unknown or missing:
+        raise ValueError(f"{what}: " + "; ".join(
+            ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            + ([f"missing key(s) {', '.join(missing)}"] if missing else []))
+            + f"; each unit has exactly {', '.join(SPEC_KEYS)}")
+    layer, unit, kind, concepts = (entry[k] for k in SPEC_KEYS)
+    if layer not in widths:
+        raise ValueError(f"{what}: ToyCNN has no layer {layer!r}; choose one of "
+                         f"{', '.join(widths)}")
+    if isinstance(unit, bool) or not isinstance(unit, int) or not 0 <= unit < widths[layer]:
+        raise ValueError(f"{what}: unit must be a channel index 0..{widths[layer] - 1} of "
+                         f"{layer} ({widths[layer]} channels), got {unit!r}")
+    if not isinstance(kind, str):
+        raise ValueError(f"{what}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if (not isinstance(concepts, list) or not concepts
+            or not all(isinstance(c, str) for c in concepts)):
+        raise ValueError(f"{what}: concepts must be a list of concept names, e.g. [red] or "
+                         f"[blue, striped], got {concepts!r}")
+    try:
+        return PlantedUnit(layer, unit, kind, tuple(concepts))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def load_spec(path: str | Path, widths: Sequence[int] | None = None) -> list[PlantedUnit]:
+    """The planted units of a YAML or JSON spec file, in file order.
+
+    The file holds a list of ``{layer, unit, kind, concepts}`` mappings, or ``{units:
+    [...]}`` with that list: ``layer`` one of ``conv1``..``conv4``, ``unit`` a channel index
+    below the layer's width (``widths``: ToyCNN's channels per block, default
+    ``target.DEFAULT_WIDTHS``, the width every trained ToyCNN has), ``kind`` and
+    ``concepts`` as the module docstring says. Raises ValueError naming the file and the
+    entry for anything else, and for a (layer, unit) given twice."""
+    import json
+
+    import yaml
+
+    from dnd.toyworld.target import DEFAULT_WIDTHS
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"planted spec not found: {path}")
+    text = path.read_text()
+    try:  # JSON is read by its own parser: its error messages point at JSON syntax
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
+                         f": {e}") from None
+    layer_widths = dict(zip(LAYERS, widths or DEFAULT_WIDTHS, strict=True))
+    units, seen = [], {}
+    for i, entry in enumerate(_spec_entries(raw, str(path))):
+        name = (f" ({entry.get('layer')}:{entry.get('unit')})" if isinstance(entry, dict)
+                else "")
+        unit = _spec_unit(entry, f"{path}, unit {i + 1}{name}", layer_widths)
+        if unit.name in seen:
+            raise ValueError(f"{path}, unit {i + 1}: {unit.name} is already planted by unit "
+                             f"{seen[unit.name]}; give each (layer, unit) once")
+        seen[unit.name] = i + 1
+        units.append(unit)
+    return units
 
 
 def positive_rates(units: Sequence[PlantedUnit], specs: Sequence[SceneSpec]) -> np.ndarray:
@@ -279,12 +388,13 @@ def positive_rates(units: Sequence[PlantedUnit], specs: Sequence[SceneSpec]) -> 
     return indicator_matrix(units, specs).mean(0)
 
 
-def print_positive_rates(n: int = 2000) -> None:
-    """Print every planted unit with its positive rate over the scenes of seeds 0..n-1."""
+def print_positive_rates(n: int = 2000, units: Sequence[PlantedUnit] = PLANTED) -> None:
+    """Print every planted unit of ``units`` (default: ``PLANTED``; or a spec's,
+    :func:`load_spec`) with its positive rate over the scenes of seeds 0..n-1."""
     from dnd.toyworld.render import sample_spec
 
     specs = [sample_spec(np.random.default_rng(seed)) for seed in range(n)]
-    for unit, rate in zip(PLANTED, positive_rates(PLANTED, specs), strict=True):
+    for unit, rate in zip(units, positive_rates(units, specs), strict=True):
         print(f"{unit.name:9s} {unit.kind:14s} {' | '.join(unit.concepts):22s} {rate:.3f}")
 
 
@@ -336,3 +446,12 @@ def planted_report(model, images: np.ndarray, specs: Sequence[SceneSpec],
                      "positive_rate": round(float(truth[:, i].mean()), 4),
                      "ap": aps[SUMMARY], "ap_mean": aps["mean"], "ap_max": aps["max"]})
     return rows
+
+
+def train_command(spec: str | Path, out: str | Path) -> str:
+    """The command that trains ``toyworld-planted`` weights for the units of ``spec`` into
+    folder ``out`` (quoted for a shell)."""
+    import shlex
+
+    return (f"python -m dnd.toyworld.train --only planted --spec {shlex.quote(str(spec))} "
+            f"--out {shlex.quote(str(out))}")

@@ -55,36 +55,67 @@ Methods and their Labels 1-3:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dnd.io import atomic_write_text
 from dnd.record import UnitRecord
 from dnd.toyworld.demo import mentions
+from dnd.toyworld.planted import PLANTED, PlantedUnit
 
 PLANTED_MODEL = "toyworld-planted"
 KEYWORD, STRICT = "keyword", "strict"
 JUDGES = (KEYWORD, STRICT)
 FREE = "free"  # kind of an unplanted unit, judged by its AP ground truth
 FULL = "DnD (consensus summariser)"
+PAPER = "DnD, the paper's Steps 1-3 (`selection: paper`)"
+NO_CROPS = "DnD, no attention crops"
+PAPER_RULE = "DnD, the paper's selection rule (candidates at every level)"
+PHRASES = "DnD, whole phrases as candidates (evidence rule)"
+WITH_TRUTH = "DnD, the true concepts among the candidates (selection alone)"
+# The DnD rows without an LLM: overrides of the toyworld preset, and their run folders.
+ROWS: dict[str, dict[str, Any]] = {
+    FULL: {},
+    PAPER: {"crop.score": "rescored", "candidates": "phrases", "score.selection": "paper"},
+    NO_CROPS: {"crop.max_crops": 0},
+    PAPER_RULE: {"score.selection": "paper"},
+    PHRASES: {"candidates": "phrases"},
+}
+ROW_FOLDERS = {FULL: "dnd", PAPER: "dnd-paper", NO_CROPS: "dnd-nocrops",
+               PAPER_RULE: "dnd-paper-rule", PHRASES: "dnd-phrases", WITH_TRUTH: "dnd-truth"}
 NO_SELECTION = "DnD, no best-concept selection"
 RANK_ONLY = "DnD, activation rank only (no image-product weight)"
 NO_SUMMARISER = "DnD, no summariser (top images' captions)"
 CLIP_DISSECT = "CLIP-Dissect (toy CLIP)"
 CONSTANT = "constant label (most common truth)"
-# Issue 16's goals for full DnD: (what, scope, threshold); scope is a kind or a score name.
-GOALS = (("Label 1 correct, monosemantic", "monosemantic", 0.95),
-         ("Label 1 correct, local", "local", 0.85),
-         ("Label 1 correct, textual", "textual", 0.80),
-         ("Label 1 correct, compositional (strict)", "compositional", 0.70),
-         ("polysemantic both-concepts recall", "recall", 0.60),
-         ("Labels 2-3 precision", "precision", 0.80),
-         ("interpretability-score AUROC (planted)", "auroc", 0.80))
+# Issue 31's goals: (what, scope, threshold, row); scope is a kind, a score name or a work
+# count; row is the method it is read off (None: the reference row, the first one;
+# LLM_ROW: each LLM-summariser row).
+LLM_ROW = "each LLM row"
+GOALS = (("Label 1 correct, all planted units", "planted", 0.85, None),
+         ("Label 1 correct, monosemantic", "monosemantic", 0.90, None),
+         ("Label 1 correct, textual", "textual", 0.90, None),
+         ("Label 1 correct, local", "local", 0.70, None),
+         ("Label 1 correct, compositional (strict)", "compositional", 0.70, None),
+         ("Label 1 correct, polysemantic (either concept)", "polysemantic", 0.90, None),
+         ("polysemantic: both concepts in Labels 1-3", "recall", 0.80, None),
+         ("Label 1 over-specific", "over-specific", 0.15, None),
+         ("Labels 2-3 precision", "precision", 0.85, None),
+         ("confidence AUROC (all judged units)", "confidence", 0.85, None),
+         ("selection given the true concepts", "planted", 0.95, WITH_TRUTH),
+         ("generated images per unit", "generated_images", 20, None),
+         ("captioned images per unit", "captioned_images", 20, None),
+         ("LLM requests per unit", "llm_requests", 4, LLM_ROW))
+# Goals whose value must stay at or under the threshold (the others: at or over it).
+AT_MOST = frozenset({"over-specific", "generated_images", "captioned_images", "llm_requests"})
 
 
 # ----------------------------------------------------------------------------- judging
@@ -160,11 +191,20 @@ def other_concepts(label: str, truth: Truth) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Judged:
     """One method's Labels 1-3 of one unit, with its truth and, for DnD runs, the unit's
-    interpretability score (None when the method has none or the unit got none)."""
+    interpretability score and Label 1's confidence (None when the method has none or the
+    unit got none), and its candidates (empty when the method has none)."""
 
     truth: Truth
     labels: tuple[str, ...]
     interpretability: float | None = None
+    confidence: float | None = None
+    candidates: tuple[str, ...] = ()
+
+    @property
+    def offered(self) -> bool:
+        """A candidate names the unit's concept (strict judge, as Label 1 would be): the
+        summariser put the right answer on the table."""
+        return any(label_correct(c, self.truth, STRICT) for c in self.candidates)
 
     def correct(self, judge: str = STRICT) -> bool:
         """Label 1 is correct under ``judge`` (False when there is no Label 1)."""
@@ -246,7 +286,7 @@ def secondary_precision(judged: Sequence[Judged]) -> Rate:
 
 @dataclass(frozen=True)
 class Calibration:
-    """AUROC of the interpretability score for "Label 1 correct" over ``n`` scored units
+    """AUROC of a score for "Label 1 correct" over ``n`` scored units
     (``correct`` of them correct), with its 95% bootstrap interval; ``auroc`` is None when
     one class is missing. ``unscored``: judged units without a score (left out)."""
 
@@ -265,13 +305,14 @@ class Calibration:
 
 
 def calibration(judged: Sequence[Judged], judge: str = STRICT, n_boot: int = 0,
-                seed: int = 0) -> Calibration:
-    """:class:`Calibration` of the units of ``judged`` that have an interpretability score.
-    Resamples holding one class only are skipped (their AUROC is undefined)."""
+                seed: int = 0, score: str = "interpretability") -> Calibration:
+    """:class:`Calibration` of ``score`` ("interpretability" or "confidence") over the units
+    of ``judged`` that have it. Resamples holding one class only are skipped (their AUROC
+    is undefined)."""
     from dnd.metrics import auroc
 
-    scored = [j for j in judged if j.interpretability is not None]
-    scores = np.array([j.interpretability for j in scored], dtype=float)
+    scored = [j for j in judged if getattr(j, score) is not None]
+    scores = np.array([getattr(j, score) for j in scored], dtype=float)
     y = np.array([j.correct(judge) for j in scored], dtype=bool)
     unscored = len(judged) - len(scored)
     if y.all() or not y.any():  # also covers no scored unit
@@ -366,14 +407,16 @@ def most_common_concept(truths: Sequence[Truth]) -> str:
 # ----------------------------------------------------------------------------- runner
 
 
-def _unit_spec(layer: str, free_units: int) -> tuple[list[int], list[int]]:
-    """(planted channels, the first ``free_units`` other channels) of ``layer``."""
+def _unit_spec(layer: str, free_units: int, units: Sequence[PlantedUnit] = PLANTED
+               ) -> tuple[list[int], list[int]]:
+    """(planted channels among ``units``, the first ``free_units`` other channels) of
+    ``layer``."""
     from dnd.toyworld.planted import units_of
 
-    planted = [u.unit for u in units_of(layer)]
+    planted = [u.unit for u in units_of(layer, units)]
     if not planted:
         raise ValueError(f"layer {layer!r} has no planted unit; planted layers: "
-                         f"{', '.join(_planted_layers())}")
+                         f"{', '.join(_planted_layers(units))}")
     taken, free, u = set(planted), [], 0
     while len(free) < free_units:
         if u not in taken:
@@ -382,46 +425,56 @@ def _unit_spec(layer: str, free_units: int) -> tuple[list[int], list[int]]:
     return planted, free
 
 
-def _planted_layers() -> list[str]:
+def _planted_layers(units: Sequence[PlantedUnit] = PLANTED) -> list[str]:
     from dnd.toyworld.planted import planted_layers
 
-    return planted_layers()
+    return planted_layers(units)
 
 
-def check_trained_for_planted(weights: str = "DEFAULT") -> None:
-    """Refuse weights trained for other planted units than :data:`PLANTED` (judging them
-    against today's list would score wrong truths). Reads the ``training.planted_units`` of
-    the weights' ``toy_planted.json`` (for a file: the ``.json`` beside it); weights without
-    that record are not checked (a warning says so)."""
+def check_trained_for_planted(weights: str | Path = "DEFAULT",
+                              units: Sequence[PlantedUnit] = PLANTED) -> None:
+    """Refuse weights trained for other planted units than ``units`` (default
+    :data:`PLANTED`; or a spec's, ``planted.load_spec``): judging them against other units
+    would score wrong truths. Reads the ``training.planted_units`` of the weights'
+    ``toy_planted.json`` (for a file: the ``.json`` beside it; for a folder: the one in
+    it), in any order; weights without that record are not checked (a warning says so)."""
     import logging
 
-    from dnd.toyworld.planted import PLANTED
     from dnd.toyworld.target import PLANTED_STEM, WEIGHTS_DIR
 
+    custom = list(units) != PLANTED
+    what = "the planted spec's units" if custom else "dnd.toyworld.planted.PLANTED"
     path = (WEIGHTS_DIR / f"{PLANTED_STEM}.json" if weights == "DEFAULT"
+            else Path(weights) / f"{PLANTED_STEM}.json" if Path(weights).is_dir()
             else Path(weights).with_suffix(".json"))
     record = (json.loads(path.read_text()).get("training", {}).get("planted_units")
               if path.is_file() else None)
     if not record:
         logging.getLogger(__name__).warning(
             "%s: no record of the planted units these weights were trained for; not checked "
-            "against PLANTED", path)
+            "against %s", path, "the planted spec" if custom else "PLANTED")
         return
-    trained = [(u["layer"], int(u["unit"]), u["kind"], tuple(u["concepts"])) for u in record]
-    wanted = [(u.layer, u.unit, u.kind, u.concepts) for u in PLANTED]
+    # Sorted: a spec listing the same units in another order plants the same network.
+    trained = sorted((u["layer"], int(u["unit"]), u["kind"], tuple(u["concepts"]))
+                     for u in record)
+    wanted = sorted((u.layer, u.unit, u.kind, u.concepts) for u in units)
     if trained != wanted:
-        diff = next(((a, b) for a, b in zip(trained, wanted) if a != b),
-                    (f"{len(trained)} units", f"{len(wanted)} units"))
+        extra = [u for u in trained if u not in wanted] or ["none"]
+        lacking = [u for u in wanted if u not in trained] or ["none"]
+        fix = ("train weights for the spec with `python -m dnd.toyworld.train --only planted "
+               "--spec FILE --out DIR` and pass --weights DIR" if custom else
+               "retrain with `python -m dnd.toyworld.train --only planted` or restore the "
+               "PLANTED they were trained for")
         raise ValueError(f"{path}: these weights were trained for other planted units than "
-                         f"dnd.toyworld.planted.PLANTED (trained {diff[0]}, PLANTED has "
-                         f"{diff[1]}); retrain with `python -m dnd.toyworld.train --only "
-                         f"planted` or restore the PLANTED they were trained for")
+                         f"{what} ({len(trained)} trained, {len(wanted)} wanted; trained, "
+                         f"not wanted: {extra[0]}; wanted, not trained: {lacking[0]}); {fix}")
 
 
 def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
                           layers: Sequence[str] | None = None, free_units: int = 16,
                           llm: str | None = None, n_boot: int = 2000, seed: int = 0,
-                          weights: str = "DEFAULT", progress: bool = False) -> list[str]:
+                          weights: str | Path = "DEFAULT", spec: str | Path | None = None,
+                          progress: bool = False) -> list[str]:
     """Describe the planted units (and the first ``free_units`` free channels) of each of
     ``layers`` (default: every planted layer) of ``toyworld-planted`` on ``n_probe``
     probing renders with every method, judge them and return the tables (markdown lines).
@@ -429,7 +482,10 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     ``llm``: LLM backend of the (slower) LLM-summariser rows; None leaves them out.
     ``n_boot`` resamples (seeded with ``seed``) for every interval. ``weights``: the
     target's weights (``DEFAULT``: the committed ones; or a ``toy_planted.safetensors``
-    file, e.g. a fresh training run's, for a run before committing it). Also writes
+    file, e.g. a fresh training run's, for a run before committing it, or the folder
+    holding it). ``spec``: a planted spec file (``planted.load_spec``) whose units are
+    judged instead of :data:`PLANTED`, with weights trained for it (checked; the tables'
+    first line names both and the command that trains the weights). Also writes
     ``<root>/compare.html`` (every unit's Label 1 per method beside its truth) and
     ``<root>/units.json`` (every unit's Labels 1-3 and verdicts per method).
     """
@@ -438,21 +494,26 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     from dnd.report.build import comparison_page
     from dnd.store import RunStore
     from dnd.toyworld.backends import _toy_encoder
-    from dnd.toyworld.benchmark import concept_set, dnd_runs, llm_rows_note
+    from dnd.toyworld.benchmark import concept_set, llm_rows_note
     from dnd.toyworld.demo import layer_truths, probe_scenes
-    from dnd.toyworld.planted import SUMMARY, units_of
+    from dnd.toyworld.planted import SUMMARY, load_spec, train_command, units_of
 
     root = Path(root)
-    layers = list(layers or _planted_layers())
+    units = load_spec(spec) if spec is not None else PLANTED
+    weights = str(weights)
+    layers = list(layers or _planted_layers(units))
     if free_units < 0 or n_probe < 1:
         raise ValueError(f"need free_units >= 0 and n_probe >= 1, got {free_units}, "
                          f"{n_probe}")
-    check_trained_for_planted(weights)
-    chosen = {layer: _unit_spec(layer, free_units) for layer in layers}
+    check_trained_for_planted(weights, units)
+    chosen = {layer: _unit_spec(layer, free_units, units) for layer in layers}
     specs = [(layer, ",".join(map(str, sorted(p + f)))) for layer, (p, f) in chosen.items()]
-    runs, llm_rows, missing = dnd_runs(root, n_probe, specs, llm=llm, progress=progress,
-                                       overrides={"model": PLANTED_MODEL,
-                                                  "weights": weights, "summary": SUMMARY})
+    base = {"model": PLANTED_MODEL, "weights": weights, "summary": SUMMARY}
+    runs, llm_rows, missing = planted_runs(root, n_probe, specs, base, llm=llm,
+                                           progress=progress)
+    runs[WITH_TRUTH] = with_true_concepts(root, n_probe, specs, base,
+                                          [u for u in units if u.layer in layers],
+                                          progress=progress)
     scenes = probe_scenes(n_probe)
     encoder = _toy_encoder()
     probe = open_probe(f"toyworld:{n_probe}")
@@ -464,11 +525,11 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     judged: dict[str, list[Judged]] = {m: [] for m in methods}
     free_described = 0
     compare: dict[str, dict] = {}
-    crops: dict[str, list[int]] = {}  # kind -> [crop boxes made, crops kept, images kept]
+    crops: dict[str, list[int]] = {}  # kind -> [crop boxes made, crops captioned, images]
     for layer, (_, free) in chosen.items():
         res = runs[FULL][layer]
         ap = layer_truths(layer, res, scenes)
-        truths = [Truth.of_planted(u) for u in units_of(layer)]
+        truths = [Truth.of_planted(u) for u in units_of(layer, units)]
         truths += [Truth(layer, u, FREE, (ap[u],)) for u in free if ap.get(u)]
         free_described += len(free)
         recs = {m: {r.unit: r for r in RunStore(run[layer].run_dir).records(layer)}
@@ -480,16 +541,13 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
         full = recs[FULL]
         for t in truths:
             for m, rs in recs.items():
-                rec = rs.get(t.unit)
-                judged[m].append(Judged(t, dnd_labels(rec) if rec else (),
-                                        rec.scoring.interpretability
-                                        if rec and rec.scoring else None))
+                judged[m].append(judge_record(t, rs.get(t.unit)))
             rec = full.get(t.unit)
             if rec and rec.crops:
                 c = crops.setdefault(t.kind, [0, 0, 0])
                 c[0] += len(rec.crops.crops)
                 c[1] += sum(e.box is not None for e in rec.crops.activating)
-                c[2] += len(rec.crops.activating)
+                c[2] += sum(e.box is None for e in rec.crops.activating)
             judged[NO_SELECTION].append(Judged(t, first_candidates(rec) if rec else ()))
             judged[RANK_ONLY].append(Judged(t, by_rank_score(rec) if rec else ()))
             judged[NO_SUMMARISER].append(Judged(t, top_captions(rec) if rec else ()))
@@ -503,24 +561,133 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
                        for m, js in on_layer.items()},
             "agrees": {m: {u: j.correct(STRICT) for u, j in js.items()}
                        for m, js in on_layer.items()},
-            "links": {t.unit: f"dnd/{layer}/report/units/{layer}/{t.unit}.html"
+            "links": {t.unit: f"{ROW_FOLDERS[FULL]}/{layer}/report/units/{layer}/{t.unit}.html"
                       for t in truths}}
     atomic_write_text(root / "compare.html", comparison_page(
         "toyworld-planted: DnD, ablations and baselines vs planted truth (Labels 1-3; green: "
         "Label 1 correct, strict judge)", compare))
     atomic_write_text(root / "units.json", json.dumps(_unit_rows(judged), indent=1) + "\n")
-    lines = planted_tables(judged, layers, n_probe=n_probe, n_boot=n_boot, seed=seed,
-                           free_described=free_described, dnd_rows=list(runs))
+    out = weights if Path(weights).is_dir() else Path(weights).parent
+    lines = [f"Planted units of the spec `{spec}` (not the committed `PLANTED`), weights "
+             f"`{weights}`, trained by `{train_command(spec, out)}`.", ""] if spec else []
+    dnd_rows = [m for m in runs if m != WITH_TRUTH]
+    work = {m: row_work(runs[m]) for m in dnd_rows}
+    lines += planted_tables(judged, layers, n_probe=n_probe, n_boot=n_boot, seed=seed,
+                            free_described=free_described, dnd_rows=dnd_rows, work=work,
+                            llm_rows=llm_rows)
     lines += ["", f"### Attention crops in {FULL}", "",
-              "Crops made from the units' activation maps, and how many of them the "
-              "re-scoring kept among the activating images (the images that are captioned; "
-              "ALGORITHM.md Step 1). A crop is enlarged to the network's input size before "
-              "re-scoring, so a unit that answers to small objects only sees a large one in "
-              "its crop.", ""]
-    lines += _md(["kind", "crops made", "crops among the activating images"],
-                 [[k, str(crops[k][0]), f"{crops[k][1]} of {crops[k][2]} images"]
+              "Crops made from the units' activation maps (ALGORITHM.md Step 1), and how many "
+              "of them were captioned beside the top images: each top image's crop where "
+              "the unit fires most inside the original image (`crop.score: in_place`). The "
+              "paper's rule enlarges each crop to the network's input and keeps it only if "
+              "it then fires as much as an original, which a unit of small things rarely "
+              "does.", ""]
+    lines += _md(["kind", "crops made", "crops captioned", "top images captioned"],
+                 [[k, str(crops[k][0]), str(crops[k][1]), str(crops[k][2])]
                   for k in _kinds(judged[FULL]) if k in crops])
     return lines + llm_rows_note(llm, llm_rows, missing)
+
+
+def planted_runs(root: Path, n_probe: int, specs: list[tuple[str, str]], base: dict, *,
+                 llm: str | None, progress: bool = False
+                 ) -> tuple[dict[str, dict], list[str], str | None]:
+    """The DnD rows' runs (row -> layer -> ``RunResult``): :data:`ROWS` and, when the LLM
+    backend ``llm`` runs here, the LLM-summariser rows; each row in its folder under
+    ``root`` (:data:`ROW_FOLDERS`) with an image bank of its own that its layers share, so
+    its work counters count every image it needs. ``base``: overrides of every run.
+    Returns (runs, the LLM rows that ran, what the LLM rows need when they cannot run)."""
+    from dnd.toyworld.benchmark import LLM_NAMES, _llm_available, _share_llm_cache
+    from dnd.toyworld.demo import describe_toy_layers
+
+    rows = dict(ROWS)
+    missing = _llm_available(llm) if llm else None
+    llm_rows = []
+    if llm and not missing:
+        name = LLM_NAMES.get(llm, llm)
+        for summarizer, row in (("llm", f"DnD, LLM summariser ({name})"),
+                                ("llm+consensus", f"DnD, LLM summariser ({name}) + consensus "
+                                                  "phrases")):
+            rows[row] = {"summarizer": summarizer, "llm.name": llm}
+            ROW_FOLDERS.setdefault(row, f"dnd-{summarizer.replace('+', '-')}-{llm}")
+            llm_rows.append(row)
+    runs = {}
+    for row, overrides in rows.items():
+        folder = root / ROW_FOLDERS[row]
+        if row in llm_rows:  # the second LLM row pays for no request the first made
+            _share_llm_cache(root / ROW_FOLDERS[llm_rows[0]], folder, [la for la, _ in specs])
+        runs[row] = describe_toy_layers(folder, n_probe, specs, progress=progress, overrides={
+            **base, **overrides, "image_bank": str(folder / "bank")})
+    return runs, llm_rows, missing
+
+
+def truth_candidates(unit: PlantedUnit) -> list[str]:
+    """A planted unit's concepts as candidates: each concept, a compositional unit's as
+    one conjunction ("blue on a striped background")."""
+    if unit.kind == "compositional":
+        return [f"{unit.concepts[0]} on a {unit.concepts[1]} background"]
+    return list(unit.concepts)
+
+
+def with_true_concepts(root: Path, n_probe: int, specs: list[tuple[str, str]], base: dict,
+                       units: Sequence[PlantedUnit], progress: bool = False) -> dict:
+    """The diagnostic row: the default run (:data:`FULL`) copied, every planted unit's
+    candidates joined by its true concepts (:func:`truth_candidates`, source ``truth``)
+    and its Step 3 run again. Selection alone decides it: every unit has a right answer
+    among its candidates. Returns layer -> ``RunResult``."""
+    from dnd.store import RunStore
+    from dnd.toyworld.demo import describe_toy_layers
+
+    src, folder = root / ROW_FOLDERS[FULL], root / ROW_FOLDERS[WITH_TRUTH]
+    if not folder.is_dir():
+        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("report", "run.lock"))
+        for u in units:
+            store = RunStore(folder / u.layer)
+            rec = store.read_unit(u.layer, u.unit)
+            if rec is None or rec.candidates is None:
+                continue
+            new = [c for c in truth_candidates(u) if c not in rec.candidates.concepts]
+            cands = dataclasses.replace(
+                rec.candidates, concepts=rec.candidates.concepts + tuple(new),
+                sources=rec.candidates.sources + (("truth",),) * len(new))
+            store.write_unit(dataclasses.replace(rec, stage="candidates", candidates=cands,
+                                                 scoring=None))
+    return describe_toy_layers(folder, n_probe, specs, progress=progress,
+                               overrides={**base, "image_bank": str(folder / "bank")})
+
+
+def judge_record(truth: Truth, rec: UnitRecord | None) -> Judged:
+    """A DnD run's Labels 1-3 of one unit, judged, with its scores and candidates."""
+    if rec is None:
+        return Judged(truth, ())
+    scoring = rec.scoring
+    return Judged(truth, dnd_labels(rec), scoring.interpretability if scoring else None,
+                  scoring.confidence if scoring else None,
+                  rec.candidates.concepts if rec.candidates else ())
+
+
+def row_work(layers: Mapping[str, Any]) -> dict[str, float]:
+    """Work per unit of one row (layer -> ``RunResult``): generated and captioned images
+    from its runs' work counters (``work.json``, every invocation, so a resumed row counts
+    what its first run did), LLM requests and tokens from its unit records (a reply another
+    row paid for counts too: it is work the unit's description needs), and the units."""
+    from dnd.store import RunStore
+
+    total: Counter[str] = Counter()
+    n = 0
+    for layer, res in layers.items():
+        store = RunStore(res.run_dir)
+        total.update({k: v for k, v in store.read_work()["total"].items()
+                      if k in ("generated_images", "captioned_images")})
+        for rec in store.records(layer):
+            if rec.candidates:
+                usage = rec.candidates.usage
+                total.update({"llm_requests": usage.requests,
+                              "prompt_tokens": usage.prompt_tokens,
+                              "completion_tokens": usage.completion_tokens})
+        n += len(res.units)
+    return {"units": n, **{k: total[k] / max(n, 1) for k in (
+        "generated_images", "captioned_images", "llm_requests", "prompt_tokens",
+        "completion_tokens")}}
 
 
 def planted_demo(root: str | Path, n_probe: int = 2000, layer: str = "conv4",
@@ -561,7 +728,9 @@ def _unit_rows(judged: dict[str, list[Judged]]) -> list[dict]:
              "methods": {m: {"labels": list(js[i].labels),
                              "label1_strict": js[i].correct(STRICT),
                              "label1_keyword": js[i].correct(KEYWORD),
-                             "interpretability": js[i].interpretability}
+                             "interpretability": js[i].interpretability,
+                             "confidence": js[i].confidence,
+                             "candidates": list(js[i].candidates)}
                          for m, js in judged.items()}}
             for i, j in enumerate(first)]
 
@@ -584,11 +753,15 @@ def _kinds(judged: Sequence[Judged]) -> list[str]:
 
 def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_probe: int,
                    n_boot: int = 2000, seed: int = 0, free_described: int = 0,
-                   dnd_rows: Sequence[str] = (FULL,)) -> list[str]:
+                   dnd_rows: Sequence[str] = (FULL,),
+                   work: Mapping[str, Mapping[str, float]] | None = None,
+                   llm_rows: Sequence[str] = ()) -> list[str]:
     """The benchmark's markdown from judged units: ``judged`` maps each method to its
     units, every method holding the same truths in the same order (paired differences
-    need it); ``dnd_rows``: the methods with interpretability scores; the first row of
-    ``judged`` is the reference of the differences."""
+    need it); ``dnd_rows``: the methods with interpretability scores and confidences;
+    ``work``: per DnD row, its work per unit (:func:`row_work`); ``llm_rows``: the rows
+    whose summariser is an LLM. The first row of ``judged`` is the reference of the
+    differences and the goals."""
     methods = list(judged)
     ref = methods[0]
     units = judged[ref]
@@ -701,38 +874,120 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
         lines += ["", f"Measurably better than {ref} (interval below 0): "
                   + "; ".join(better) + "."]
 
-    lines += ["", "### Calibration: interpretability score as a predictor of a correct "
-              "Label 1 (strict judge)", "",
-              "AUROC with its 95% bootstrap interval; units without a score are left out.", ""]
-    rows = [[m, calibration(subset(judged[m], lambda j: j.truth.kind != FREE), STRICT,
-                            n_boot, seed).cell(),
-             calibration(judged[m], STRICT, n_boot, seed).cell()]
-            for m in dnd_rows if m in judged]
-    lines += _md(["method", "AUROC, planted units", "AUROC, all judged units"], rows)
+    lines += ["", "### Where the errors come from: candidates or selection (strict judge)", "",
+              "Offered: units with a candidate that names their concept as the strict judge "
+              "asks of Label 1 (the summariser put a right answer on the table). Chosen: "
+              "of those, units whose Label 1 is right (selection). A method that never "
+              "offers the concept has a candidate problem; one that offers it and does not "
+              "choose it, a selection problem. The last row adds each planted unit's true "
+              "concepts to the default run's candidates and runs Step 3 again: selection "
+              "alone.", ""]
+    rows = []
+    for m in [r for r in dnd_rows if r in judged] + ([WITH_TRUTH] if WITH_TRUTH in judged
+                                                      else []):
+        cells = [m]
+        for k in [*planted, "all planted"]:
+            js = [j for j in judged[m] if (j.truth.kind == k if k != "all planted"
+                                           else j.truth.kind != FREE)]
+            offered = [j for j in js if j.offered]
+            cells.append(f"{len(offered)}/{len(js)} \u00b7 "
+                         + rate([j.correct() for j in offered]).cell())
+        rows.append(cells)
+    lines += _md(["method (offered \u00b7 chosen when offered)", *planted, "all planted"], rows)
 
-    lines += ["", f"### Goals of issue 16 ({ref})", ""]
-    lines += _md(["goal", "target", "reached", "met"], _goal_rows(units, n_boot, seed))
+    lines += ["", "### Calibration: confidence and interpretability score as predictors of a "
+              "correct Label 1 (strict judge)", "",
+              "AUROC with its 95% bootstrap interval; units without a score are left out. "
+              "Confidence (`UnitRecord.scoring.confidence`, the evidence rule's: response x "
+              "coverage of Label 1) is not defined under the paper's rule; the "
+              "interpretability score is the paper's (mean similarity of the top images).", ""]
+    rows = []
+    for m in dnd_rows:
+        if m not in judged:
+            continue
+        planted_js = subset(judged[m], lambda j: j.truth.kind != FREE)
+        rows.append([m, *(calibration(js, STRICT, n_boot, seed, score).cell()
+                          for score in ("confidence", "interpretability")
+                          for js in (planted_js, judged[m]))])
+    lines += _md(["method", "confidence, planted units", "confidence, all judged units",
+                  "interpretability, planted units", "interpretability, all judged units"],
+                 rows)
+
+    if work:
+        lines += ["", "### Work per unit", "",
+                  "From each row's work counters (`work.json`, `dnd.work`): what the models "
+                  "were asked to do, divided by the units the row described (planted and "
+                  "free, every layer). Each row has an image bank of its own shared by its "
+                  "layers, so a concept two units or layers need is drawn once, as in one "
+                  "`dnd describe` run with an empty bank.", ""]
+        lines += _md(["method", "units", "generated images", "captioned images (crops "
+                      "included)", "LLM requests", "LLM tokens (prompt + completion)"],
+                     [[m, f"{w['units']:.0f}", f"{w['generated_images']:.1f}",
+                       f"{w['captioned_images']:.1f}", f"{w['llm_requests']:.2f}",
+                       f"{w['prompt_tokens'] + w['completion_tokens']:.0f}"]
+                      for m, w in work.items()])
+
+    lines += ["", f"### Goals of issue 31 ({ref} unless named)", ""]
+    lines += _md(["goal", "target", "reached", "met"],
+                 _goal_rows(judged, work or {}, n_boot, seed, llm_rows))
+    for row in llm_rows:
+        alone = rate([j.correct() for j in judged[row] if j.truth.kind != FREE])
+        lines.append(f"| {row}: Label 1 correct, all planted units | "
+                     f"{'>= 50%' if row == llm_rows[0] else '>= the ' + ref + ' row'} | "
+                     f"{alone.cell()} | "
+                     + _met(alone.value, 0.5 if row == llm_rows[0] else
+                            rate([j.correct() for j in units if j.truth.kind != FREE]).value)
+                     + " |")
     return lines
 
 
-def _goal_rows(units: Sequence[Judged], n_boot: int, seed: int) -> list[list[str]]:
-    """One row per goal of :data:`GOALS` that the judged kinds allow."""
-    planted = [j for j in units if j.truth.kind != FREE]
+def _met(value: float | None, target: float, at_most: bool = False) -> str:
+    if value is None:
+        return "-"
+    return "yes" if (value <= target if at_most else value >= target) else "**no**"
+
+
+
+def _goal_rows(judged: Mapping[str, Sequence[Judged]],
+               work: Mapping[str, Mapping[str, float]], n_boot: int, seed: int,
+               llm_rows: Sequence[str] = ()) -> list[list[str]]:
+    """One row per goal of :data:`GOALS` and row it is read off that was judged."""
+    ref = next(iter(judged))
     rows = []
-    for what, scope, target in GOALS:
-        if scope == "recall":
-            r: Rate | Calibration = polysemantic_recall(units)
-            value = r.value
-        elif scope == "precision":
-            r = secondary_precision(units)
-            value = r.value
-        elif scope == "auroc":
-            r = calibration(planted, STRICT, n_boot, seed)
-            value = r.auroc
+    goals = [(what, scope, target, r) for what, scope, target, row in GOALS
+             for r in (llm_rows if row == LLM_ROW else [row])]
+    for what, scope, target, row in goals:
+        units = judged.get(row or ref)
+        if units is None:
+            continue
+        planted = [j for j in units if j.truth.kind != FREE]
+        r: Rate | Calibration | None = None
+        if scope in AT_MOST - {"over-specific"}:
+            if (row or ref) not in work:
+                continue
+            value: float | None = work[row or ref][scope]
+            shown = f"{value:.1f}"
         else:
-            r = rate([j.correct(STRICT) for j in units if j.truth.kind == scope])
-            value = r.value
-        met = "-" if value is None else ("yes" if value >= target else "**no**")
-        shown = f">= {target:.2f}" if scope == "auroc" else f">= {100 * target:.0f}%"
-        rows.append([what, shown, r.cell(), met])
+            if scope == "recall":
+                r = polysemantic_recall(units)
+            elif scope == "precision":
+                r = secondary_precision(units)
+            elif scope == "over-specific":
+                r = rate([j.over_specific for j in units])
+            elif scope == "confidence":
+                r = calibration(units, STRICT, n_boot, seed, "confidence")
+            elif scope == "planted":
+                r = rate([j.correct(STRICT) for j in planted])
+            else:
+                r = rate([j.correct(STRICT) for j in units if j.truth.kind == scope])
+            if isinstance(r, Rate) and not r.n:
+                continue
+            value = r.auroc if isinstance(r, Calibration) else r.value
+            shown = r.cell()
+        sign = "<=" if scope in AT_MOST else ">="
+        limit = (f"{sign} {target:.2f}" if scope == "confidence" else
+                 f"{sign} {target}" if scope in AT_MOST - {"over-specific"} else
+                 f"{sign} {100 * target:.0f}%")
+        rows.append([what + (f" ({row})" if row else ""), limit, shown,
+                     _met(value, target, scope in AT_MOST)])
     return rows

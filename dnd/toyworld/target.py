@@ -125,7 +125,9 @@ def load_toy_cnn(weights_dir: str | Path = WEIGHTS_DIR, stem: str = CNN_STEM) ->
 
 def _toy_target(name: str, stem: str, weights: str) -> Target:
     """Target ``name``: a ToyCNN with the committed ``<stem>`` weights (``DEFAULT``),
-    random ones (``none``) or a weights file."""
+    random ones (``none``), a weights file, or a folder holding ``<stem>.safetensors`` and
+    ``<stem>.json`` (what ``python -m dnd.toyworld.train --out DIR`` writes; its widths are
+    read from the json)."""
     from dnd.io import bytes_hash
 
     if weights == "DEFAULT":
@@ -135,6 +137,10 @@ def _toy_target(name: str, stem: str, weights: str) -> Target:
         wid = f"{name}.committed:{bytes_hash(data)}"
     elif weights.lower() == "none":
         module, wid = ToyCNN(), "random"
+    elif Path(weights).is_dir():
+        module = load_toy_cnn(weights, stem=stem)
+        # The same id as the file itself (load_weights_file): one activation cache for both.
+        wid = f"file:{bytes_hash((Path(weights) / f'{stem}.safetensors').read_bytes())}"
     else:
         module = ToyCNN()
         wid = load_weights_file(module, weights)
@@ -147,14 +153,17 @@ def _toy_target(name: str, stem: str, weights: str) -> Target:
 
 @TARGETS.register("toyworld-cnn")
 def _toyworld_cnn(weights: str = "DEFAULT") -> Target:
-    """The trained ToyCNN (``DEFAULT``: the committed weights; ``none``: random; or a file)."""
+    """The trained ToyCNN (``DEFAULT``: the committed weights; ``none``: random; or a file,
+    or a folder holding ``toy_cnn.safetensors``)."""
     return _toy_target("toyworld-cnn", CNN_STEM, weights)
 
 
 @TARGETS.register("toyworld-planted")
 def _toyworld_planted(weights: str = "DEFAULT") -> Target:
-    """ToyCNN whose channels listed in ``dnd.toyworld.planted.PLANTED`` fire on known
-    concepts (``DEFAULT``: the committed weights; ``none``: random; or a file)."""
+    """ToyCNN whose channels listed in ``dnd.toyworld.planted.PLANTED`` (or in the spec it
+    was trained for) fire on known concepts (``DEFAULT``: the committed weights; ``none``:
+    random; or a file, or a folder holding ``toy_planted.safetensors`` as ``python -m
+    dnd.toyworld.train --only planted --spec FILE --out DIR`` writes)."""
     return _toy_target("toyworld-planted", PLANTED_STEM, weights)
 
 

@@ -1,9 +1,13 @@
 """Train the toy world's models from seeds and write their weights.
 
     python -m dnd.toyworld.train [--only target|clip|planted] [--steps N] [--out DIR] [--seed S]
+    python -m dnd.toyworld.train --only planted --spec FILE --out DIR
 
 Training scenes are seeds ``0 .. n_train-1``; held-out scenes start at ``HELDOUT_START``,
 so the printed held-out accuracy is measured on renders never seen in training.
+``--spec FILE`` plants the units of a YAML or JSON spec (``dnd.toyworld.planted.load_spec``)
+instead of the committed ``PLANTED``; give it an ``--out`` folder of its own, so the
+committed weights stay those of ``PLANTED``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dnd.toyworld.planted import PLANTED, PlantedUnit, load_spec
 from dnd.toyworld.render import render_scene
 from dnd.toyworld.target import (
     CLASS_NAMES,
@@ -189,22 +194,25 @@ def _planted_cells(region: np.ndarray, grid: int, boundary_only: bool) -> np.nda
     return cells
 
 
-def _render_planted_dataset(seeds: range, grids: dict[str, int]
+def _render_planted_dataset(seeds: range, grids: dict[str, int],
+                            units: Sequence[PlantedUnit] = PLANTED
                             ) -> tuple[np.ndarray, list[SceneSpec], dict[str, np.ndarray]]:
-    """``_render_dataset`` plus, per planted layer, the units' cell targets: uint8
-    [n, n_units_of_layer, grid, grid] (``_planted_cells`` of ``planted_region``)."""
+    """``_render_dataset`` plus, per planted layer (``grids``: layer -> output grid side),
+    the cell targets of ``units``' units of that layer: uint8 [n, n_units_of_layer, grid,
+    grid] (``_planted_cells`` of ``planted_region``), units by channel."""
     from dnd.toyworld.planted import planted_region, units_of
 
     images = np.empty((len(seeds), 64, 64, 3), dtype=np.uint8)
     specs = []
-    cells = {layer: np.empty((len(seeds), len(units_of(layer)), g, g), dtype=np.uint8)
+    cells = {layer: np.empty((len(seeds), len(units_of(layer, units)), g, g),
+                             dtype=np.uint8)
              for layer, g in grids.items()}
     for i, seed in enumerate(seeds):
         scene = render_scene(seed)
         images[i] = np.asarray(scene.image)
         specs.append(scene.description)
         for layer, grid in grids.items():
-            for j, unit in enumerate(units_of(layer)):
+            for j, unit in enumerate(units_of(layer, units)):
                 cells[layer][i, j] = _planted_cells(planted_region(unit, scene), grid,
                                                     unit.kind == "compositional")
     return images, specs, cells
@@ -217,9 +225,11 @@ def _positive_weight(positive: torch.Tensor, valid: torch.Tensor, dims) -> torch
     return ((1.0 - rate) / rate.clamp(min=1e-3)).clamp(max=MAX_POS_WEIGHT)
 
 
-def train_planted(args: argparse.Namespace) -> dict:
+def train_planted(args: argparse.Namespace, units: Sequence[PlantedUnit] | None = None
+                  ) -> dict:
     """Train ToyCNN on the classification task plus the planted units' loss (weight
-    ``args.planted_weight``) for every unit of ``dnd.toyworld.planted.PLANTED``.
+    ``args.planted_weight``) for every unit of ``units`` (None: those of the spec file
+    ``args.spec`` when it is set, else ``dnd.toyworld.planted.PLANTED``).
 
     A unit's logits are its pre-ReLU map (the block's BatchNorm output, max-pooled like the
     block's output so the cells are those the pipeline sees). Its loss is binary
@@ -234,7 +244,7 @@ def train_planted(args: argparse.Namespace) -> dict:
     Positives are weighted by (1 - rate) / rate, at most ``MAX_POS_WEIGHT``: unweighted,
     the rare positives lose to a constant logit, reached by shrinking the BatchNorm scale
     to ~0 (units stuck silent). Returns the metrics written with the weights, with each
-    unit's held-out AP (``planted.planted_report``).
+    unit's held-out AP (``planted.planted_report``) and the spec file it came from.
     """
     from dnd.toyworld.planted import (
         SUMMARY,
@@ -244,11 +254,15 @@ def train_planted(args: argparse.Namespace) -> dict:
         units_of,
     )
 
+    spec = getattr(args, "spec", None)
+    if units is None:
+        # Loaded before anything is rendered, so a bad spec fails in a second.
+        units = load_spec(spec) if spec else PLANTED
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # parameter init has no generator argument
     model = ToyCNN()
-    layers = planted_layers()
+    layers = planted_layers(units)
     blocks = {layer: model.get_submodule(layer) for layer in layers}
     with torch.no_grad():  # each planted layer's output grid, from one blank image
         grids = {}
@@ -258,10 +272,11 @@ def train_planted(args: argparse.Namespace) -> dict:
         model(torch.zeros(1, 3, 64, 64))
         for handle in handles:
             handle.remove()
-    images, specs, cells = _render_planted_dataset(range(args.n_train), grids)
+    images, specs, cells = _render_planted_dataset(range(args.n_train), grids, units)
     labels = _class_labels(specs)
-    channels = {layer: torch.tensor([u.unit for u in units_of(layer)]) for layer in layers}
-    truth = {layer: torch.from_numpy(indicator_matrix(units_of(layer), specs))
+    channels = {layer: torch.tensor([u.unit for u in units_of(layer, units)])
+                for layer in layers}
+    truth = {layer: torch.from_numpy(indicator_matrix(units_of(layer, units), specs))
              for layer in layers}
     cells = {layer: torch.from_numpy(c) for layer, c in cells.items()}
     image_weight = {layer: _positive_weight(t, torch.ones_like(t), 0)
@@ -307,17 +322,20 @@ def train_planted(args: argparse.Namespace) -> dict:
     heldout = range(HELDOUT_START, HELDOUT_START + args.n_eval)
     eval_images, eval_specs = _render_dataset(heldout)
     acc = accuracy(model, eval_images, _class_labels(eval_specs))
-    units = planted_report(model, eval_images, eval_specs)
+    report = planted_report(model, eval_images, eval_specs, units)
     seconds = time.perf_counter() - started
-    for u in units:
+    for u in report:
         print(f"  {u['layer']}:{u['unit']:<3d} {u['kind']:14s} {' | '.join(u['concepts']):22s} "
               f"rate {u['positive_rate']:.3f}  AP mean {u['ap_mean']:.3f}  "
               f"max {u['ap_max']:.3f}")
     print(f"planted held-out accuracy {acc:.4f}, lowest unit AP ({SUMMARY} summary) "
-          f"{np.nanmin([u['ap'] for u in units]):.3f} on {args.n_eval} renders; "
+          f"{np.nanmin([u['ap'] for u in report]):.3f} on {args.n_eval} renders; "
           f"{seconds:.0f} s")
     metrics = {"heldout_accuracy": acc, "planted_weight": args.planted_weight,
-               **_run_record(args, heldout, args.lr, seconds), "planted_units": units}
+               **_run_record(args, heldout, args.lr, seconds),
+               # The spec the units came from (None: PLANTED); the units themselves are
+               # what the benchmark checks (planted_benchmark.check_trained_for_planted).
+               "planted_spec": str(spec) if spec else None, "planted_units": report}
     save_toy_cnn(model, args.out, {"training": metrics}, stem=PLANTED_STEM)
     return metrics
 
@@ -346,7 +364,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--n-train", type=int, default=16_000, help="training renders")
     parser.add_argument("--n-eval", type=int, default=2_000, help="held-out renders")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--spec", type=Path, default=None, metavar="FILE",
+                        help="planted: plant the units of this YAML or JSON spec "
+                        "(dnd.toyworld.planted.load_spec) instead of the committed PLANTED; "
+                        "needs --only planted and, to keep the committed weights, an --out "
+                        "folder of its own")
     args = parser.parse_args(argv)
+    others = sorted(set(args.only or TRAINERS) - {"planted"})
+    if args.spec is not None and others:
+        parser.error(f"--spec sets the planted units and applies to `--only planted` alone, "
+                     f"not to {', '.join(others)}: run `python -m dnd.toyworld.train --only "
+                     f"planted --spec {args.spec} --out DIR`")
+    if args.spec is not None and args.out.resolve() == WEIGHTS_DIR.resolve():
+        parser.error(f"--spec {args.spec} would overwrite the committed weights (trained "
+                     f"for PLANTED) in {WEIGHTS_DIR}: give --out DIR")
     torch.set_num_threads(args.threads)
     metrics = {}
     for name in args.only or sorted(TRAINERS):

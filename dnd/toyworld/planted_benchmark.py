@@ -858,8 +858,7 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
     for m in methods[1:]:
         cells = [m]
         for k in [*planted, "all planted"]:
-            keep = [i for i, j in enumerate(units)
-                    if (j.truth.kind == k if k != "all planted" else j.truth.kind != FREE)]
+            keep = [i for i, j in enumerate(units) if _in_scope(j, k)]
             d = paired_difference([units[i].correct() for i in keep],
                                   [judged[m][i].correct() for i in keep], n_boot, seed)
             cells.append(d.cell())
@@ -887,8 +886,7 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
                                                       else []):
         cells = [m]
         for k in [*planted, "all planted"]:
-            js = [j for j in judged[m] if (j.truth.kind == k if k != "all planted"
-                                           else j.truth.kind != FREE)]
+            js = [j for j in judged[m] if _in_scope(j, k)]
             offered = [j for j in js if j.offered]
             cells.append(f"{len(offered)}/{len(js)} \u00b7 "
                          + rate([j.correct() for j in offered]).cell())
@@ -939,6 +937,11 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
                             rate([j.correct() for j in units if j.truth.kind != FREE]).value)
                      + " |")
     return lines
+
+
+def _in_scope(j: Judged, kind: str) -> bool:
+    """Whether ``j`` counts for a column: its kind, or "all planted" (any but free)."""
+    return j.truth.kind == kind if kind != "all planted" else j.truth.kind != FREE
 
 
 def _met(value: float | None, target: float, at_most: bool = False) -> str:

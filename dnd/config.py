@@ -170,6 +170,10 @@ class RunConfig:
         if self.candidates not in CANDIDATE_LEVELS:
             raise ConfigError(f"candidates must be one of {', '.join(CANDIDATE_LEVELS)}, "
                               f"got {self.candidates!r}")
+        if self.candidates == "levels" and \
+                self.summarize.max_candidates != SummarizeConfig.max_candidates:
+            raise ConfigError("summarize.max_candidates applies to candidates 'phrases'; with "
+                              "'levels' candidates are ranked by coverage and the first 8 kept")
         if self.summarizer not in SUMMARIZERS:
             raise ConfigError(f"summarizer must be one of {', '.join(SUMMARIZERS)}, "
                               f"got {self.summarizer!r}")

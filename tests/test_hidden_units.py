@@ -204,3 +204,14 @@ def test_parts_and_coverage_rank_candidates_at_every_level():
     assert out.concepts[0] == "red"
     assert out.concepts[1:3] == ("star", "red star") and len(out.concepts) == 4
     assert dict(zip(out.concepts, out.sources))["red"] == ("part",)
+
+
+def test_a_cap_of_the_phrases_mode_is_refused_with_levels():
+    from dnd.config import ConfigError, load_config
+
+    base = {"summarizer": "llm", "llm.name": "smollm2"}
+    with pytest.raises(ConfigError, match="summarize.max_candidates applies to candidates"):
+        load_config(preset="toyworld", overrides={**base, "summarize.max_candidates": 4})
+    config = load_config(preset="toyworld", overrides={**base, "candidates": "phrases",
+                                                       "summarize.max_candidates": 4})
+    assert config.summarize.max_candidates == 4

@@ -125,9 +125,10 @@ def concepts_in_reply(reply: str, max_words: int) -> list[str]:
             for p in parts]
 
 
-def with_background_variants(concepts: Sequence[str], limit: int) -> tuple[str, ...]:
+def with_background_variants(concepts: Sequence[str], limit: int | None
+                             ) -> tuple[str, ...]:
     """The concepts, then '<concept> background' for those ending in a vague word, up
-    to ``limit`` in all (the concepts themselves come first)."""
+    to ``limit`` in all (None: no limit; the concepts themselves come first)."""
     variants = [f"{c} background" for c in concepts if c.split()[-1] in VAGUE_LAST_WORDS]
     return tuple(dict.fromkeys([*concepts, *variants]))[:limit]
 
@@ -247,7 +248,9 @@ class SummarizeConfig:
     concept is 1 to ``max_words`` words (paper: 1-5). When fewer than half the replies are
     usable, the prompt is asked again, at most ``max_reasks`` times, with a new seed and
     at least ``reask_temperature``. ``consensus_extra`` caps the consensus phrases the
-    ``llm+consensus`` summariser adds to the LLM's candidates.
+    ``llm+consensus`` summariser adds to the LLM's candidates. ``max_candidates`` caps a
+    unit's candidates with ``candidates: phrases``; with levels :func:`at_levels` ranks
+    them by coverage and keeps ``LEVEL_MAX_CANDIDATES`` (setting it there is an error).
     """
 
     num_samples: int = 5
@@ -480,7 +483,11 @@ class Summarizer:
             return Candidates(unit, (), error=w.error, **common)
         counts = Counter(w.concepts)
         ranked = sorted(counts, key=lambda c: -counts[c])  # stable: first proposed first
-        concepts = with_background_variants(ranked, self.config.max_candidates)
+        # With levels every concept goes on: at_levels ranks them and their parts by
+        # coverage and keeps LEVEL_MAX_CANDIDATES (a cut by count here would drop the
+        # pairs an echoed caption's words form, "yellow triangle" after "yellow").
+        concepts = with_background_variants(
+            ranked, None if self.levels else self.config.max_candidates)
         sources = tuple(("llm",) if c in counts else ("background-variant",)
                         for c in concepts)
         return Candidates(unit, concepts, sources, **common)
@@ -522,7 +529,8 @@ class ConsensusSummarizer:
     a combination of attributes is a candidate and not only the scene phrases around it.
     Candidates rank by support, then, given ``embed`` (texts -> array of embeddings), by
     cosine similarity to the mean caption embedding, else by length; the first
-    ``max_candidates`` are kept. Deterministic.
+    ``max_candidates`` are kept (with ``levels`` all: :func:`at_levels` ranks and cuts).
+    Deterministic.
     """
 
     def __init__(
@@ -557,7 +565,7 @@ class ConsensusSummarizer:
                 support,
                 key=lambda p: (-support[p], -sim.get(p, 0.0), -len(p.split()), p),
             )
-            concepts = tuple(ranked[: self.max_candidates])
+            concepts = tuple(ranked if self.levels else ranked[: self.max_candidates])
             error = None if concepts else "no words left after removing stopwords"
             results[unit] = Candidates(unit, concepts,
                                        tuple((found[unit][c][1],) for c in concepts),

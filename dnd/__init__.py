@@ -7,7 +7,7 @@ fast and loads neither torch nor pandas):
   a validated ``RunConfig`` from a YAML file and/or a shipped preset (``"paper"``,
   ``"toyworld"``), with ``overrides`` such as ``{"model": "resnet50", "layer": "layer4",
   "units": "0-31", "probe": ["/data/probe"]}``.
-- ``dnd.describe(config, run_dir, target=None)`` (``dnd.pipeline.describe``): describe
+- ``dnd.describe(config, run_dir, target=None)`` (``dnd.api.describe``): describe
   units of one or several layers; the run directory keeps every unit's record,
   ``labels.csv`` and ``report/index.html``, and a re-run resumes. Returns a ``RunResult``
   (``units``, ``done_now``, ``failed``, ``activations``).
@@ -51,23 +51,23 @@ if TYPE_CHECKING:
     from dnd import explain as explain
     from dnd import featurevis as featurevis
     from dnd import report as report
+    from dnd.api import describe
     from dnd.config import RunConfig, load_config
     from dnd.explain import explain as explain_image
     from dnd.featurevis import featurevis_run
-    from dnd.pipeline import describe
     from dnd.record import UnitRecord
     from dnd.report import build_report
     from dnd.run import Run, open_run
     from dnd.target import Preprocess, Target, load_target
 
-# Public name -> (module, attribute). Resolved by __getattr__ on first use: dnd.pipeline
+# Public name -> (module, attribute). Resolved by __getattr__ on first use: dnd.api
 # pulls in torch, transformers and friends (seconds), which `import dnd` must not pay for.
 # explain() and featurevis_run() get names of their own: `dnd.explain` and `dnd.featurevis`
 # are submodules, and the import system rebinds a package attribute to its submodule when
 # that is first imported, so a function under the same name would turn into the module
 # depending on import order.
 _EXPORTS: dict[str, tuple[str, str]] = {
-    "describe": ("dnd.pipeline", "describe"),
+    "describe": ("dnd.api", "describe"),
     "load_config": ("dnd.config", "load_config"),
     "RunConfig": ("dnd.config", "RunConfig"),
     "Target": ("dnd.target", "Target"),

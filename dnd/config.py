@@ -17,10 +17,9 @@ from typing import Any
 
 import yaml
 
+from dnd.errors import ConfigError
 from dnd.record import STAGES
-from dnd.stages.crop import CropConfig
-from dnd.stages.score import ScoreConfig
-from dnd.stages.summarize import SummarizeConfig
+from dnd.settings import CropConfig, ScoreConfig, SummarizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,6 @@ EXECUTORS = ("local", "ray")
 # Backend options that change speed, never results: ignored when comparing run configs.
 SPEED_OPTIONS = frozenset({"batch_size", "device", "max_concurrency", "timeout", "max_retries",
                            "backoff_base", "backoff_max"})
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ class DictionaryConfig:
         return self.features or (32 if self.kind == "nmf" else 4 * channels)
 
     def fit_options(self) -> dict:
-        """Keyword options of :func:`dnd.dictionary.fit_dictionary` for this kind."""
+        """Keyword options of :func:`dnd.dictionary.fit.fit_dictionary` for this kind."""
         return {"k": self.k, "steps": self.steps} if self.kind == "sae" else {}
 
 

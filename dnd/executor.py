@@ -56,11 +56,13 @@ import numpy as np
 import torch
 
 from dnd.activations import LayerActivations
-from dnd.config import ConfigError, RunConfig
+from dnd.config import RunConfig
+from dnd.errors import ConfigError
+from dnd.loading import load_run_models
 from dnd.record import STAGES, UnitRecord
 from dnd.stages.base import RunContext, Stage
 from dnd.store import RunStore
-from dnd.work import Work, count_models, counting_target
+from dnd.work import Work
 
 log = logging.getLogger(__name__)
 
@@ -107,25 +109,14 @@ def advance(stages: Sequence[Stage], records: Sequence[UnitRecord], store: RunSt
     return [out[r.unit] for r in records]
 
 
-def with_reply_cache(models, store: RunStore):
-    """``models`` with the LLM behind the run's reply cache (a re-run pays nothing for
-    replies it already has). Wrap after :func:`dnd.work.count_models`, so cached replies
-    count nothing."""
-    if models.llm is None:
-        return models
-    from dnd.backends.llm import CachedChat
-
-    return dataclasses.replace(models, llm=CachedChat(models.llm, store.llm_cache))
-
-
 class LocalExecutor:
-    """The per-unit stages in this process, with the models the pipeline loaded; each
-    stage's records are written as soon as it finishes (a crash loses one stage of one
-    chunk)."""
+    """The per-unit stages in this process, with the models the pipeline loaded
+    (:func:`dnd.loading.load_run_models`); each stage's records are written as soon as it
+    finishes (a crash loses one stage of one chunk)."""
 
     def __init__(self, store: RunStore, target, probe, models, progress: bool):
         self.store, self.target, self.probe, self.progress = store, target, probe, progress
-        self.models = with_reply_cache(models, store)
+        self.models = models
 
     def run_layer(self, config: RunConfig, acts: LayerActivations,
                   chunks: Sequence[list[UnitRecord]], seconds: dict[str, float]
@@ -143,29 +134,20 @@ class LocalExecutor:
 
 
 class ChunkWorker:
-    """A Ray actor's copy of the run's models (built from the config, as ``dnd describe``
-    builds them), taking chunks of unit records through the stages without writing them
-    (the driver does); the run's caches are shared through the run directory."""
+    """A Ray actor's copy of the run's models, loaded as the driver loads its own
+    (:func:`dnd.loading.load_run_models`), taking chunks of unit records through the stages
+    without writing them (the driver does); the run's caches are shared through the run
+    directory."""
 
     def __init__(self, config: RunConfig, run_dir: str):
-        from dnd.backends.base import resolve_device
-        from dnd.backends.factory import load_llm, load_models
-        from dnd.dictionary import attach_configured
-        from dnd.probe import open_probe
-        from dnd.target import load_target
-
         self.store = RunStore(run_dir)
-        device = resolve_device(config.device)
-        llm = load_llm(config)
-        self.target = load_target(config.model, config.weights).to(device)
-        # The driver fitted and saved the run's dictionaries before starting the actors.
-        attach_configured(self.target, config, self.store.dictionary_path)
-        self.probe = open_probe(config.probe)
         self.work = Work()
-        self._counting = contextlib.ExitStack()
-        self._counting.enter_context(counting_target(self.target, self.work))
-        models = count_models(load_models(config, device, llm), self.work)
-        self.models = with_reply_cache(models, self.store)
+        # Held for the actor's life: its dictionaries attached, its target counted. The
+        # driver fitted and saved the run's dictionaries before starting the actors.
+        self._loaded = contextlib.ExitStack()
+        loaded = self._loaded.enter_context(
+            load_run_models(config, self.store, self.work, fit=False))
+        self.target, self.probe, self.models = loaded.target, loaded.probe, loaded.models
         self._stages: dict[str, list] = {}  # layer -> its stages, built on its first chunk
 
     def ready(self) -> int:

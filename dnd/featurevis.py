@@ -16,7 +16,7 @@ ascent on the input with:
   off on the starting noise still gets a gradient. A dictionary feature
   (``dnd describe --dictionary``) is woken differently: the network's ReLUs stay plain
   and the gradient of the dictionary's continuous stand-in (an SAE's pre-activations,
-  :meth:`dnd.dictionary.Dictionary.surrogate`) replaces the feature's own. On the toy
+  :meth:`dnd.dictionary.kinds.Dictionary.surrogate`) replaces the feature's own. On the toy
   CNN's conv4, redirected ReLUs switched on 59 of the 500 TopK SAE latents that probing
   renders switch on and 25 of 32 NMF factors, this 440 and 32
   (results/featurevis-toyworld.md), while for the network's own channels the redirect
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -54,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dnd.dictionary import Dictionary
+from dnd.dictionary.kinds import Dictionary
 from dnd.io import atomic_write_bytes, atomic_write_json, stable_hash
-from dnd.store import RunStore, safe_name
+from dnd.store import RunStore, safe_name, unit_done
 from dnd.target import Target, capture, position_sum, split_output
 
 
@@ -467,18 +466,6 @@ def variant_name(facet: Facet | None) -> str:
     return "plain" if facet is None else f"facet-{safe_name(facet.name)}"
 
 
-def unit_files(run_dir: str | Path, layer: str, unit: int, variant: str = "plain"
-               ) -> tuple[Path, list[Path]]:
-    """A unit's saved visualization: its JSON (``key``, ``activations``,
-    ``start_activations``, ``facet``) and image paths; empty when not computed."""
-    folder = RunStore(run_dir).featurevis_dir(layer, variant)
-    meta = folder / f"{int(unit)}.json"
-    if not meta.is_file():
-        return meta, []
-    n = len(json.loads(meta.read_text()).get("activations", []))
-    return meta, [folder / f"{int(unit)}_{k}.png" for k in range(n)]
-
-
 def _save_unit(folder: Path, vis: UnitVis, key: str) -> None:
     # Images first, the JSON last: a unit counts as done only when its JSON exists.
     for k, im in enumerate(vis.images):
@@ -488,15 +475,6 @@ def _save_unit(folder: Path, vis: UnitVis, key: str) -> None:
     atomic_write_json(folder / f"{vis.unit}.json", {
         "key": key, "unit": vis.unit, "activations": vis.activations,
         "start_activations": vis.start_activations, "facet": vis.facet})
-
-
-def unit_done(folder: Path, unit: int, key: str) -> bool:
-    """Whether ``folder/<unit>.json`` was saved with settings ``key`` (the resume check of
-    ``dnd featurevis``'s images and texts)."""
-    try:
-        return json.loads((folder / f"{int(unit)}.json").read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
 
 
 def featurevis_run(run_dir: str | Path, units: str | None = None,
@@ -515,7 +493,7 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
     "folder", "seconds"}."""
     from dnd.backends.base import resolve_device
     from dnd.config import parse_units
-    from dnd.dictionary import attach_configured
+    from dnd.dictionary.attach import attach_configured
     from dnd.probe import open_probe
     from dnd.target import load_target, num_units
 
@@ -564,86 +542,3 @@ def featurevis_run(run_dir: str | Path, units: str | None = None,
             bar.close()
     return {"done": len(todo), "skipped": len(wanted) - len(todo), "folder": folder,
             "seconds": time.perf_counter() - t0}
-
-
-def _folder_images(folder: str) -> list[Image.Image]:
-    from dnd.probe import open_probe
-
-    probe = open_probe(folder)
-    return [probe.load(i) for i in range(len(probe))]
-
-
-def add_cli(sub) -> None:
-    """Register ``dnd featurevis RUN_DIR``."""
-    p = sub.add_parser(
-        "featurevis", help="feature visualizations of a run's units (shown by dnd report)",
-        description="Optimise images that excite each described unit of a run (Fourier "
-        "parameterisation in the probing set's colour basis, random rotation/zoom/"
-        "translation), saved in RUN_DIR/featurevis/ and shown on the report's unit pages. "
-        "For a CLIP target (toyworld-clip, open_clip:...) it also finds each unit's top texts. "
-        "Re-running skips units already done with the same settings.")
-    p.add_argument("run_dir", help="a run directory made by dnd describe")
-    p.add_argument("--layer", help="the layer, for a run of several (default: the run's "
-                   "layer)")
-    p.add_argument("--units", help="units to visualise (e.g. 0-9; default: every unit "
-                   "with a record)")
-    d = FeatureVisConfig()
-    p.add_argument("--per-unit", type=int, default=d.per_unit,
-                   help=f"images per unit; more than 1 adds a diversity term so they differ "
-                   f"(default {d.per_unit})")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"optimisation steps (default {d.steps})")
-    p.add_argument("--decay", type=float, default=d.decay,
-                   help=f"spectrum scaling 1/f^decay of the image parameterisation: larger "
-                   f"gives smoother images, smaller reaches fine detail such as text "
-                   f"(default {d.decay})")
-    p.add_argument("--alpha", action="store_true",
-                   help="also optimise an opacity mask, composited over a random flat colour "
-                   "each step, so only what the unit needs stays opaque (shown over the "
-                   "probing images' mean colour); off by default: on the toy world it reads "
-                   "better for class units and worse for hidden ones "
-                   "(results/featurevis-toyworld.md)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"images optimised together (default {d.batch_size})")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the run's device)")
-    p.add_argument("--facet", metavar="NAME", help="faceted visualization: a linear probe "
-                   "NAME trained on --facet-layer to tell --facet-positive images from "
-                   "--facet-negative ones steers the images (needs all three)")
-    p.add_argument("--facet-layer", help="the earlier layer the facet probe reads")
-    p.add_argument("--facet-positive", metavar="FOLDER", help="images of the facet")
-    p.add_argument("--facet-negative", metavar="FOLDER", help="images without it")
-    p.add_argument("--facet-weight", type=float, default=1.0,
-                   help="weight of the facet term (default 1.0)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    from dnd.textvis import add_cli_arguments
-
-    add_cli_arguments(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    facet_args = (args.facet_layer, args.facet_positive, args.facet_negative)
-    if (args.facet is None) != all(a is None for a in facet_args) or (
-            args.facet is not None and None in facet_args):
-        raise ValueError("dnd featurevis: --facet needs --facet-layer, --facet-positive and "
-                         "--facet-negative (and they need --facet)")
-    facet = None
-    if args.facet is not None:
-        facet = (args.facet, args.facet_layer, _folder_images(args.facet_positive),
-                 _folder_images(args.facet_negative), args.facet_weight)
-    cfg = FeatureVisConfig(steps=args.steps, per_unit=args.per_unit, seed=args.seed,
-                           batch_size=args.batch_size, decay=args.decay, alpha=args.alpha)
-    out = featurevis_run(args.run_dir, args.units, cfg, layer=args.layer, facet_images=facet,
-                         device=args.device, progress=not args.quiet)
-    from dnd.textvis import run_cli
-
-    texts = run_cli(args, RunStore(args.run_dir).load_config().model)
-    if not args.quiet:
-        print(f"{out['done']} unit(s) visualised, {out['skipped']} already done, in "
-              f"{out['folder']} ({out['seconds']:.0f} s)")
-        if texts is not None:
-            print(f"top texts: {texts['done']} unit(s) done, {texts['skipped']} already "
-                  f"done, in {texts['folder']} ({texts['seconds']:.0f} s)")
-        print(f"`dnd report {args.run_dir}` shows them")
-    return 0

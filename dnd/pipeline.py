@@ -10,20 +10,22 @@ units at once (batched, deduplicated), and every unit's record
 at most one stage of one chunk and a re-run continues where it stopped. The chunks run in
 this process or on the actors of a Ray cluster (:mod:`dnd.executor`, which then writes
 each record once, as its chunk returns). Every model is loaded once, before the heavy
-work, and the run's caches (captions, LLM replies, generated-image features) serve every
-layer, so a caption or concept two layers need is computed once.
+work (:mod:`dnd.loading`, which Ray's actors call too), and the run's caches (captions,
+LLM replies, generated-image features) serve every layer, so a caption or concept two
+layers need is computed once.
 
 Why layer by layer rather than chunks mixing layers: a stage is built for one layer (its
 activations, its hooks on the target) and a chunk's records are keyed by unit id; what
 layers share is shared through the content-keyed caches, so mixing layers in a chunk would
 gain only fuller last chunks. A record therefore equals the one a run of its layer alone
 writes.
+
+The pipeline writes records, labels and ``work.json``; the HTML report is the apps'
+(:func:`dnd.api.describe`, ``dnd describe``), which build it when the run finishes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -33,18 +35,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dnd import preflight
+from dnd import loading
 from dnd.activations import LayerActivations, compute_activations
-from dnd.backends.base import resolve_device
-from dnd.backends.factory import Models, load_llm, load_models
-from dnd.config import ConfigError, RunConfig, parse_units
-from dnd.dictionary import attach_configured
+from dnd.backends.factory import Models
+from dnd.config import RunConfig
+from dnd.errors import ConfigError
 from dnd.executor import LocalExecutor, RayExecutor, open_executor
-from dnd.probe import ProbeSet, open_probe
+from dnd.probe import ProbeSet
 from dnd.record import UnitRecord
 from dnd.store import RunLock, RunStore
-from dnd.target import Target, is_layer_pattern, load_target, match_layers, num_units
-from dnd.work import Work, count_models, counting_target
+from dnd.target import Target, is_layer_pattern
+from dnd.work import Work
 
 log = logging.getLogger(__name__)
 
@@ -116,107 +117,57 @@ class RunResult:
 
 def describe(config: RunConfig, run_dir: str | Path, *, target: Target | None = None,
              probe: ProbeSet | None = None, models: Models | None = None,
-             progress: bool = True, retry_failed: bool = False, wait: bool = False
-             ) -> RunResult:
+             progress: bool = True, retry_failed: bool = False, wait: bool = False,
+             finished: Callable[[RunResult], None] | None = None) -> RunResult:
     """Run the pipeline up to ``config.stop_after`` for ``config.units`` of each of
     ``config.layers`` (the same unit spec for every layer).
 
     ``target``, ``probe`` and ``models`` may be passed in (Python API, tests); otherwise they
-    are built from the config. Every input check happens before the pass over the probe
-    (every layer's name and unit range among them). Units that failed in an earlier run are
-    left alone unless ``retry_failed``: then they are redone from the stage that failed.
+    are built from the config (:func:`dnd.loading.load_run_models`). Every input check
+    happens before the pass over the probe (every layer's name and unit range among them).
+    Units that failed in an earlier run are left alone unless ``retry_failed``: then they
+    are redone from the stage that failed.
 
     The run directory is held for the whole call (:class:`dnd.store.RunLock`): if another
     process is using it, this raises :class:`dnd.store.RunDirBusy` naming that process, or
-    with ``wait`` waits for it to finish.
+    with ``wait`` waits for it to finish. ``finished(result)`` runs last, still holding it:
+    the apps write the report there (:func:`dnd.api.describe`), as the pipeline itself
+    knows nothing of reports.
     """
     with RunLock(run_dir, wait=wait):
         return _describe(config, run_dir, target=target, probe=probe, models=models,
-                         progress=progress, retry_failed=retry_failed)
+                         progress=progress, retry_failed=retry_failed, finished=finished)
 
 
 def _describe(config: RunConfig, run_dir: str | Path, *, target: Target | None,
               probe: ProbeSet | None, models: Models | None, progress: bool,
-              retry_failed: bool) -> RunResult:
+              retry_failed: bool, finished: Callable[[RunResult], None] | None
+              ) -> RunResult:
     """:func:`describe`, with the run directory held."""
     # 1. Cheap checks first: devices and every model's files (before any is loaded), run
-    #    dir, API key, model, layers, unit ranges, probing set.
-    preflight.check_run(config, target=target, models=models)
+    #    dir, API key, model, layers, unit ranges, probing set (dnd.loading).
+    loading.check_run(config, target=target, models=models)
     store = RunStore(run_dir)
-    patterns = any(is_layer_pattern(la) for la in config.layers)
-    if not patterns:  # else once the target names the layers they match
-        store.check(config)
+    if not any(is_layer_pattern(la) for la in config.layers):
+        store.check(config)  # else once the target names the layers they match
     local = config.executor == "local"
     if models is not None and not local:
         raise ConfigError("models were passed in, but executor ray builds its own in each "
                           "actor from the config: leave models out, or use executor local")
-    llm = load_llm(config) if models is None and local else None
-    device = resolve_device(config.device)
-    target = target or load_target(config.model, config.weights)
-    target.to(device)
-    if patterns:
-        config = _expand_layers(config, target)
-        store.check(config)
-    _check_layer_names(config, target)
-    probe = probe or open_probe(config.probe)
-    if probe.skipped:
-        log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
-                    len(probe.skipped), probe.skipped[0][0])
     work = Work()
-    with contextlib.ExitStack() as attached:
-        # Dictionary layers (conv4.nmf): fitted on the probing set on a first run (a pass
-        # over it, counted), saved in the run; taken off at the end (a target passed in is
-        # the caller's).
-        for handle in attach_configured(target, config, store.dictionary_path, probe):
-            attached.callback(handle.remove)
-            work.add(target_images=handle.fitted_images)
-        units = _check_units(config, target)
-        if local:  # Ray's actors load their own models, so the driver needs none
-            models = count_models(models or load_models(config, device, llm), work)
-        store.save_config(config)
-        with counting_target(target, work):
-            return _run(config, store, target, probe, models, units, progress, retry_failed,
-                        work)
-
-
-def _expand_layers(config: RunConfig, target: Target) -> RunConfig:
-    """``config`` with each layer pattern (``layer?``) replaced by the layers it matches
-    (:func:`dnd.target.match_layers`), in the order given, each layer once. The run saves
-    the names, so it resumes with the same pattern or the names."""
-    names: list[str] = []
-    for spec in config.layers:
-        for name in match_layers(target, spec) if is_layer_pattern(spec) else [spec]:
-            if name not in names:
-                names.append(name)
-    log.info("layers: %s", ", ".join(names))
-    return dataclasses.replace(config, layer=names)
-
-
-def _check_layer_names(config: RunConfig, target: Target) -> None:
-    """Every unknown layer raises here, with close matches (a dictionary layer's, such as
-    ``conv4.nmf``, is the layer it reads): after the target (needed to know its layers) and
-    the summariser's API client, before fitting a dictionary, the pass and the models."""
-    unknown = []
-    for layer in config.layers:
-        try:
-            target.layer(config.dictionary_layers.get(layer, layer))
-        except ValueError as e:
-            unknown.append(str(e))
-    if unknown:
-        raise ValueError("; ".join(unknown))
-
-
-def _check_units(config: RunConfig, target: Target) -> dict[str, list[int]]:
-    """Layer -> its requested units; an out of range unit spec raises, naming its layer."""
-    units = {}
-    for layer in config.layers:
-        try:
-            units[layer] = parse_units(config.units, num_units(target, layer))
-        except ConfigError as e:
-            if len(config.layers) == 1:
-                raise
-            raise ConfigError(f"layer {layer}: {e} (--units applies to every layer)") from None
-    return units
+    # Ray's actors load their own backends (dnd.executor.ChunkWorker), so the driver needs
+    # none; it fits the run's dictionaries, which the actors then read from the run.
+    with loading.load_run_models(config, store, work, target=target, probe=probe,
+                                 models=models, backends=local) as loaded:
+        if loaded.probe.skipped:
+            log.warning("skipped %d non-image file(s) in the probing set, e.g. %s",
+                        len(loaded.probe.skipped), loaded.probe.skipped[0][0])
+        store.save_config(loaded.config)
+        result = _run(loaded.config, store, loaded.target, loaded.probe, loaded.models,
+                      loaded.units, progress, retry_failed, work)
+    if finished is not None:
+        finished(result)
+    return result
 
 
 def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
@@ -262,8 +213,6 @@ def _run(config: RunConfig, store: RunStore, target: Target, probe: ProbeSet,
             store.write_labels(layer, layers)
     if not any(processed.values()):  # nothing to do still gets its (empty) entry
         save_work()
-    if config.stop_after == "labels":
-        _report(store.root)
     return RunResult(store.root, results, n_bad, seconds, work)
 
 
@@ -312,14 +261,3 @@ def activation_pass(config: RunConfig, store: RunStore, target: Target, probe: P
     """The activations of a one-layer config's layer (:func:`activation_passes`)."""
     (acts,) = activation_passes(config, store, target, probe, progress).values()
     return acts
-
-
-def _report(run_dir: Path) -> None:
-    """Refresh the run's HTML report; a report problem never fails a finished run."""
-    from dnd.report import build_report
-
-    try:
-        path = build_report(run_dir)
-        log.info("report: %s", path)
-    except Exception as e:  # noqa: BLE001 - the labels are safe on disk either way
-        log.warning("could not build the report of %s: %s", run_dir, e)

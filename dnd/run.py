@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from dnd.config import ConfigError, RunConfig
+from dnd.config import RunConfig
+from dnd.errors import ConfigError
 from dnd.record import UnitRecord
 from dnd.store import RunStore
 from dnd.work import COUNTS, Work
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from dnd.probe import ProbeSet
-    from dnd.report.build import InterpretabilityRule
+    from dnd.report.rules import InterpretabilityRule
 
 TABLE_ROWS = 25  # units a run's notebook table shows by default (each row has 4 images)
 LABEL_COLUMNS = ("unit", "Label 1", "Label 2", "Label 3", "score", "interpretability",
@@ -195,14 +196,14 @@ class Run:
     def _probe(self) -> ProbeSet | None:
         """The run's probing set (thumbnails are re-read from it, as the report does);
         None, with a warning, when it cannot be opened any more."""
-        from dnd.report.build import _open_run_probe
+        from dnd.report.images import open_run_probe
 
-        return _open_run_probe(self.config)
+        return open_run_probe(self.config)
 
     def _rule(self, layer: str) -> InterpretabilityRule:
         """The layer's low-interpretability rule over its records (kept, and renewed each
         time the run's table is drawn: a run still being written gains units)."""
-        from dnd.report.build import layer_rules, low_interpretability_rule
+        from dnd.report.rules import layer_rules, low_interpretability_rule
 
         if layer not in self._rules:
             self._rules[layer] = (layer_rules(self.store.records(layer)).get(layer)
@@ -219,8 +220,10 @@ class Run:
         images' thumbnails, labels, score, interpretability, confidence and status, the
         first ``limit`` units (None: all) of ``layer`` (default: every layer). Images are
         embedded as base64 data URIs, so the saved notebook shows them anywhere."""
-        from dnd.report.build import card_data, esc, layer_rules
+        from dnd.report.build import card_data
+        from dnd.report.html import esc
         from dnd.report.inline import TABLE_PX, InlineImages, run_html
+        from dnd.report.rules import layer_rules
 
         layers = self.layers if layer is None else [self._layer(layer)]
         records = [rec for la in layers for rec in self.store.records(la)]

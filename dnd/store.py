@@ -11,6 +11,7 @@
 <run>/cache/llm/                  LLM replies by request (JsonCache)
 <run>/cache/generated/            generated images' features and thumbnails (FeatureCache)
 <run>/dictionaries/<layer>.*      dictionaries fitted for dictionary layers (dnd.dictionary)
+<run>/featurevis/<layer>/         dnd featurevis: images per kind, a CLIP unit's top texts
 <run>/explain/<image>/            dnd explain's page of one image
 <run>/report/                     the HTML report (dnd.report)
 <run>/run.lock                    held by the process using the run (see RunLock)
@@ -42,7 +43,8 @@ from typing import Any
 import yaml
 
 from dnd.cache import FeatureCache, JsonCache
-from dnd.config import ConfigError, RunConfig, save_config
+from dnd.config import RunConfig, save_config
+from dnd.errors import ConfigError
 from dnd.io import FileLock, LockBusy, atomic_write_json, atomic_write_text
 from dnd.record import NEURON, RecordError, UnitRecord
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 
 LABELS_HEADER = ["Neuron ID", "Label 1", "Label 2", "Label 3"]
+# <run>/featurevis/<layer>/texts/<unit>.json: a CLIP unit's top texts (dnd.textvis).
+TEXTS_VARIANT = "texts"
 
 
 class RunDirConflict(ValueError):
@@ -154,6 +158,15 @@ def _in_use(root: Path, holder: dict[str, Any]) -> str:
         command = command[:197] + "..."
     return (f"run directory {root} is in use by pid {holder['pid']} on host "
             f"{holder.get('host', '?')}{since}" + (f" ({command})" if command else ""))
+
+
+def unit_done(folder: Path, unit: int, key: str) -> bool:
+    """Whether ``folder/<unit>.json`` was saved with settings ``key`` (the resume check of
+    ``dnd featurevis``'s images and texts: what a unit's JSON holds besides is theirs)."""
+    try:
+        return json.loads((folder / f"{int(unit)}.json").read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
 
 
 def safe_name(name: str) -> str:
@@ -275,9 +288,22 @@ class RunStore:
         return self.root / "explain" / safe_name(image_stem)
 
     def featurevis_dir(self, layer: str, variant: str = "plain") -> Path:
-        """Feature visualizations of ``layer`` (``dnd.featurevis``): ``plain`` or
-        ``facet-<name>``."""
+        """Feature visualizations of ``layer`` (``dnd featurevis``): images in ``plain`` or
+        ``facet-<name>`` (:mod:`dnd.featurevis`), a CLIP unit's top texts in
+        :data:`TEXTS_VARIANT` (:mod:`dnd.textvis`)."""
         return self.root / "featurevis" / safe_name(layer) / variant
+
+    def featurevis_files(self, layer: str, unit: int, variant: str = "plain"
+                         ) -> tuple[Path, list[Path]]:
+        """A unit's saved visualization (``dnd featurevis``): its JSON (``key``,
+        ``activations``, ``start_activations``, ``facet``) and its images' paths
+        (``<unit>_<k>.png``); no paths when it was not computed."""
+        folder = self.featurevis_dir(layer, variant)
+        meta = folder / f"{int(unit)}.json"
+        if not meta.is_file():
+            return meta, []
+        n = len(json.loads(meta.read_text()).get("activations", []))
+        return meta, [folder / f"{int(unit)}_{k}.png" for k in range(n)]
 
     @property
     def labels_path(self) -> Path:

@@ -3,7 +3,8 @@
 Times say how fast this machine was; counts say what a user's GPU hours and API bill will
 be anywhere: images through the target network, images captioned, LLM requests and tokens,
 images generated and their denoising steps, images and texts through the encoder. Every
-describe run counts them (:func:`count_models`, :func:`counting_target`), keeps them in
+describe run counts them (:func:`dnd.loading.count_models`,
+:func:`dnd.loading.counting_target`), keeps them in
 ``RunResult.work`` and writes them to ``<run_dir>/work.json`` (one entry per invocation);
 ``dnd bench describe`` prints them per unit beside the reference implementation's
 (:data:`REFERENCE_PER_UNIT`).
@@ -15,11 +16,7 @@ resume cost).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,91 +99,3 @@ class Work:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.counts(), "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-
-
-class _Counted:
-    """A backend whose ``method`` adds to a :class:`Work`; every other attribute is the
-    wrapped backend's (``identity``, ``cache_identity``, options)."""
-
-    def __init__(self, inner: Any, method: str, work: Work, model: str, count):
-        self._inner, self._method, self._work, self._model = inner, method, work, model
-        self._count = count  # (inputs, outputs) -> counts
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if name != self._method:
-            return attr
-
-        def counted(items, *args, **kwargs):
-            start = time.perf_counter()
-            out = attr(items, *args, **kwargs)
-            self._work.add(seconds=(self._model, time.perf_counter() - start),
-                           **self._count(items, out))
-            return out
-
-        return counted
-
-
-class _CountedChat(_Counted):
-    """A chat backend whose ``complete`` goes through the counted ``complete_many``."""
-
-    def complete(self, messages, *, temperature: float, sample: int = 0) -> str:
-        from dnd.backends.llm import complete_one
-
-        return complete_one(self, messages, temperature, sample)
-
-
-class _CountedEncoder(_Counted):
-    """An encoder whose images and texts are both counted."""
-
-    def encode_texts(self, texts: Sequence[str]):
-        start = time.perf_counter()
-        out = self._inner.encode_texts(texts)
-        self._work.add(seconds=("encoder", time.perf_counter() - start),
-                       encoded_texts=len(texts))
-        return out
-
-
-def _chat_counts(requests, replies) -> dict[str, int]:
-    paid = [r for r in replies if not isinstance(r, Exception)]
-    return {"llm_requests": len(requests),
-            "prompt_tokens": sum(r.prompt_tokens for r in paid),
-            "completion_tokens": sum(r.completion_tokens for r in paid)}
-
-
-def count_models(models, work: Work):
-    """``models`` (a :class:`dnd.backends.factory.Models`) with every call counted in
-    ``work``. Wrap the LLM before any reply cache, so that cached replies count nothing."""
-    def made(out) -> int:
-        return sum(not isinstance(x, Exception) for x in out)
-
-    def gen_counts(requests, out) -> dict[str, int]:
-        steps = int((getattr(models.generator, "identity", None) or {}).get("steps", 0) or 0)
-        return {"generated_images": made(out), "denoising_steps": made(out) * steps}
-
-    def wrap(inner, cls, method, model, count):
-        return None if inner is None else cls(inner, method, work, model, count)
-
-    return dataclasses.replace(
-        models,
-        captioner=wrap(models.captioner, _Counted, "caption", "captioner",
-                       lambda images, _: {"captioned_images": len(images)}),
-        llm=wrap(models.llm, _CountedChat, "complete_many", "llm", _chat_counts),
-        generator=wrap(models.generator, _Counted, "generate", "generator", gen_counts),
-        encoder=wrap(models.encoder, _CountedEncoder, "encode_images", "encoder",
-                     lambda images, _: {"encoded_images": len(images)}))
-
-
-@contextmanager
-def counting_target(target, work: Work) -> Iterator[None]:
-    """Count every image that goes through ``target``'s network while the block runs (a
-    forward pre-hook: the batch size of each call's first input)."""
-    def hook(_module, inputs):
-        if inputs and hasattr(inputs[0], "shape") and len(inputs[0].shape):
-            work.add(target_images=int(inputs[0].shape[0]))
-
-    handle = target.module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -69,7 +69,7 @@ def test_caption_stage_dedupes_across_units_and_caches(tmp_path):
 def test_chat_captioner_sends_images_inline(monkeypatch):
     from fake_openai import FakeOpenAI, Reply
 
-    from dnd.backends.llm import OpenAIChat, OpenAIChatConfig
+    from dnd.backends.openai_chat import OpenAIChat, OpenAIChatConfig
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 

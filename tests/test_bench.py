@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dnd.bench import bench_activations, write_activation_bench
+from dnd.benchmarks.activations import bench_activations, write_activation_bench
 
 
 def test_activation_bench_reports_float16_size_and_throughput(tmp_path):
@@ -21,7 +21,7 @@ def test_per_unit_path_gives_identical_records_and_does_more_work(tmp_path):
     """`dnd bench describe --compare naive` on a small toy run: the per-unit baseline and the
     batched pipeline decide the same captions, candidates, labels and selection order, and
     the batched one captions and generates fewer images (cross-unit dedupe)."""
-    from dnd.bench import bench_describe, describe_bench_lines
+    from dnd.benchmarks.describe import bench_describe, describe_bench_lines
 
     r = bench_describe(units="0-3", n_probe=300, compare_naive=True, work_dir=tmp_path)
     batched, naive = r["batched"], r["naive"]
@@ -66,7 +66,7 @@ class _FirstWordsChat:
 
 def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypatch):
     from dnd.backends.llm import LLMS
-    from dnd.bench import bench_describe, describe_bench_lines
+    from dnd.benchmarks.describe import bench_describe, describe_bench_lines
     from dnd.record import LLMUsage
 
     monkeypatch.setitem(LLMS._factories, "first-words", lambda device="cpu": _FirstWordsChat())
@@ -99,7 +99,7 @@ def test_bench_with_an_llm_counts_its_requests_in_both_paths(tmp_path, monkeypat
 def test_same_results_names_the_unit_and_field_that_differ():
     import dataclasses
 
-    from dnd.bench import same_results
+    from dnd.benchmarks.describe import same_results
     from dnd.record import Candidates, Scoring, UnitRecord
 
     rec = UnitRecord("fc", 0, captions=("a red circle",),
@@ -122,7 +122,7 @@ def test_paper_configs_are_stable_diffusion_v1_5_and_blip_base():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import BlipConfig, CLIPTextConfig, CLIPTextModel
 
-    from dnd.bench_paper import SD15_TEXT, SD15_UNET, SD15_VAE
+    from dnd.benchmarks.paper_scale import SD15_TEXT, SD15_UNET, SD15_VAE
 
     def count(m):
         return sum(p.numel() for p in m.parameters())
@@ -137,7 +137,7 @@ def test_paper_configs_are_stable_diffusion_v1_5_and_blip_base():
 
 
 def test_projected_hours_follow_the_per_unit_work():
-    from dnd.bench_paper import Rates, project_hours
+    from dnd.benchmarks.paper_scale import Rates, project_hours
 
     h = project_hours(Rates(target=1000.0, caption=100.0, generate=10.0, encode=500.0),
                       units=100, probe_images=10_000, gen_dedupe=2.0, llm_calls_per_s=17.0)
@@ -151,8 +151,8 @@ def test_projected_hours_follow_the_per_unit_work():
 
 
 def test_gpu_estimate_divides_the_per_unit_stages_among_the_gpus():
-    from dnd.bench_paper import Rates, project_hours
-    from dnd.bench_ray import estimate_hours
+    from dnd.benchmarks.paper_scale import Rates, project_hours
+    from dnd.benchmarks.ray_executor import estimate_hours
 
     rates = Rates(target=1000.0, caption=100.0, generate=10.0, encode=500.0)
     one = project_hours(rates, units=512, probe_images=10_000)
@@ -172,7 +172,7 @@ def test_gpu_estimate_divides_the_per_unit_stages_among_the_gpus():
 
 
 def test_paper_scale_bench_runs_its_stages_with_tiny_stand_ins(tmp_path):
-    from dnd.bench_paper import measure, report_lines
+    from dnd.benchmarks.paper_scale import measure, report_lines
 
     r = measure("cpu", tiny=True, steps=(2,), gen_batch=2, caption_batch=4, work_dir=tmp_path)
     g = r["generation"][2]
@@ -186,7 +186,7 @@ def test_paper_scale_bench_runs_its_stages_with_tiny_stand_ins(tmp_path):
 def test_paper_scale_bench_refuses_a_cpu_only_machine_without_tiny(monkeypatch):
     import torch
 
-    from dnd.bench_paper import run_cli
+    from dnd.benchmarks.paper_scale import run_cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
@@ -197,7 +197,7 @@ def test_per_unit_llm_sends_one_request_at_a_time():
     """The per-unit baseline's LLM path: a batch goes out as one single-request call after
     another, and a failed request comes back as its exception, in order."""
     from dnd.backends.llm import ChatReply, ChatRequest
-    from dnd.bench import _OneAtATime
+    from dnd.benchmarks.describe import _OneAtATime
 
     calls = []
 
@@ -216,7 +216,7 @@ def test_per_unit_llm_sends_one_request_at_a_time():
 
 
 def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_path):
-    from dnd.bench import bench_selection, selection_bench_lines
+    from dnd.benchmarks.selection import bench_selection, selection_bench_lines
 
     r = bench_selection(tmp_path, n_probe=300, layers=(("fc", "0-3"),),
                         variants=((2, 1, 0.0),))
@@ -236,7 +236,7 @@ def test_selection_bench_compares_adaptive_runs_with_the_full_evaluation(tmp_pat
 
 def test_selection_bench_layers_share_a_fresh_bank(tmp_path):
     """The second layer of a row draws only what the first did not."""
-    from dnd.bench import bench_selection
+    from dnd.benchmarks.selection import bench_selection
 
     r = bench_selection(tmp_path, n_probe=300, layers=(("fc", "0-3"), ("conv4", "0-3")),
                         variants=())
@@ -251,7 +251,7 @@ def test_latency_regime_batched_and_per_unit_paths_agree(tmp_path):
     """`dnd bench describe --compare naive --llm-latency S` through the real openai backend
     and the local latency server: identical records, and the batched path sends its
     requests together (in flight at once) where the per-unit path sends one at a time."""
-    from dnd.bench import bench_describe, describe_bench_lines
+    from dnd.benchmarks.describe import bench_describe, describe_bench_lines
 
     r = bench_describe(units="0-3", n_probe=300, compare_naive=True, llm_latency=0.05,
                        work_dir=tmp_path)
@@ -272,7 +272,7 @@ def test_latency_server_answers_like_an_openai_server_concurrently():
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from dnd.latency_server import LatencyServer, reply_for
+    from dnd.benchmarks.latency_server import LatencyServer, reply_for
 
     assert reply_for([{"role": "user", "content": "Captions:\n1. a red disc\n2. a cat"}]) \
         == "a red disc"
@@ -307,7 +307,8 @@ def test_latency_server_answers_like_an_openai_server_concurrently():
 def test_toy_table_benches_get_their_command_and_probe_size(name, monkeypatch, tmp_path):
     import importlib
 
-    from dnd.cli import TOY_TABLE_BENCHES, main
+    from dnd.benchmarks.cli import TOY_TABLE_BENCHES
+    from dnd.cli import main
 
     module, function = TOY_TABLE_BENCHES[name][0].split(":")
     calls = []

@@ -114,12 +114,12 @@ def test_help_dnd_points_to_the_entry_points():
     import pydoc
 
     import dnd
+    import dnd.api
     import dnd.config
-    import dnd.pipeline
     import dnd.target
 
     text = pydoc.render_doc(dnd, renderer=pydoc.plaintext)
-    for name, obj in (("dnd.pipeline.describe", dnd.pipeline.describe),
+    for name, obj in (("dnd.api.describe", dnd.api.describe),
                       ("dnd.config.load_config", dnd.config.load_config),
                       ("dnd.target.Target", dnd.target.Target)):
         assert name in text and callable(obj)

@@ -8,8 +8,8 @@ from conftest import colour_target
 
 from dnd.activations import compute_activations
 from dnd.probe import open_probe
+from dnd.settings import CropConfig
 from dnd.stages.crop import (
-    CropConfig,
     Cropper,
     attention_boxes,
     box_iou,

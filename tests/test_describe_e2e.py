@@ -13,13 +13,13 @@ from fake_openai import FakeOpenAI, Reply
 from tiny_blip import tiny_blip
 from tiny_models import tiny_open_clip, tiny_sd_pipeline
 
+from dnd.api import describe
 from dnd.backends.caption import TransformersCaptioner
 from dnd.backends.encode import OpenClipEncoder
 from dnd.backends.factory import Models
 from dnd.backends.generate import DiffusersGenerator
-from dnd.backends.llm import OpenAIChat, OpenAIChatConfig
+from dnd.backends.openai_chat import OpenAIChat, OpenAIChatConfig
 from dnd.config import RunConfig
-from dnd.pipeline import describe
 
 CONCEPTS = ["red squares", "stripes", "blue water", "green leaves", "checkerboard"]
 

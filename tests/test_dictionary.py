@@ -11,20 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dnd.dictionary import (
+from dnd.dictionary.attach import attach, attached, detach
+from dnd.dictionary.files import load_dictionary, save_dictionary
+from dnd.dictionary.fit import fit_dictionary, sample_positions, train_sae
+from dnd.dictionary.kinds import (
     Dictionary,
     DictionaryError,
     Directions,
     NMFDictionary,
     SparseAutoencoder,
-    attach,
-    attached,
-    detach,
-    fit_dictionary,
-    load_dictionary,
-    sample_positions,
-    save_dictionary,
-    train_sae,
 )
 from dnd.target import capture, hook_count
 

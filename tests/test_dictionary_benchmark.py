@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dnd.toyworld.dictionary_benchmark import (
+from dnd.benchmarks.dictionary import (
     Candidate,
     basis_row,
     by_correlation,

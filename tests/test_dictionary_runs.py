@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dnd.api import describe
 from dnd.config import ConfigError, load_config
-from dnd.dictionary import load_dictionary
-from dnd.pipeline import describe
+from dnd.dictionary.files import load_dictionary
 from dnd.store import RunStore
 from dnd.target import load_target
 

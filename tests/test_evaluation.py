@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dnd.benchmarks.cli import add_tables_cli
+from dnd.benchmarks.tables import run_tables
 from dnd.evaluation import (
     LabelFileError,
     UnitLabels,
@@ -21,7 +23,6 @@ from dnd.evaluation import (
     read_labels,
     reliable_mask,
     run_classifier_search,
-    run_tables,
 )
 from dnd.evaluation.cli import add_cli
 from dnd.evaluation.milan import RELIABLE_THRESHOLDS, matching_threshold, milan_table_rows
@@ -323,7 +324,9 @@ def test_run_tables_final_layer_sanity_and_baseline(tmp_path):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dnd")
-    add_cli(p.add_subparsers(dest="command", required=True))
+    sub = p.add_subparsers(dest="command", required=True)
+    add_tables_cli(sub)  # `dnd tables`, the benchmarks' command
+    add_cli(sub)
     return p
 
 

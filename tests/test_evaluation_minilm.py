@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dnd.evaluation import UnitLabels, create_embedder, final_layer_similarity, run_tables
+from dnd.benchmarks.tables import run_tables
+from dnd.evaluation import UnitLabels, create_embedder, final_layer_similarity
 from dnd.probe import CIFAR10_CLASSES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -13,17 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from dnd.config import RunConfig
-from dnd.explain import (
-    Explainer,
+from dnd.blocks import (
     channel_attribution,
     class_output,
-    explain,
     neuron_groups,
     semantic_dictionary,
     spatial_attribution,
     unit_output,
 )
+from dnd.config import RunConfig
+from dnd.explain import Explainer, explain
 from dnd.record import UnitRecord
 from dnd.store import RunStore
 from dnd.target import Preprocess, Target, hook_count, load_target
@@ -271,13 +270,13 @@ def test_a_dictionary_layer_of_the_run_is_explained_with_its_features(tmp_path):
 def test_bench_pieces_find_the_objects_cells_and_judge_the_answer(monkeypatch, tmp_path):
     import importlib
 
-    from dnd.cli import main
-    from dnd.toyworld.explain_benchmark import (
+    from dnd.benchmarks.explain import (
         cell_masks,
         explain_bench_lines,
         majority_label,
         one_object_scenes,
     )
+    from dnd.cli import main
 
     mask = np.zeros((64, 64), bool)
     mask[16:40, 8:24] = True                  # exactly cells (rows 2-4, columns 1-2)
@@ -308,7 +307,7 @@ def test_bench_pieces_find_the_objects_cells_and_judge_the_answer(monkeypatch, t
     assert "misses (object, and the answer at its positions): red circle (dots)" in text
     # `dnd bench explain` passes its command and probing-set size on.
     calls = []
-    monkeypatch.setattr(importlib.import_module("dnd.toyworld.explain_benchmark"),
+    monkeypatch.setattr(importlib.import_module("dnd.benchmarks.explain"),
                         "write_explain_bench", lambda out, **kw: calls.append((out, kw)))
     assert main(["bench", "explain", "--probe-size", "300", "--out", str(tmp_path)]) == 0
     assert calls == [(str(tmp_path), {"command": "dnd bench explain --probe-size 300",

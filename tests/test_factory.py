@@ -9,18 +9,11 @@ import torch
 
 from dnd.backends.base import MIN_TOKENS, check_tokenizer_size
 from dnd.backends.caption import ChatCaptioner
-from dnd.backends.factory import (
-    Dependency,
-    backends_used,
-    build,
-    declare,
-    describe_choices,
-    load_llm,
-    load_models,
-)
-from dnd.backends.llm import OpenAIChat
+from dnd.backends.factory import Dependency, build, declare, describe_choices
+from dnd.backends.openai_chat import OpenAIChat
 from dnd.cli import main
 from dnd.config import BackendConfig, ConfigError, load_config
+from dnd.loading import backends_used, load_llm, load_models
 from dnd.registry import Registry
 
 
@@ -179,7 +172,7 @@ def test_chat_captioner_options_are_checked_including_its_llms(chat_config):
 
 
 def test_the_runs_device_reaches_the_llm(monkeypatch):
-    import dnd.backends.llm as llm_module
+    import dnd.backends.local_chat as llm_module
 
     seen = []
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import colour_target
 
+from dnd.api import describe
 from dnd.backends.factory import Models
 from dnd.backends.llm import ChatReply, LLMError
 from dnd.cli import main
 from dnd.config import RunConfig
-from dnd.pipeline import describe
 
 
 class ColourCaptioner:
@@ -112,14 +112,14 @@ def test_llm_with_no_usable_reply_falls_back_to_caption_phrases(colour_probe, tm
 
 def test_cli_exit_status_counts_failures(colour_probe, tmp_path, capsys, monkeypatch):
     folder, _, _ = colour_probe
-    import dnd.pipeline as pipeline
+    import dnd.loading as loading
 
-    monkeypatch.setattr(pipeline, "load_llm", lambda config: FlakyLLM("green"))
-    monkeypatch.setattr(pipeline, "load_models",
+    monkeypatch.setattr(loading, "load_llm", lambda config: FlakyLLM("green"))
+    monkeypatch.setattr(loading, "load_models",
                         lambda config, device, llm: Models(captioner=ColourCaptioner(), llm=llm))
-    monkeypatch.setattr(pipeline, "load_target", lambda name, weights: colour_target())
+    monkeypatch.setattr(loading, "load_target", lambda name, weights: colour_target())
     # The models above replace the config's (BLIP ...), so nothing is looked for on disk.
-    monkeypatch.setattr(pipeline.preflight, "check_run", lambda *a, **k: None)
+    monkeypatch.setattr(loading, "check_run", lambda *a, **k: None)
     argv = ["describe", "--model", "colournet", "--layer", "pool", "--probe", str(folder),
             "--units", "0-1", "--stop-after", "candidates", "--run-dir", str(tmp_path / "r"),
             "-q"]
@@ -166,7 +166,7 @@ def test_missing_api_key_and_unknown_backend_fail_before_the_pass(colour_probe, 
 
 def test_paper_preset_without_key_fails_before_loading_the_target(tmp_path, monkeypatch,
                                                                    capsys):
-    import dnd.pipeline as pipeline
+    import dnd.loading as loading
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     _models_downloadable(monkeypatch)
@@ -174,7 +174,7 @@ def test_paper_preset_without_key_fails_before_loading_the_target(tmp_path, monk
     def no_target(*a, **k):
         raise AssertionError("the target must not load before the API key check")
 
-    monkeypatch.setattr(pipeline, "load_target", no_target)
+    monkeypatch.setattr(loading, "load_target", no_target)
     assert main(["describe", "--preset", "paper", "--probe", str(tmp_path), "--run-dir",
                  str(tmp_path / "r"), "-q"]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err

@@ -16,7 +16,6 @@ from dnd.featurevis import (
     pooled_features,
     start_images,
     train_facet,
-    unit_files,
     visualize,
 )
 from dnd.record import UnitRecord
@@ -113,7 +112,7 @@ def test_diversity_makes_a_units_images_differ_in_what_the_layer_sees():
 def conv4_positions() -> np.ndarray:
     """The toy CNN's conv4 channel vectors at every position of 200 probing renders:
     float32 [12800, 128]."""
-    from dnd.dictionary import sample_positions
+    from dnd.dictionary.fit import sample_positions
     from dnd.probe import open_probe
 
     return sample_positions(load_target("toyworld-cnn"), open_probe("toyworld:200"), "conv4",
@@ -125,7 +124,9 @@ def test_every_dictionary_feature_is_raised_above_its_starting_noise(kind, conv4
     # A TopK latent below its position's top k has no gradient at all, and redirecting the
     # network's ReLUs left most TopK latents at zero and some NMF factors below their
     # start: the dictionary's stand-in gradient has to wake them.
-    from dnd.dictionary import NMFDictionary, attach, train_sae
+    from dnd.dictionary.attach import attach
+    from dnd.dictionary.fit import train_sae
+    from dnd.dictionary.kinds import NMFDictionary
 
     target = load_target("toyworld-cnn")
     dictionary = (train_sae(conv4_positions, 256, k=8, steps=600) if kind == "topk_sae"
@@ -206,7 +207,7 @@ def test_featurevis_run_saves_resumes_and_shows_in_the_report(tmp_path, capsys):
         featurevis_run(run, None, cfg, progress=False)
     out = featurevis_run(run, "0-2", cfg, progress=False)
     assert (out["done"], out["skipped"]) == (3, 0)
-    meta, paths = unit_files(run, "fc", 1)
+    meta, paths = store.featurevis_files("fc", 1)
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     again = featurevis_run(run, "0-3", cfg, progress=False)
     assert (again["done"], again["skipped"]) == (1, 3)
@@ -264,7 +265,7 @@ def test_cli_options_reach_the_settings(tmp_path, monkeypatch):
 
 
 def test_featurevis_bench_judges_visualizations_and_their_starting_images(tmp_path):
-    from dnd.toyworld.featurevis_benchmark import featurevis_bench, featurevis_bench_lines
+    from dnd.benchmarks.featurevis import featurevis_bench, featurevis_bench_lines
 
     r = featurevis_bench(120, {"short": FeatureVisConfig(steps=8, lr=0.05)},
                          (DictionaryConfig(kind="sae", features=32, steps=100),))
@@ -289,4 +290,4 @@ def test_a_run_of_several_layers_needs_the_layer(tmp_path):
         featurevis_run(run, "0", FeatureVisConfig(steps=2), progress=False)
     out = featurevis_run(run, "0", FeatureVisConfig(steps=2, batch_size=4), layer="conv4",
                          progress=False)
-    assert out["done"] == 1 and unit_files(run, "conv4", 0)[1][0].is_file()
+    assert out["done"] == 1 and RunStore(run).featurevis_files("conv4", 0)[1][0].is_file()

@@ -16,7 +16,8 @@ import pytest
 
 from dnd.backends.base import ENCODERS, GENERATORS, GenRequest
 from dnd.cache import FeatureCache
-from dnd.stages.score import ConceptScorer, ScoreConfig
+from dnd.settings import ScoreConfig
+from dnd.stages.score import ConceptScorer
 from dnd.target import load_target
 
 CONCEPTS = ["red circle", "blue square", "green triangle", "yellow star"]

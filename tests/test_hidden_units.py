@@ -14,7 +14,8 @@ from test_score_stage import ColourGenerator, MeanColourEncoder, _red_images
 from torch import nn
 
 from dnd.cache import FeatureCache
-from dnd.stages.score import ConceptScorer, ScoreConfig, UnitInput, shrink_and_tile
+from dnd.settings import ScoreConfig
+from dnd.stages.score import ConceptScorer, UnitInput, shrink_and_tile
 from dnd.stages.select import evidence_order, normalized_response
 from dnd.stages.summarize import ConsensusSummarizer, at_levels, concepts_in_reply
 from dnd.stages.words import conjunctions, coverage, more_general, parts, shared_words
@@ -122,7 +123,8 @@ class SmallRedDot(nn.Module):
 def test_a_small_things_crop_is_captioned_though_enlarged_it_fires_less(tmp_path):
     from dnd.activations import compute_activations
     from dnd.probe import open_probe
-    from dnd.stages.crop import CropConfig, Cropper, attention_scale
+    from dnd.settings import CropConfig
+    from dnd.stages.crop import Cropper, attention_scale
     from dnd.target import Preprocess, Target
 
     folder = tmp_path / "probe"

@@ -14,10 +14,10 @@ from test_faults import ColourCaptioner
 from test_score_stage import ColourGenerator, MeanColourEncoder
 from test_work import BilledLLM
 
+from dnd.api import describe
 from dnd.backends.factory import Models
 from dnd.cache import ImageBank
 from dnd.config import RunConfig
-from dnd.pipeline import describe
 from dnd.store import RunStore
 
 

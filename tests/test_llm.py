@@ -10,18 +10,9 @@ import time
 import pytest
 from fake_openai import FakeOpenAI, Reply
 
-from dnd.backends.llm import (
-    LLMS,
-    CachedChat,
-    ChatReply,
-    ChatRequest,
-    LLMError,
-    OpenAIChat,
-    OpenAIChatConfig,
-    TransformersChat,
-    TransformersChatConfig,
-    clean_reply,
-)
+from dnd.backends.llm import LLMS, CachedChat, ChatReply, ChatRequest, LLMError, clean_reply
+from dnd.backends.local_chat import TransformersChat, TransformersChatConfig
+from dnd.backends.openai_chat import OpenAIChat, OpenAIChatConfig
 from dnd.cache import JsonCache
 from dnd.io import stable_hash
 
@@ -372,7 +363,7 @@ def test_transformers_chat_stops_at_a_stop_string_and_never_repeats_a_pair(tiny_
 
 def test_line_bigram_block_bans_only_pairs_repeated_within_the_current_line():
     torch = pytest.importorskip("torch")
-    from dnd.backends.llm import _LineBigramBlock
+    from dnd.backends.local_chat import _LineBigramBlock
 
     block = _LineBigramBlock(start=2, newline_ids=frozenset({9}))
     # prompt [5, 6] | reply 1 2 1 -> after "1", the pair (1, 2) exists: 2 is banned.
@@ -409,7 +400,7 @@ def test_transformers_chat_runs_a_shared_prompt_head_once(tiny_chat_model, monke
 
 def test_gumbel_sampler_draws_from_the_tempered_softmax():
     torch = pytest.importorskip("torch")
-    from dnd.backends.llm import _GumbelSampler
+    from dnd.backends.local_chat import _GumbelSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     temperature, n = 0.5, 4000

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from test_pipeline import CountingProbe
 
+from dnd.api import describe
 from dnd.backends.base import resolve_device
-from dnd.backends.factory import load_llm, load_models
 from dnd.cli import main
 from dnd.config import ConfigError, load_config
-from dnd.pipeline import describe
+from dnd.loading import load_llm, load_models
 from dnd.probe import open_probe
 from dnd.store import RunDirConflict, RunStore
 from dnd.work import COUNTS
@@ -132,12 +132,12 @@ def test_a_two_layer_run_resumes_with_nothing_to_do_and_refuses_other_layers(run
 
 def test_an_unknown_layer_among_several_fails_before_models_and_the_pass(tmp_path,
                                                                         monkeypatch):
-    import dnd.pipeline as pipeline
+    import dnd.loading as loading
 
     def no_models(*a, **k):
         raise AssertionError("no model may load before the layers are checked")
 
-    monkeypatch.setattr(pipeline, "load_models", no_models)
+    monkeypatch.setattr(loading, "load_models", no_models)
     probe = CountingProbe(open_probe(f"toyworld:{N_PROBE}"))
     with pytest.raises(ValueError, match="unknown layer 'conv44'.*did you mean: conv4"):
         describe(_config(["fc", "conv44"]), tmp_path / "r", probe=probe, progress=False)

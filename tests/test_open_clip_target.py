@@ -284,7 +284,7 @@ def test_describe_offline_fails_before_loading_naming_the_weights(tmp_path, monk
     def forbidden(*a, **k):
         raise AssertionError("a model was built before the preflight failed")
 
-    monkeypatch.setattr("dnd.pipeline.load_target", forbidden)
+    monkeypatch.setattr("dnd.loading.load_target", forbidden)
     assert main(["describe", "--preset", "toyworld", "--model", "open_clip:RN50x4/openai",
                  "--layer", "layer4", "--probe", "toyworld:4", "--run-dir",
                  str(tmp_path / "run"), "-q"]) == 2
@@ -296,8 +296,8 @@ def test_describe_offline_fails_before_loading_naming_the_weights(tmp_path, monk
 
 def test_describe_runs_on_toyworld_clip(tmp_path):
     """A small end-to-end toy-world run on the toy CLIP's embedding units."""
+    from dnd.api import describe
     from dnd.config import load_config
-    from dnd.pipeline import describe
 
     config = load_config(preset="toyworld", overrides={
         "model": "toyworld-clip", "layer": "attnpool", "units": "0-1",

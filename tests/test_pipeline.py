@@ -11,9 +11,9 @@ from conftest import colour_target
 from PIL import Image
 
 from dnd.activations import compute_activations
+from dnd.api import describe
 from dnd.cli import main
 from dnd.config import ConfigError, RunConfig, load_config, parse_units
-from dnd.pipeline import describe
 from dnd.probe import ProbeError, open_probe
 from dnd.store import RunDirConflict, RunStore
 from dnd.target import Preprocess, hook_count, split_output

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from dnd.record import Candidates, Scoring, UnitRecord
-from dnd.toyworld.planted_benchmark import (
+from dnd.benchmarks.planted import check_trained_for_planted, planted_tables
+from dnd.benchmarks.planted_judging import (
     FREE,
     KEYWORD,
     STRICT,
@@ -17,7 +17,6 @@ from dnd.toyworld.planted_benchmark import (
     both_named,
     by_rank_score,
     calibration,
-    check_trained_for_planted,
     dnd_labels,
     first_candidates,
     label1_by,
@@ -25,12 +24,12 @@ from dnd.toyworld.planted_benchmark import (
     most_common_concept,
     other_concepts,
     paired_difference,
-    planted_tables,
     polysemantic_recall,
     rate,
     secondary_precision,
     top_captions,
 )
+from dnd.record import Candidates, Scoring, UnitRecord
 
 BLUE_STRIPES = Truth("conv4", 15, "compositional", ("blue", "striped"))
 CIRCLE_OR_STRIPES = Truth("conv4", 4, "polysemantic", ("red circle", "striped"))
@@ -286,8 +285,8 @@ def test_weights_trained_for_other_planted_units_are_refused(tmp_path, caplog):
 def test_demo_short_version_describes_and_judges_the_planted_units(tmp_path):
     """`dnd demo`'s planted table from a real (small) run: one row per method, one column
     per kind of conv4's planted units, counts that add up; a re-run resumes."""
+    from dnd.benchmarks.planted import FULL, NO_SELECTION, RANK_ONLY, planted_demo
     from dnd.toyworld.planted import units_of
-    from dnd.toyworld.planted_benchmark import FULL, NO_SELECTION, RANK_ONLY, planted_demo
 
     lines = planted_demo(tmp_path, n_probe=300)
     header, _, *rows = lines[2:]

@@ -10,6 +10,7 @@ import json
 import pytest
 import yaml
 
+from dnd.benchmarks.planted import check_trained_for_planted
 from dnd.toyworld import train
 from dnd.toyworld.planted import (
     PLANTED,
@@ -19,7 +20,6 @@ from dnd.toyworld.planted import (
     spec_to_dicts,
     units_of,
 )
-from dnd.toyworld.planted_benchmark import check_trained_for_planted
 from dnd.toyworld.target import PLANTED_STEM
 
 # A small spec, one unit of each kind, conv4 listed before conv3 (file order is kept,
@@ -188,8 +188,8 @@ def test_weights_are_checked_against_a_custom_spec(tmp_path, caplog):
 
 
 def test_dnd_tables_refuses_spec_and_weights_for_other_tables(tmp_path, capsys):
+    from dnd.benchmarks.tables import run_tables
     from dnd.cli import main
-    from dnd.evaluation.tables import run_tables
 
     spec = _write(tmp_path / "spec.yaml", SMALL_SPEC)
     for names in (None, ["toyworld_planted", "toyworld_benchmark"]):
@@ -209,7 +209,7 @@ def test_dnd_tables_refuses_spec_and_weights_for_other_tables(tmp_path, capsys):
 
 def test_dnd_tables_with_a_spec_writes_its_own_file_with_the_full_command(tmp_path,
                                                                           monkeypatch):
-    from dnd.evaluation import tables
+    from dnd.benchmarks import tables
 
     spec = _write(tmp_path / "mine.yaml", SMALL_SPEC)
     weights = tmp_path / "weights"
@@ -236,7 +236,7 @@ def test_dnd_tables_with_a_spec_writes_its_own_file_with_the_full_command(tmp_pa
 
 
 def test_planted_benchmark_runs_get_a_folder_per_spec_and_weights(tmp_path):
-    from dnd.evaluation.tables import _planted_cache
+    from dnd.benchmarks.tables import _planted_cache
 
     weights = tmp_path / "w"
     weights.mkdir()

@@ -12,7 +12,7 @@ import socket
 import pytest
 from conftest import colour_target
 
-from dnd import preflight
+from dnd import loading, preflight
 from dnd.cli import main
 from dnd.config import ConfigError, load_config
 
@@ -39,13 +39,13 @@ def empty_caches(tmp_path, monkeypatch):
 def no_loading(monkeypatch):
     """Spies: building the target, the LLM, the backends or an embedder fails the test."""
     import dnd.evaluation.cli as ev_cli
-    import dnd.pipeline as pipeline
+    import dnd.loading as loading
 
     def forbidden(*a, **k):
         raise AssertionError("a model was built before the preflight failed")
 
     for name in ("load_target", "load_llm", "load_models"):
-        monkeypatch.setattr(pipeline, name, forbidden)
+        monkeypatch.setattr(loading, name, forbidden)
     monkeypatch.setattr(ev_cli, "create_embedder", forbidden)
     monkeypatch.setattr("dnd.target.load_target", forbidden)
 
@@ -88,16 +88,16 @@ def test_cached_or_downloadable_models_pass(empty_caches, monkeypatch, caplog):
     config = load_config(preset="paper", overrides={"probe": ["x"], "stop_after": "captions",
                                                     "weights": "none"})
     with pytest.raises(preflight.ModelsNotAvailable, match="blip-image-captioning-base"):
-        preflight.check_run(config)
+        loading.check_run(config)
     assert probed == []  # HF_HUB_OFFLINE: no probe needed to know it cannot download
     _cache_repo(hf_cache, "Salesforce/blip-image-captioning-base")
-    preflight.check_run(config)  # found in the cache
+    loading.check_run(config)  # found in the cache
     # Missing but downloadable (network up): left to the loader, which downloads it.
     config = load_config(preset="paper", overrides={"probe": ["x"]})
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(preflight, "host_reachable", lambda url, *a: True)
     with caplog.at_level(logging.INFO, logger="dnd.preflight"):
-        preflight.check_run(config)
+        loading.check_run(config)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5 is not on this machine yet" in caplog.text
 
 
@@ -122,15 +122,15 @@ def test_a_snapshot_without_weights_is_missing(empty_caches):
 def test_backends_declare_what_they_load(section, options, ref, source):
     config = load_config(preset="paper", overrides={"probe": ["x"], "weights": "none",
                                                     section: options})
-    needs = preflight.run_needs(config)
+    needs = loading.run_needs(config)
     assert any(n.ref == ref and n.source == source for n in needs), needs
 
 
 def test_offline_presets_and_injected_models_need_nothing():
-    assert preflight.run_needs(load_config(preset="toyworld")) == []
+    assert loading.run_needs(load_config(preset="toyworld")) == []
     config = load_config(preset="paper", overrides={"probe": ["x"]})
-    assert preflight.run_needs(config, target=False, backends=False) == []
-    assert preflight.run_needs(load_config(preset="paper", overrides={
+    assert loading.run_needs(config, target=False, backends=False) == []
+    assert loading.run_needs(load_config(preset="paper", overrides={
         "probe": ["x"], "weights": "none", "stop_after": "activations"})) == []
 
 
@@ -181,7 +181,7 @@ def test_final_layer_with_hub_embedders_fails_naming_them(empty_caches, no_loadi
 
 
 def test_tables_whose_models_are_missing_are_not_run(empty_caches, tmp_path, monkeypatch):
-    import dnd.evaluation.tables as tables
+    import dnd.benchmarks.tables as tables
 
     def forbidden(*a, **k):
         raise AssertionError("an embedder was loaded before the preflight")
@@ -231,7 +231,7 @@ def test_a_backend_device_option_is_checked_too(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = load_config(preset="toyworld", overrides={"encoder.options.device": "cuda"})
     with pytest.raises(ConfigError, match="device 'cuda'"):
-        preflight.check_run(config)
+        loading.check_run(config)
 
 
 def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):

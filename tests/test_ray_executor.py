@@ -25,8 +25,8 @@ import time
 import pytest
 import torch
 
+from dnd.api import describe
 from dnd.config import ConfigError, RunConfig, load_config
-from dnd.pipeline import describe
 from dnd.store import RunStore
 
 ray = pytest.importorskip("ray")
@@ -196,7 +196,7 @@ def test_ray_settings_need_the_ray_executor():
 
 def test_ray_executor_refuses_what_it_cannot_use(tmp_path):
     from dnd.backends.base import resolve_device
-    from dnd.backends.factory import load_models
+    from dnd.loading import load_models
 
     config = _ray()
     with pytest.raises(ConfigError, match="executor ray builds its own"):

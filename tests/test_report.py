@@ -13,7 +13,7 @@ from dnd.config import RunConfig, save_config
 from dnd.io import atomic_write_json
 from dnd.record import UnitRecord
 from dnd.report import add_cli, build_report, export_rating
-from dnd.report.build import script_json
+from dnd.report.html import script_json
 from dnd.stages.select import select_concept
 from dnd.store import RunStore
 
@@ -159,7 +159,7 @@ def test_report_without_probe_images(tmp_path, caplog):
 
 
 def test_comparison_page_puts_methods_side_by_side_escaped():
-    from dnd.report.build import comparison_page
+    from dnd.report.compare import comparison_page
 
     page = comparison_page("cmp", {"fc": {
         "methods": ["DnD", "CLIP-Dissect"], "truths": {0: "red circle", 1: None},
@@ -290,7 +290,7 @@ CONV4_INTERP = [0.207, 0.646, 0.63, 0.735, 0.936, 0.844, 0.787, 0.602, 0.753, 0.
 
 
 def test_low_interpretability_rule_flags_the_outlier_at_any_scale():
-    from dnd.report.build import LOW_INTERP_MIN_UNITS, low_interpretability_rule
+    from dnd.report.rules import LOW_INTERP_MIN_UNITS, low_interpretability_rule
 
     rule = low_interpretability_rule(CONV4_INTERP)
     assert [u for u, s in enumerate(CONV4_INTERP) if rule.is_low(s)] == [0, 25]
@@ -333,7 +333,7 @@ def test_long_image_names_wrap():
 
 
 def test_demo_top_page_links_both_layers_reports(tmp_path):
-    from dnd.toyworld.demo import LayerAgreement, write_top_page
+    from dnd.benchmarks.demo import LayerAgreement, write_top_page
 
     for layer in ("fc", "conv4"):
         (tmp_path / layer / "report").mkdir(parents=True)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from dnd.config import DictionaryConfig, RunConfig, save_config
-from dnd.dictionary import NMFDictionary, save_dictionary
+from dnd.dictionary.files import save_dictionary
+from dnd.dictionary.kinds import NMFDictionary
 from dnd.record import UnitRecord
 from dnd.report import build_report
 from dnd.report.dictionary import top_channels

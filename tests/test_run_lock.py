@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import colour_target
 
+from dnd.api import describe
 from dnd.config import RunConfig
 from dnd.io import FileLock
-from dnd.pipeline import describe
 from dnd.store import LOCK_NAME, RunDirBusy, RunLock
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ START_S = 300  # a cold subprocess imports torch and dnd: slow on a busy 2-core 
 def _child(run_dir: str, probe: str, gate: str, *flags: str) -> int:
     """``dnd describe`` of units 0-2 of the colour net up to crops. With a ``gate`` folder
     the first forward pass touches ``gate/entered`` and blocks until ``gate/release``."""
-    import dnd.pipeline as pipeline
+    import dnd.loading as loading
     from dnd.cli import main
 
     def load_target(name, weights):
@@ -52,7 +52,7 @@ def _child(run_dir: str, probe: str, gate: str, *flags: str) -> int:
             target.module.forward = gated
         return target
 
-    pipeline.load_target = load_target
+    loading.load_target = load_target
     argv = ["describe", "--model", "colournet", "--layer", "pool", "--probe", probe,
             "--units", "0-2", "--stop-after", "crops", "--run-dir", run_dir, "-q", *flags]
     sys.argv = ["dnd", *argv]  # as the `dnd` command sees it (the lock records it)

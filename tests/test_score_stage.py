@@ -10,7 +10,8 @@ from PIL import Image
 
 from dnd.backends.base import CannotRender
 from dnd.cache import FeatureCache
-from dnd.stages.score import ConceptScorer, ScoreConfig, UnitInput, secondary_evidence
+from dnd.settings import ScoreConfig
+from dnd.stages.score import ConceptScorer, UnitInput, secondary_evidence
 from dnd.stages.select import select_concept
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}

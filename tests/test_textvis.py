@@ -12,22 +12,19 @@ from conftest import colour_target
 
 from dnd.config import RunConfig
 from dnd.record import UnitRecord
+from dnd.report.featurevis import read_unit_texts, textvis_section
 from dnd.store import RunStore
-from dnd.target import hook_count, load_target
-from dnd.textvis import (
+from dnd.target import hook_count, load_clip_for_target, load_target
+from dnd.textsearch import (
     LMPenalty,
     TextScorer,
     TextVisConfig,
-    clip_vocabulary,
-    load_clip_for_target,
-    multimodal_check,
-    read_unit_texts,
     search_texts,
-    textvis_run,
-    textvis_section,
     unit_directions,
     word_vocabulary,
 )
+from dnd.textvis import clip_vocabulary, textvis_run
+from dnd.toyworld.multimodal import multimodal_check
 
 FAST = TextVisConfig(steps=8, chains=3, proposals=8, top_images=4)
 
@@ -39,7 +36,7 @@ def toy():
 
 @pytest.fixture(scope="module")
 def vocab(toy):
-    return clip_vocabulary("toyworld-clip", toy.tokenizer)
+    return clip_vocabulary(toy)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +265,7 @@ def test_textvis_run_saves_resumes_and_the_section_escapes_text(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_prefers_a_sentence_to_its_words_shuffled():
-    from dnd.textvis import load_lm_penalty
+    from dnd.textsearch import load_lm_penalty
 
     lm = load_lm_penalty()
     nll = lm(["a red circle on a white background", "background circle white on a red a"])
@@ -277,7 +274,7 @@ def test_smollm2_prefers_a_sentence_to_its_words_shuffled():
 
 @pytest.mark.slow
 def test_the_benchmark_judges_top_texts_and_checks_every_unit():
-    from dnd.toyworld.textvis_benchmark import textvis_bench, textvis_bench_lines
+    from dnd.benchmarks.textvis import textvis_bench, textvis_bench_lines
 
     r = textvis_bench(300, TextVisConfig(steps=4), layers=("attnpool",))
     e = r["layers"]["attnpool"]

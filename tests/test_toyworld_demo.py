@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dnd.toyworld.demo import LayerAgreement, _agreement, mentions
+from dnd.benchmarks.demo import LayerAgreement, _agreement
+from dnd.toyworld.groundtruth import mentions
 
 # Label 1 agreement of the committed models on the 64 fc units is measured by
 # `dnd tables --only toyworld_benchmark` (results/toyworld_benchmark.md); the floor sits a
@@ -30,7 +31,7 @@ def test_agreement_counts_only_units_with_clear_truth():
 
 
 def test_benchmark_scoring_and_concept_set():
-    from dnd.toyworld.benchmark import _score, concept_set
+    from dnd.benchmarks.toyworld import _score, concept_set
 
     concepts = concept_set()
     assert "red circle" in concepts and "striped background" in concepts and "text" in concepts
@@ -43,8 +44,8 @@ def test_toyworld_preset_names_the_final_layer_classes(tmp_path):
     """`dnd describe --preset toyworld` on every fc unit: Label 1 names the unit's class
     ("red circle", synonyms allowed) for most units; the misses come from the toy BLIP's
     shape confusions (see results/toyworld_benchmark.md)."""
+    from dnd.benchmarks.common import describe_toy_layers, layer_truths
     from dnd.store import RunStore
-    from dnd.toyworld.demo import describe_toy_layers, layer_truths
 
     result = describe_toy_layers(tmp_path, 2000, [("fc", "all")], progress=False)["fc"]
     records = RunStore(result.run_dir).records("fc")

@@ -11,11 +11,12 @@ from conftest import colour_target
 from test_faults import ColourCaptioner
 from test_score_stage import ColourGenerator, MeanColourEncoder
 
+from dnd.api import describe
 from dnd.backends.factory import Models
 from dnd.backends.llm import ChatReply
 from dnd.config import RunConfig
-from dnd.pipeline import describe
-from dnd.work import COUNTS, Work, count_models
+from dnd.loading import count_models
+from dnd.work import COUNTS, Work
 
 
 class SelfCounting:

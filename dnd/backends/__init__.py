@@ -11,6 +11,8 @@ def registered():
     import dnd.backends.caption  # noqa: F401
     import dnd.backends.encode  # noqa: F401
     import dnd.backends.generate  # noqa: F401
+    import dnd.backends.local_chat  # noqa: F401
+    import dnd.backends.openai_chat  # noqa: F401
     from dnd.backends.base import CAPTIONERS, ENCODERS, GENERATORS
     from dnd.backends.llm import LLMS
     from dnd.plugins import load_plugins

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dnd.errors import ConfigError
 from dnd.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     anything else must be a device this machine has: ``cuda`` without a GPU, ``cuda:N``
     beyond the count, ``mps`` off Apple silicon or a misspelt name raise a ConfigError
     naming it and the alternatives."""
-    from dnd.config import ConfigError  # dnd.config imports the stages, which import this
-
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dnd.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
-    from dnd.config import BackendConfig, RunConfig
+    from dnd.config import BackendConfig
     from dnd.registry import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,6 +126,12 @@ def _parameters(source: Any, *, strict: bool, where: str) -> set[str]:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def resolve(registry: Registry, backend: BackendConfig) -> list[tuple[Registry, BackendConfig]]:
+    """Every backend that building ``backend`` builds, dependencies first and ``backend``
+    last, each with only its own options; all options checked (see :func:`check_options`)."""
+    return _resolve(registry, backend, "")
+
+
 def check_options(registry: Registry, backend: BackendConfig) -> None:
     """Raise ConfigError for an option backend ``backend.name`` does not take, also in the
     backends it needs; KeyError (with close matches) for an unknown backend name."""
@@ -134,7 +142,7 @@ def _resolve(registry: Registry, backend: BackendConfig, where: str
              ) -> list[tuple[Registry, BackendConfig]]:
     """Every backend that building ``backend`` builds, dependencies first and ``backend``
     last, each with only its own options; all options checked."""
-    from dnd.config import BackendConfig, ConfigError
+    from dnd.config import BackendConfig
 
     factory = registry.get(backend.name)
     label = f"{where}{registry.kind} {backend.name!r}"
@@ -196,58 +204,3 @@ def describe_choices(registry: Registry) -> str:
         out.append(name + "".join(f" (with options {d.param}, {d.options_key} for its "
                                   f"{d.registry.kind})" for d in deps))
     return ", ".join(out)
-
-
-# ------------------------------------------------------------------ the run's backends
-
-
-def _needs(config: RunConfig, stage: str) -> bool:
-    from dnd.config import STAGES
-
-    return STAGES.index(config.stop_after) >= STAGES.index(stage)
-
-
-def backends_used(config: RunConfig) -> list[tuple[Registry, BackendConfig]]:
-    """(registry, backend config) of every backend :func:`load_llm` and
-    :func:`load_models` build for ``config``, the ones a backend needs before it, each with
-    its own options only. Checks every option on the way (ConfigError); an unknown
-    backend name raises KeyError with close matches."""
-    from dnd.backends import registered
-
-    caps, llms, gens, encs = registered()
-    top: list[tuple[Registry, BackendConfig]] = []
-    if _needs(config, "captions"):
-        top.append((caps, config.captioner))
-    if _needs(config, "candidates") and config.uses_llm:
-        top.append((llms, config.llm))
-    if _needs(config, "labels"):
-        top += [(gens, config.generator), (encs, config.encoder)]
-    return [used for registry, backend in top for used in _resolve(registry, backend, "")]
-
-
-def load_llm(config: RunConfig, device: str | torch.device | None = None) -> Any:
-    """The summariser's chat backend on ``device`` (default: the run's, ``config.device``),
-    or None when no stage asks an LLM. Cheap for an API client: a missing key fails here."""
-    if not (_needs(config, "candidates") and config.uses_llm):
-        return None
-    from dnd.backends.llm import LLMS
-
-    return build(LLMS, config.llm, config.device if device is None else device)
-
-
-def load_models(config: RunConfig, device: torch.device, llm: Any = None) -> Models:
-    """Build the backends the requested stages need on ``device`` (``llm`` from
-    :func:`load_llm`)."""
-    m = Models(llm=llm)
-    if not _needs(config, "captions"):
-        return m
-    from dnd.backends import registered
-
-    caps, _, gens, encs = registered()
-    # A chat captioner's LLM is built here too, without a reply cache: the caption stage
-    # already caches by image pixels.
-    m.captioner = build(caps, config.captioner, device)
-    if _needs(config, "labels"):
-        m.generator = build(gens, config.generator, device)
-        m.encoder = build(encs, config.encoder, device)
-    return m

@@ -1,11 +1,14 @@
-"""Evaluation suites of the paper (ALGORITHM.md, Evaluation protocols) and ``dnd tables``.
+"""Evaluation suites of the paper (ALGORITHM.md, Evaluation protocols) and ``dnd evaluate``.
 
 - :mod:`.labels`: description files (``labels.csv`` of a run, or ``layer,unit,description``)
 - :mod:`.embedders`: text embedders by name (MiniLM offline, MPNet, CLIP text)
 - :mod:`.final_layer`: output-layer descriptions vs class names
 - :mod:`.milan`: MILANNOTATIONS scores, reliable units and the constant baseline
 - :mod:`.classifier_search`: AUROC of the unit matched to each unseen class
-- :mod:`.tables`: regenerate ``results/`` from ``eval/tables.yaml``
+- :mod:`.cli`: ``dnd evaluate``
+
+``dnd tables``, which regenerates ``results/`` from ``eval/tables.yaml`` with these suites
+and the toy-world benchmarks, is :mod:`dnd.benchmarks.tables`.
 """
 
 from dnd.evaluation.classifier_search import (
@@ -40,14 +43,13 @@ from dnd.evaluation.milan import (
     read_annotations,
     reliable_mask,
 )
-from dnd.evaluation.tables import TableSpec, load_tables, run_tables
 
 __all__ = [
     "EMBEDDERS", "GENERIC_LABELS", "CachedEmbedder", "ClassifierSearchResult",
     "ClipTextEmbedder", "FinalLayerResult", "LabelFileError", "MilanResult", "MilanScore",
-    "SentenceTransformerEmbedder", "SimilarityScore", "TableSpec", "TextEmbedder",
+    "SentenceTransformerEmbedder", "SimilarityScore", "TextEmbedder",
     "UnitAnnotations", "UnitLabels", "classifier_search", "constant_labels",
-    "create_embedder", "final_layer_similarity", "load_tables", "match_units", "milan_scores",
+    "create_embedder", "final_layer_similarity", "match_units", "milan_scores",
     "minilm_path", "model_class_names", "read_annotations", "read_labels", "reliable_mask",
-    "run_classifier_search", "run_tables",
+    "run_classifier_search",
 ]

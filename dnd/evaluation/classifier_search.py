@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dnd.evaluation.embedders import TextEmbedder
+from dnd.evaluation.embedders import TextEmbedder, embedder_needs
 from dnd.evaluation.labels import UnitLabels
 from dnd.evaluation.similarity import ensemble_similarity
 from dnd.metrics import classifier_search_auroc
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 # Similarities within this of the best count as tied: exact duplicates of a description are
 # embedded once and tie exactly, this only absorbs float noise of the ensemble mean.
+# Where the evaluation suites keep activations between runs (`dnd evaluate`, `dnd tables`).
+DEFAULT_CACHE_DIR = Path("runs") / "eval-cache"
 TIE_TOLERANCE = 1e-6
 
 
@@ -80,7 +82,6 @@ def classifier_search(labels: Sequence[UnitLabels], class_names: Sequence[str],
 def classifier_search_needs(model: str, weights: str, embedders: Sequence[str]) -> list[Need]:
     """The models :func:`run_classifier_search` loads (target weights, text embedders by
     name), for :func:`dnd.preflight.check` before any is loaded."""
-    from dnd.preflight import embedder_needs
     from dnd.target import target_needs
 
     return target_needs(model, weights) + embedder_needs(embedders)

@@ -1,4 +1,5 @@
-"""``dnd tables`` and ``dnd evaluate``: added to the main parser by :func:`add_cli`.
+"""``dnd evaluate``: added to the main parser by :func:`add_cli` (``dnd tables``, which
+regenerates the committed tables, is the benchmarks' command: :mod:`dnd.benchmarks.cli`).
 
 Each subcommand stores its handler as ``func`` (args -> exit status), so the main CLI
 dispatches with ``args.func(args)``.
@@ -9,8 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dnd.evaluation.classifier_search import classifier_search_needs, run_classifier_search
-from dnd.evaluation.embedders import CachedEmbedder, create_embedder, embedder_names
+from dnd.evaluation.classifier_search import (
+    DEFAULT_CACHE_DIR,
+    classifier_search_needs,
+    run_classifier_search,
+)
+from dnd.evaluation.embedders import (
+    CachedEmbedder,
+    create_embedder,
+    embedder_names,
+    embedder_needs,
+)
 from dnd.evaluation.final_layer import (
     constant_labels,
     final_layer_needs,
@@ -26,37 +36,14 @@ from dnd.evaluation.milan import (
     milan_table_rows,
     read_annotations,
 )
-from dnd.evaluation.tables import DEFAULT_CACHE_DIR, run_tables
-from dnd.preflight import check, embedder_needs
+from dnd.preflight import check
 
-_SHARED_DATA = Path("..") / "shared" / "data"
 _EMBEDDER_HELP = (f"text embedder: {', '.join(embedder_names())} (minilm runs offline; the "
                   f"paper uses clip and mpnet)")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``tables`` and ``evaluate`` subcommands to ``dnd``'s subparsers."""
-    t = subparsers.add_parser(
-        "tables", help="regenerate the evaluation tables into results/",
-        description="Regenerate the tables defined in eval/tables.yaml, one markdown file "
-        "each. Tables whose data or models are missing are written as 'not run: needs ...'.")
-    t.add_argument("--only", action="append", metavar="NAME", help="regenerate only this "
-                   "table (repeatable; default: every table)")
-    t.add_argument("--out", default="results", help="folder for <name>.md (default results)")
-    t.add_argument("--data-root", default=str(_SHARED_DATA) if _SHARED_DATA.is_dir() else None,
-                   help="folder holding the tables' data files (default ../shared/data when "
-                   "it exists, else none: tables needing data are not run)")
-    t.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="activation cache, "
-                   f"reused across runs (default {DEFAULT_CACHE_DIR})")
-    t.add_argument("--spec", metavar="FILE", help="toyworld_planted only: judge the planted "
-                   "units of this YAML or JSON spec instead of the committed ones (needs "
-                   "--weights trained for it: `python -m dnd.toyworld.train --only planted "
-                   "--spec FILE --out DIR`); written as <out>/<name>-<FILE stem>.md")
-    t.add_argument("--weights", metavar="DIR", help="toyworld_planted only: the "
-                   "toyworld-planted weights, a folder holding toy_planted.safetensors (as "
-                   "train --out DIR writes) or that file (default: the committed weights)")
-    t.set_defaults(func=_tables)
-
+    """Add the ``evaluate`` subcommand to ``dnd``'s subparsers."""
     ev = subparsers.add_parser("evaluate", help="score unit descriptions (final-layer, "
                                "MILANNOTATIONS, classifier search)",
                                description="Score unit descriptions with the paper's "
@@ -134,14 +121,6 @@ def _embedder_arg(p: argparse.ArgumentParser) -> None:
 
 def _embedders(args: argparse.Namespace) -> list:
     return [CachedEmbedder(create_embedder(n)) for n in (args.embedder or ["minilm"])]
-
-
-def _tables(args: argparse.Namespace) -> int:
-    written = run_tables(args.only, args.out, args.data_root, cache_dir=args.cache_dir,
-                         planted_spec=args.spec, planted_weights=args.weights)
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
 
 
 def _final_layer(args: argparse.Namespace) -> int:

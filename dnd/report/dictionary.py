@@ -47,7 +47,7 @@ def decoder_rows(dictionary) -> tuple[np.ndarray, str]:
     """The channels each feature of ``dictionary`` mixes: float [F, C], and what the rows
     are, in words. NMF: ``components``; SAE: ``W_dec`` (``W_enc.T`` when it has none: the
     channels the feature reads instead of those it writes); directions: ``weight``."""
-    from dnd.dictionary import Directions, NMFDictionary, SparseAutoencoder
+    from dnd.dictionary.kinds import Directions, NMFDictionary, SparseAutoencoder
 
     if isinstance(dictionary, NMFDictionary):
         return dictionary.components.detach().cpu().numpy(), "NMF components"
@@ -225,7 +225,8 @@ def layer_mixes(store: RunStore, config: RunConfig | None, records: Sequence[Uni
     the run's unit records (the parent layers' neurons and the features' own labels)."""
     if config is None or not config.dictionary_layers:
         return {}
-    from dnd.dictionary import DictionaryError, load_dictionary
+    from dnd.dictionary.files import load_dictionary
+    from dnd.dictionary.kinds import DictionaryError
     from dnd.record import NEURON
 
     by_layer: dict[str, dict[int, UnitRecord]] = {}

@@ -27,14 +27,10 @@ from PIL import Image
 from dnd.probe import ProbeSet
 from dnd.record import UnitRecord
 from dnd.report.assets import scoped_css
-from dnd.report.build import (
-    InterpretabilityRule,
-    _Images,
-    _num,
-    esc,
-    unit_body,
-    unit_heading,
-)
+from dnd.report.build import unit_body, unit_heading
+from dnd.report.html import esc, num
+from dnd.report.images import ReportImages
+from dnd.report.rules import InterpretabilityRule
 from dnd.store import RunStore
 
 SCOPE = "dnd-inline"  # the class of the div every output sits in
@@ -54,8 +50,8 @@ def data_uri(data: bytes, name: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-class InlineImages(_Images):
-    """The report's images (:class:`dnd.report.build._Images`) as data URIs: nothing is
+class InlineImages(ReportImages):
+    """The report's images (:class:`dnd.report.images.ReportImages`) as data URIs: nothing is
     written; ``max_px`` caps thumbnail sides (None: the report's sizes)."""
 
     def __init__(self, store: RunStore, probe: ProbeSet | None, max_px: int | None = None):
@@ -79,7 +75,7 @@ def _fragment(body: str, extra_css: str = "") -> str:
             f"{body}</div>")
 
 
-def unit_html(rec: UnitRecord, images: _Images, rule: InterpretabilityRule | None = None
+def unit_html(rec: UnitRecord, images: ReportImages, rule: InterpretabilityRule | None = None
               ) -> str:
     """A unit's report card as one HTML fragment (``images``: an :class:`InlineImages`;
     ``rule``: its layer's low-interpretability rule, to mark and explain its score)."""
@@ -116,8 +112,8 @@ def run_html(name: str, cards: Sequence[Mapping[str, Any]], *, total: int,
             + f"<td>{esc(c['unit'])}</td><td><div class=thumbs>{thumbs}</div></td>"
             f"<td><b>{esc(labels[0]) if labels else ''}</b></td>"
             f"<td>{' &middot; '.join(esc(x) for x in labels[1:])}</td>"
-            f"<td>{_num(c['score'])}</td><td>{_num(c['interp'])}{low}</td>"
-            f"<td>{_num(c.get('confidence'))}</td><td>{status}</td></tr>")
+            f"<td>{num(c['score'])}</td><td>{num(c['interp'])}{low}</td>"
+            f"<td>{num(c.get('confidence'))}</td><td>{status}</td></tr>")
     notes = [] if probe_ok else [
         "<p class=err>The run's probing set could not be opened: no images.</p>"]
     shown = (f"{len(cards)} of {total} units shown (<code>run.to_html(limit=None)</code>: "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,42 +33,11 @@ from scipy import ndimage
 from dnd.activations import iter_batches
 from dnd.probe import ProbeSet
 from dnd.record import Box, Evidence, UnitCrops, UnitRecord
+from dnd.settings import CropConfig
 from dnd.stages.base import RunContext
 from dnd.target import Target, capture, split_output
 
 MAP_SIDE = 16  # activation maps kept in unit records are pooled to at most this size
-
-
-@dataclass(frozen=True)
-class CropConfig:
-    """Settings of Step 1 (ALGORITHM.md numbers as defaults)."""
-
-    top_n: int = 10            # top probe images per unit
-    top_k: int = 10            # activating images kept after re-scoring
-    max_crops: int = 4         # crops per image
-    iou_between: float = 0.5   # keep a box only if IoU with every kept box <= this
-    iou_image: float = 0.8     # ... and IoU with the whole image < this
-    # How a crop is scored and which crops are captioned (module docstring): "in_place"
-    # (its activation inside the original map; top-K originals + each one's best crop) or
-    # "rescored" (the paper: enlarged and re-scored; the top-K of originals and crops).
-    score: str = "in_place"
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("top_n", "top_k", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"crop.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_crops < 0:
-            raise ValueError(f"crop.max_crops must be >= 0, got {self.max_crops}")
-        for name in ("iou_between", "iou_image"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"crop.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.score not in CROP_SCORES:
-            raise ValueError(f"crop.score must be one of {', '.join(CROP_SCORES)}, got "
-                             f"{self.score!r}")
-
-
-CROP_SCORES = ("in_place", "rescored")
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dnd.backends.base import CannotRender, Generator, GenRequest, ImageTextEnco
 from dnd.cache import FeatureCache, ImageBank
 from dnd.io import stable_hash
 from dnd.record import Scoring, Selection, UnitRecord
+from dnd.settings import ScoreConfig
 from dnd.stages.base import RunContext
 from dnd.stages.crop import attention_scale
 from dnd.stages.select import (
@@ -40,86 +41,6 @@ from dnd.stages.select import (
 from dnd.stages.words import coverage, more_general, said_in
 from dnd.target import Target, capture, split_output
 
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of Step 3 (ALGORITHM.md numbers as defaults)."""
-
-    images_per_concept: int = 10         # Q
-    # Adaptive selection (see ConceptScorer.contenders): >0 generates this many images per
-    # candidate first; a unit whose best leads every other candidate's screening final
-    # score by `contender_margin` (others below margin x best) is decided there, else its
-    # best and those of its `contenders` best within the margin get the rest of Q; 0
-    # evaluates every candidate on all Q images (the paper).
-    screen_images: int = 0
-    contenders: int = 2
-    contender_margin: float = 0.7
-    prompt_template: str = "a realistic photo of {concept}"
-    seed: int = 0                        # image j of every concept uses seed + j
-    gen_image_size: int = 0              # >0: downsize generated images first (reference: 32)
-    rank_score: str = "topk_squared"     # topk_squared | mean | squared_mean
-    beta: int = 5
-    # How Label 1 is chosen (dnd.stages.select): "evidence" (its generated images fire the
-    # unit, at the scale the unit looks at, and its activating images' captions name it;
-    # the most general such concept) or "paper" (rank score x image-product weight).
-    selection: str = "evidence"
-    # evidence: a more general candidate ("red" for "red star") whose score is at least
-    # 1 - generality_margin of the best's is preferred to it.
-    generality_margin: float = 0.1
-    max_labels: int = 3
-    dedup_threshold: float = 0.81        # CLIP text similarity above which a label repeats
-    # Labels 2-3 need evidence of both kinds (see secondary_evidence): generated images that
-    # activate the unit and a share of captions naming them. paper: this far from the
-    # median of D_gen towards Label 1's images, and this share of the captions ...
-    secondary_min_activation: float = 0.5
-    secondary_min_captions: float = 0.5
-    # ... evidence: a response R and a coverage S of at least these. A polysemantic unit's
-    # second concept shows in about half of its top images, less when the first dominates
-    # them: the coverage asked for is under a half, sufficiency (R) carries the weight.
-    secondary_min_response: float = 0.5
-    secondary_min_coverage: float = 0.4
-    batch_size: int = 64                 # target / encoder batch
-
-    def __post_init__(self) -> None:
-        if "{concept}" not in self.prompt_template:
-            raise ValueError("score.prompt_template must contain {concept}, got "
-                             f"{self.prompt_template!r}")
-        for name in ("images_per_concept", "beta", "max_labels", "batch_size", "contenders"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"score.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.screen_images <= self.images_per_concept:
-            raise ValueError(f"score.screen_images must be in [0, images_per_concept = "
-                             f"{self.images_per_concept}] (0: every candidate gets all "
-                             f"images), got {self.screen_images}")
-        for name in ("contenders", "contender_margin"):
-            if self.screen_images == 0 and getattr(self, name) != getattr(ScoreConfig, name):
-                raise ValueError(f"score.{name} ({getattr(self, name)}) applies only to "
-                                 "adaptive selection; set score.screen_images too (e.g. 2)")
-        if not 0 <= self.contender_margin <= 1:
-            raise ValueError(f"score.contender_margin must be in [0, 1], got "
-                             f"{self.contender_margin}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"score.selection must be one of {', '.join(SELECTIONS)}, got "
-                             f"{self.selection!r}")
-        own = {"evidence": ("generality_margin", "secondary_min_response",
-                            "secondary_min_coverage"),
-               "paper": ("secondary_min_activation", "secondary_min_captions")}
-        for rule, names in own.items():
-            for name in names:
-                if self.selection != rule and getattr(self, name) != getattr(ScoreConfig, name):
-                    raise ValueError(f"score.{name} applies only to selection {rule!r}")
-        if not 0 <= self.generality_margin < 1:
-            raise ValueError(f"score.generality_margin must be in [0, 1), got "
-                             f"{self.generality_margin}")
-        if self.gen_image_size < 0:
-            raise ValueError("score.gen_image_size must be >= 0 (0 = keep the generated size)")
-        for name in ("secondary_min_activation", "secondary_min_captions",
-                     "secondary_min_response", "secondary_min_coverage"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"score.{name} must be in [0, 1], got {getattr(self, name)}")
-
-
-SELECTIONS = ("evidence", "paper")
 # Generated images are also shown this many times smaller (tiled to fill the input) to
 # units that look at small regions (dnd.stages.crop.attention_scale).
 SCALES = (2, 3, 4)

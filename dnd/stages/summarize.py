@@ -15,15 +15,15 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dnd.backends.llm import JSON_SCHEMA, PREFIX, ChatLLM, ChatReply, ChatRequest, reply_form
-from dnd.prompting import check_prompt_name, load_prompt
+from dnd.prompting import load_prompt
 from dnd.record import Candidates, LLMUsage, Rejection
+from dnd.settings import SummarizeConfig
 from dnd.stages.words import (
     CAPTION_STOPWORDS,
     HEAD_NOUNS,
@@ -235,56 +235,6 @@ def at_levels(cands: Candidates, captions: Sequence[str], limit: int) -> Candida
 
 
 # -------------------------------------------------------------------- LLM summariser
-
-
-@dataclass(frozen=True)
-class SummarizeConfig:
-    """Settings of ``Summarizer``.
-
-    ``num_samples`` concepts (paper: T = 5) are drawn from one prompt at ``temperature``
-    (paper: 0.3), each capped at ``max_tokens`` and ended at the first line break. The
-    default ``concept_prompt`` (v3) asks for a list of concepts at every level, for
-    ``candidates: levels``; v2, for one concept per reply, is the paper preset's. A
-    concept is 1 to ``max_words`` words (paper: 1-5). When fewer than half the replies are
-    usable, the prompt is asked again, at most ``max_reasks`` times, with a new seed and
-    at least ``reask_temperature``. ``consensus_extra`` caps the consensus phrases the
-    ``llm+consensus`` summariser adds to the LLM's candidates. ``max_candidates`` caps a
-    unit's candidates with ``candidates: phrases``; with levels :func:`at_levels` ranks
-    them by coverage and keeps ``LEVEL_MAX_CANDIDATES`` (setting it there is an error).
-    """
-
-    num_samples: int = 5
-    temperature: float = 0.3
-    reask_temperature: float = 0.7
-    max_tokens: int = 40
-    max_words: int = 5
-    max_candidates: int = 6
-    max_reasks: int = 2
-    consensus_extra: int = 3
-    seed: int = 0
-    concept_prompt: str = "summarize_concept.v3"
-    merge_prompt: str = "merge_concepts.v2"
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if min(self.temperature, self.reask_temperature) < 0:
-            raise ValueError("temperatures must be >= 0, got "
-                             f"{(self.temperature, self.reask_temperature)}")
-        for name in ("max_tokens", "max_words", "max_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_reasks < 0 or self.consensus_extra < 0 or self.seed < 0:
-            raise ValueError("max_reasks, consensus_extra and seed must be >= 0")
-        for name in (self.concept_prompt, self.merge_prompt):
-            check_prompt_name(name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SummarizeConfig:
-        return cls(**d)
 
 
 @dataclass

@@ -5,17 +5,27 @@ It is saved as an open_clip ``local-dir`` folder (``open_clip_config.json``,
 model: ``open_clip.create_model_and_transforms("local-dir:<folder>")``.
 Its tokenizer is a byte-level BPE with the usual CLIP conventions but only ~1,100 tokens,
 learned from the toy world's own words, so the text tower stays tiny.
+
+Importing this module registers ``toyworld-clip``: its image tower as a target
+(:data:`dnd.target.TARGETS`) and the whole model for text feature visualization
+(:data:`dnd.target.CLIP_MODELS`: with the words of its training captions,
+:func:`toy_clip_words`, and the multimodal check, :mod:`dnd.toyworld.multimodal`).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dnd.io import bytes_hash
+from dnd.target import CLIP_MODELS, TARGETS, ClipModel, Target, open_clip_target
+from dnd.target.open_clip import whole_open_clip
 from dnd.toyworld.generator import SIZE_WORDS, STOPWORDS
 from dnd.toyworld.render import compose_caption
 from dnd.toyworld.target import CLASS_NAMES, TOY_PREPROCESS, WEIGHTS_DIR
@@ -250,3 +260,61 @@ def load_toy_clip(path: str | Path = CLIP_DIR):
         raise RuntimeError(f"tokenizer in {path} has {len(tokenizer.tokenizer)} tokens, the "
                            f"model {model.vocab_size}")
     return model.eval(), transform, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# toyworld-clip in dnd's registries
+# ---------------------------------------------------------------------------------------
+
+TOY_CAPTION_SPECS = 600  # scenes whose training captions give the toy CLIP's words
+
+
+@functools.lru_cache(maxsize=4)
+def toy_clip_words(n_specs: int = TOY_CAPTION_SPECS) -> frozenset[str]:
+    """The words of the toy CLIP's training captions (made as its training makes them, for
+    ``n_specs`` random scenes; 400 already give all 104). Its tokenizer also holds BPE
+    merge pieces ("eaturing") and plurals that never occur in a caption: their embeddings
+    were never trained and score like random vectors, so the text search leaves them out."""
+    from dnd.toyworld.render import sample_spec
+
+    rng = np.random.default_rng(0)
+    words: set[str] = set()
+    for _ in range(n_specs):
+        spec = sample_spec(rng, 64)
+        for kind in CAPTION_KINDS:
+            for caption in training_caption(spec, kind, rng):
+                words.update(re.findall(r"[a-z]+", caption))
+    return frozenset(words)
+
+
+def _committed_id() -> str:
+    """The committed weights' id: the file's hash, as for the toy CNNs (not the folder's
+    absolute path)."""
+    data = (CLIP_DIR / "open_clip_model.safetensors").read_bytes()
+    return f"toyworld-clip.committed:{bytes_hash(data)}"
+
+
+@TARGETS.register("toyworld-clip")
+def _toyworld_clip(weights: str = "DEFAULT") -> Target:
+    """The toy CLIP's image tower (an open_clip ``ModifiedResNet`` on 64-px renders) with the
+    preprocessing saved in its folder (``DEFAULT``: the committed weights; ``none``: random;
+    or a weights file). Layers ``layer1``..``layer4``, ``attnpool`` (the image embedding)."""
+    target = open_clip_target(f"local-dir:{CLIP_DIR.resolve()}", weights)
+    target.name = "toyworld-clip"
+    if weights == "DEFAULT":
+        target.weights_id = _committed_id()
+    return target
+
+
+@CLIP_MODELS.register("toyworld-clip")
+def _toyworld_clip_model(weights: str = "DEFAULT") -> ClipModel:
+    """The whole toy CLIP behind the ``toyworld-clip`` target (the same image tower and
+    identity), its vocabulary and the multimodal check its renderer can draw."""
+    from dnd.toyworld.multimodal import run_check
+
+    clip = whole_open_clip(f"local-dir:{CLIP_DIR.resolve()}", weights, name="toyworld-clip",
+                           weights_id=_committed_id() if weights == "DEFAULT" else None)
+    clip.words = toy_clip_words()
+    clip.multimodal = run_check
+    return clip
+

@@ -12,10 +12,14 @@ when as many random false positives are added (the sanity checks of Neuron_Eval;
 
 A unit's ground truth is its best-scoring concept; a unit whose best score is below the
 metric's threshold has no clear concept and is flagged ``clear=False``.
+
+A label is judged against a concept by :func:`mentions`: a keyword match with synonyms
+("crimson disc" names "red circle").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +29,18 @@ from torch.nn import functional as F
 
 from dnd.toyworld.render import Scene
 from dnd.toyworld.target import CLASS_NAMES
-from dnd.toyworld.world import concept_names
+from dnd.toyworld.world import SYNONYMS, concept_names
+
+
+def mentions(label: str, concept: str) -> bool:
+    """True if ``label`` names every word of ``concept`` (synonyms allowed, whole words)."""
+    text = f" {' '.join(re.findall(r'[a-z]+', label.lower()))} "
+    for word in concept.split():
+        names = SYNONYMS.get(word, [word])
+        if not any(f" {n} " in text for n in names):
+            return False
+    return True
+
 
 MIN_AP = 0.5  # AP of a clear detector (chance level is the concept's prevalence)
 MIN_IOU = 0.04  # Network Dissection's threshold for a unit to count as a detector

@@ -54,3 +54,11 @@ def open_toyworld(arg: str) -> ToyWorldProbe:
         raise ProbeError(f"toyworld probing set needs a count, e.g. toyworld:2000; "
                          f"got {'toyworld:' + arg!r}") from None
     return ToyWorldProbe(name=f"toyworld:{n}", ids=[f"toy/{i}" for i in range(n)])
+
+
+def probe_scenes(n_probe: int) -> list:
+    """The scenes of the ``toyworld:N`` probing set, with their annotations (the ground
+    truth its units are judged against)."""
+    from dnd.toyworld.render import render_batch
+
+    return render_batch(range(TOY_PROBE_START, TOY_PROBE_START + n_probe))

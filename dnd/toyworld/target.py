@@ -3,10 +3,10 @@
 64 classes ("red circle", ..., "pink hexagon"), so the final layer ``fc`` has one unit per
 named concept pair and intermediate blocks ``conv1``..``conv4`` carry spatial maps whose
 ground truth the toy world knows exactly (see ``groundtruth.py``). Importing this module
-registers three targets in :data:`dnd.target.TARGETS`: ``toyworld-cnn`` (trained on the
-classification loss alone), ``toyworld-planted`` (the same network, with chosen hidden
-channels also trained to fire on known concepts: ``planted.py``) and ``toyworld-clip`` (the
-toy CLIP's image tower, ``clip.py``).
+registers two targets in :data:`dnd.target.TARGETS`: ``toyworld-cnn`` (trained on the
+classification loss alone) and ``toyworld-planted`` (the same network, with chosen hidden
+channels also trained to fire on known concepts: ``planted.py``); ``clip.py`` registers the
+third, ``toyworld-clip`` (the toy CLIP's image tower).
 """
 
 from __future__ import annotations
@@ -165,21 +165,3 @@ def _toyworld_planted(weights: str = "DEFAULT") -> Target:
     random; or a file, or a folder holding ``toy_planted.safetensors`` as ``python -m
     dnd.toyworld.train --only planted --spec FILE --out DIR`` writes)."""
     return _toy_target("toyworld-planted", PLANTED_STEM, weights)
-
-
-@TARGETS.register("toyworld-clip")
-def _toyworld_clip(weights: str = "DEFAULT") -> Target:
-    """The toy CLIP's image tower (an open_clip ``ModifiedResNet`` on 64-px renders) with the
-    preprocessing saved in its folder (``DEFAULT``: the committed weights; ``none``: random;
-    or a weights file). Layers ``layer1``..``layer4``, ``attnpool`` (the image embedding)."""
-    from dnd.io import bytes_hash
-    from dnd.target import open_clip_target
-    from dnd.toyworld.clip import CLIP_DIR
-
-    target = open_clip_target(f"local-dir:{CLIP_DIR.resolve()}", weights)
-    target.name = "toyworld-clip"
-    if weights == "DEFAULT":
-        # The committed file's hash, as for the toy CNNs (not the folder's absolute path).
-        data = (CLIP_DIR / "open_clip_model.safetensors").read_bytes()
-        target.weights_id = f"toyworld-clip.committed:{bytes_hash(data)}"
-    return target

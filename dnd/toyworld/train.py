@@ -334,7 +334,7 @@ def train_planted(args: argparse.Namespace, units: Sequence[PlantedUnit] | None 
     metrics = {"heldout_accuracy": acc, "planted_weight": args.planted_weight,
                **_run_record(args, heldout, args.lr, seconds),
                # The spec the units came from (None: PLANTED); the units themselves are
-               # what the benchmark checks (planted_benchmark.check_trained_for_planted).
+               # what the benchmark checks (dnd.benchmarks.planted.check_trained_for_planted).
                "planted_spec": str(spec) if spec else None, "planted_units": report}
     save_toy_cnn(model, args.out, {"training": metrics}, stem=PLANTED_STEM)
     return metrics

@@ -10,12 +10,12 @@ Target ``toyworld-clip`` (the toy CLIP's image tower), two layers:
   vector), a check of the search alone.
 
 Units with a clear ground-truth concept (average precision over the probing renders,
-:mod:`dnd.toyworld.groundtruth`) are judged: the top text (:func:`dnd.textvis.search_texts`
+:mod:`dnd.toyworld.groundtruth`) are judged: the top text (:func:`dnd.textsearch.search_texts`
 with the default settings) names the concept under the toy world's keyword judge
-(:func:`dnd.toyworld.demo.mentions`, synonyms allowed). Baselines: the best single word
-(the search's best seed), and chance: random texts of the top text's length drawn from the
-same vocabulary. The multimodal check (:func:`dnd.textvis.multimodal_table`) is run on every
-unit of both layers for every concept the renderer can draw both ways.
+(:func:`dnd.toyworld.groundtruth.mentions`, synonyms allowed). Baselines: the best single
+word (the search's best seed), and chance: random texts of the top text's length drawn from
+the same vocabulary. The multimodal check (:func:`dnd.toyworld.multimodal.multimodal_table`)
+is run on every unit of both layers for every concept the renderer can draw both ways.
 """
 
 from __future__ import annotations
@@ -28,18 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnd.bench import write_table
-from dnd.textvis import (
+from dnd.benchmarks.common import write_table
+from dnd.target import load_clip_for_target
+from dnd.textsearch import TextScorer, TextVisConfig, search_texts, unit_directions
+from dnd.textvis import clip_vocabulary
+from dnd.toyworld.multimodal import (
     MULTIMODAL_THRESHOLD,
-    TextScorer,
-    TextVisConfig,
-    clip_vocabulary,
-    load_clip_for_target,
     multimodal_concepts,
     multimodal_table,
     scene_activations,
-    search_texts,
-    unit_directions,
 )
 
 LAYERS = ("layer4", "attnpool")
@@ -52,8 +49,8 @@ def textvis_bench(n_probe: int = 2000, config: TextVisConfig | None = None,
     """Per layer: judged units, the search's and the baselines' hits, seconds per unit,
     and (``multimodal``) the multimodal check of every unit. ``config``: the search
     settings (default: :class:`TextVisConfig`'s). Plain data (JSON-ready)."""
-    from dnd.toyworld.demo import mentions, probe_scenes
-    from dnd.toyworld.groundtruth import unit_ground_truth
+    from dnd.toyworld.groundtruth import mentions, unit_ground_truth
+    from dnd.toyworld.probe import probe_scenes
     from dnd.toyworld.world import concept_names
 
     config = config or TextVisConfig()
@@ -61,7 +58,7 @@ def textvis_bench(n_probe: int = 2000, config: TextVisConfig | None = None,
     target = clip.target
     scenes = probe_scenes(n_probe)
     pixels = torch.stack([target.preprocess(s.image) for s in scenes])
-    vocab = clip_vocabulary("toyworld-clip", clip.tokenizer)
+    vocab = clip_vocabulary(clip)
     scorer = TextScorer(clip.model, clip.tokenizer, config.text_batch)
     rng = np.random.default_rng(0)
     out: dict = {"n_probe": n_probe, "config": config.to_dict(), "vocabulary": len(vocab),
@@ -215,7 +212,8 @@ def _multimodal_lines(r: dict) -> list[str]:
         "one of the world's own words: cat, dog, sun, hello, toy). A unit responds to both "
         f"when picture minus no-word control and word minus other-word control are each >= "
         f"{MULTIMODAL_THRESHOLD:g} standard deviation of the unit over the ordinary scenes "
-        f"(`dnd.textvis.multimodal_check`). Concepts: {', '.join(multimodal_concepts())}.",
+        f"(`dnd.toyworld.multimodal.multimodal_check`). Concepts: "
+        f"{', '.join(multimodal_concepts())}.",
         "", "| layer | units x concepts checked | pairs where the picture moves the unit | "
         "pairs that respond to both | largest word response, any unit and concept (sd) | "
         "clear units: median picture / word response to their own concept (sd) | "

@@ -19,8 +19,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dnd.evaluation.classifier_search import classifier_search_needs, run_classifier_search
-from dnd.evaluation.embedders import CachedEmbedder, TextEmbedder, create_embedder
+from dnd.benchmarks.common import md_table
+from dnd.evaluation.classifier_search import (
+    DEFAULT_CACHE_DIR,
+    classifier_search_needs,
+    run_classifier_search,
+)
+from dnd.evaluation.embedders import (
+    CachedEmbedder,
+    TextEmbedder,
+    create_embedder,
+    embedder_needs,
+)
 from dnd.evaluation.final_layer import (
     constant_labels,
     final_layer_needs,
@@ -39,14 +49,13 @@ from dnd.evaluation.milan import (
     reliable_threshold,
 )
 from dnd.io import atomic_write_text
-from dnd.preflight import ModelsNotAvailable, Need, check, embedder_needs
+from dnd.preflight import ModelsNotAvailable, Need, check
 from dnd.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
 
 # eval/ sits at the repository root next to dnd/ (tables are a repository artefact).
 DEFAULT_DEFINITIONS = Path(__file__).resolve().parents[2] / "eval" / "tables.yaml"
-DEFAULT_CACHE_DIR = Path("runs") / "eval-cache"
 
 
 class NotRun(Exception):
@@ -163,8 +172,8 @@ def _planted_settings(planted_spec: str | Path | None, planted_weights: str | Pa
         raise ValueError(f"{flags} apply to tables of kind toyworld_planted only, and "
                          f"{', '.join(others)} would ignore them: select the planted "
                          f"table with `--only toyworld_planted`")
+    from dnd.benchmarks.planted import check_trained_for_planted
     from dnd.toyworld.planted import PLANTED, load_spec
-    from dnd.toyworld.planted_benchmark import check_trained_for_planted
 
     weights = given.get("weights", "DEFAULT")
     if weights != "DEFAULT" and not Path(weights).exists():
@@ -262,11 +271,6 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-
-
 def _final_layer(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
     class_names = model_class_names(spec.models[0])
     method, labels = _method_labels(spec, resolve)
@@ -279,8 +283,8 @@ def _final_layer(spec: TableSpec, resolve, embedders, cache_dir, progress) -> li
         rows += [[src, s.embedder, _fmt(s.mean), f"[{_fmt(s.low)}, {_fmt(s.high)}]",
                   len(res.units)] for s in res.scores]
     return ["Mean cosine similarity of each unit's label to its class name (95% bootstrap CI "
-            "over units, 1000 resamples, seed 0).", ""] + _md_table(
-        ["labels", "embedder", "mean cosine", "95% CI", "units"], rows)
+            "over units, 1000 resamples, seed 0).", ""] + md_table(
+       ["labels", "embedder", "mean cosine", "95% CI", "units"], rows)
 
 
 def _classifier_search(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
@@ -296,8 +300,8 @@ def _classifier_search(spec: TableSpec, resolve, embedders, cache_dir, progress)
     return [f"One-vs-rest AUROC of the unit of layer `{layer}` whose description is closest "
             f"to each class name (text similarity: mean cosine over the embedders), scored by "
             f"its summary activation (spatial mean; fc outputs as they are) on "
-            f"{res.n_images} images; tied units are averaged.", ""] + _md_table(
-        ["class", "unit(s)", "description", "text similarity", "AUROC"], rows)
+            f"{res.n_images} images; tied units are averaged.", ""] + md_table(
+       ["class", "unit(s)", "description", "text similarity", "AUROC"], rows)
 
 
 def _milan_descriptions(labels: Any) -> dict[tuple[str, int], str]:
@@ -333,7 +337,7 @@ def _milan(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str
         results += [milan_scores({k: d[k] for k in descriptions}, annotations, emb, name=name,
                                  threshold=threshold) for name, d in others.items()]
         lines += [f"Embedder {emb.name}: {len(results[0].units)} units. {results[0].rule}", ""]
-        lines += _md_table(MILAN_TABLE_HEADER, milan_table_rows(results)) + [""]
+        lines += md_table(MILAN_TABLE_HEADER, milan_table_rows(results)) + [""]
     return lines[:-1]
 
 
@@ -378,21 +382,21 @@ def _milan_reliability(spec: TableSpec, resolve, embedders, cache_dir, progress
                   f"highest best-pair similarity ({ranked[target - 1]:.4f} and "
                   f"{ranked[target]:.4f}) marks exactly {target} units reliable; the midpoint "
                   f"is {matched:g}.", ""]
-        lines += _md_table(["threshold", *layers, "all"], rows) + [""]
+        lines += md_table(["threshold", *layers, "all"], rows) + [""]
         at = calibrated if calibrated is not None else matched
         lines += [f"Every annotated unit at {label(at)}:", ""]
-        lines += _md_table(["layer", "reliable", "units"],
-                           [[la, str(int((best_all[layer_all == la] > at).sum())),
-                             str(int((layer_all == la).sum()))]
-                            for la in sorted(set(layer_all), key=layer_sort_key)]
-                           + [["all", str(int((best_all > at).sum())), str(len(best_all))]])
+        lines += md_table(["layer", "reliable", "units"],
+                          [[la, str(int((best_all[layer_all == la] > at).sum())),
+                            str(int((layer_all == la).sum()))]
+                           for la in sorted(set(layer_all), key=layer_sort_key)]
+                          + [["all", str(int((best_all > at).sum())), str(len(best_all))]])
         lines.append("")
     return lines[:-1]
 
 
 def _toyworld_benchmark(spec: TableSpec, resolve, embedders, cache_dir, progress
                         ) -> list[str]:
-    from dnd.toyworld.benchmark import run_benchmark
+    from dnd.benchmarks.toyworld import run_benchmark
 
     return run_benchmark(Path(cache_dir) / "toyworld-benchmark",
                          n_probe=int(spec.options.get("n_probe", 2000)), progress=progress)
@@ -418,7 +422,7 @@ def _planted_cache(cache_dir: Path, spec: str | None, weights: str) -> Path:
 
 
 def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
-    from dnd.toyworld.planted_benchmark import run_planted_benchmark
+    from dnd.benchmarks.planted import run_planted_benchmark
 
     o = spec.options
     unknown = sorted(set(o) - _PLANTED_OPTIONS)

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dnd.benchmarks.common import describe_toy_layers, layer_truths
 from dnd.io import atomic_write_text
 from dnd.record import UnitRecord
-from dnd.report.build import comparison_page
+from dnd.report.compare import comparison_page
 from dnd.store import RunStore
-from dnd.toyworld.demo import describe_toy_layers, layer_truths, mentions, probe_scenes
+from dnd.toyworld.groundtruth import mentions
+from dnd.toyworld.probe import probe_scenes
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,7 @@ def run_benchmark(root: str | Path, *, n_probe: int = 2000, hidden_layer: str = 
 
 def _usage(records: dict[int, UnitRecord]) -> tuple[float, float, float]:
     """Mean LLM requests, prompt tokens and completion tokens per unit."""
-    from dnd.bench import llm_usage
+    from dnd.benchmarks.describe import llm_usage
 
     u = llm_usage(records)
     return u["requests"], u["prompt_tokens"], u["completion_tokens"]

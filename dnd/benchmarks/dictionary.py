@@ -8,7 +8,7 @@ the probing renders, with the planted units' spatial summary (max):
 
 - ``conv4`` (every neuron) and ``conv4.nmf``: :data:`NMF_FEATURES` NMF factors;
 - ``conv4.sae``: a TopK sparse autoencoder of :data:`SAE_FEATURES` latents, :data:`SAE_K`
-  active per position, trained by the run (:func:`dnd.dictionary.train_sae`).
+  active per position, trained by the run (:func:`dnd.dictionary.fit.train_sae`).
 
 Every unit of each basis (neurons, NMF factors, SAE latents) is described; then:
 
@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dnd.bench import write_table
-from dnd.toyworld.demo import mentions
-from dnd.toyworld.groundtruth import MIN_AP
+from dnd.benchmarks.common import md_table, write_table
+from dnd.toyworld.groundtruth import MIN_AP, mentions
 
 LAYER = "conv4"
 NMF_FEATURES = 32   # a quarter of conv4's 128 channels: Building Blocks-style neuron groups
@@ -174,9 +173,9 @@ def _pct(k: int, n: int) -> str:
 
 
 def _run_configs(n_probe: int, layer: str) -> dict[str, object]:
+    from dnd.benchmarks.planted import PLANTED_MODEL
     from dnd.config import load_config
     from dnd.toyworld.planted import SUMMARY
-    from dnd.toyworld.planted_benchmark import PLANTED_MODEL
 
     base = {"model": PLANTED_MODEL, "summary": SUMMARY, "units": "all",
             "probe": [f"toyworld:{n_probe}"]}
@@ -197,16 +196,16 @@ def dictionary_bench(root: str | Path, n_probe: int = 2000, layer: str = LAYER,
     them (module docstring). Returns JSON-able results for :func:`dictionary_bench_lines`."""
     import json
 
+    from dnd.api import describe
     from dnd.backends.base import resolve_device
-    from dnd.backends.factory import load_llm, load_models
-    from dnd.dictionary import load_dictionary
-    from dnd.pipeline import describe
+    from dnd.benchmarks.planted import check_trained_for_planted
+    from dnd.dictionary.files import load_dictionary
+    from dnd.loading import load_llm, load_models
     from dnd.report.dictionary import decoder_rows
     from dnd.store import RunStore
-    from dnd.toyworld.demo import probe_scenes
     from dnd.toyworld.groundtruth import average_precision, image_labels, unit_ground_truth
     from dnd.toyworld.planted import units_of
-    from dnd.toyworld.planted_benchmark import check_trained_for_planted
+    from dnd.toyworld.probe import probe_scenes
 
     check_trained_for_planted()
     poly = [u for u in units_of(layer) if u.kind == "polysemantic"]
@@ -321,7 +320,7 @@ def dictionary_bench_lines(r: Mapping, command: str) -> list[str]:
         f"Target `toyworld-planted`, layer `{layer}` ({r['rows']['neurons']['units']} "
         f"channels, the layer with most planted units), {r['n_probe']:,} probing renders, "
         "`toyworld` preset (consensus summariser, no LLM), spatial max as the planted units "
-        "(`dnd.toyworld.dictionary_benchmark`). Dictionaries fitted by the runs on "
+        "(`dnd.benchmarks.dictionary`). Dictionaries fitted by the runs on "
         f"{fits['NMF']['positions']:,} positions of `{layer}`: NMF with "
         f"{fits['NMF']['features']} factors (fraction of variance unexplained "
         f"{fits['NMF']['fraction_of_variance_unexplained']:.3f}), a TopK SAE with "
@@ -336,11 +335,11 @@ def dictionary_bench_lines(r: Mapping, command: str) -> list[str]:
         f"the best average precision, AP >= {MIN_AP:g} (the neurons' criterion, "
         "`dnd.toyworld.groundtruth`). Agreement: Label 1 (or one of Labels 1-3) names that "
         "concept (keyword match with synonyms), over the units with a clear concept.", ""]
-    lines += _md(["basis", "units", "never fire", "clear ground truth",
-                  "distinct clear concepts", "Label 1 agrees", "Labels 1-3 agree"],
-                 [[b, str(x["units"]), str(x["dead"]), _pct(x["clear"], x["units"]),
-                   str(x["concepts"]), _pct(x["label1"], x["clear"]),
-                   _pct(x["top3"], x["clear"])] for b, x in r["rows"].items()])
+    lines += md_table(["basis", "units", "never fire", "clear ground truth",
+                       "distinct clear concepts", "Label 1 agrees", "Labels 1-3 agree"],
+                      [[b, str(x["units"]), str(x["dead"]), _pct(x["clear"], x["units"]),
+                        str(x["concepts"]), _pct(x["label1"], x["clear"]),
+                        _pct(x["top3"], x["clear"])] for b, x in r["rows"].items()])
     lines += [
         "", "## Planted polysemantic neurons split into one-concept features", "",
         f"For each of the {n} polysemantic planted neurons of `{layer}` (trained to fire on "
@@ -361,17 +360,17 @@ def dictionary_bench_lines(r: Mapping, command: str) -> list[str]:
         lab = sum(x["splits"][key]["by_label"] for x in neurons)
         table.append([basis, criterion, _pct(t, n), _pct(lab, n),
                       "yes" if n and t / n >= GOAL else "**no**"])
-    lines += _md(["dictionary", "features read by", "split by ground truth",
-                  "split by DnD labels", f"goal >= {100 * GOAL:.0f}% (ground truth) met"],
-                 table)
+    lines += md_table(["dictionary", "features read by", "split by ground truth",
+                       "split by DnD labels", f"goal >= {100 * GOAL:.0f}% (ground truth) met"],
+                      table)
     lines += ["", "Upper bound, whichever features read the neuron: neurons each of whose "
               "two concepts some feature of the dictionary (any of its features, not only "
               f"the top {TOP}) carries alone.", ""]
-    lines += _md(["dictionary", "both concepts carried somewhere, ground truth",
-                  "both concepts carried somewhere, DnD labels"],
-                 [[b, _pct(sum(all(x["anywhere"][b]["truth_carriers"]) for x in neurons), n),
-                   _pct(sum(all(x["anywhere"][b]["label_carriers"]) for x in neurons), n)]
-                  for b in (neurons[0]["anywhere"] if neurons else {})])
+    lines += md_table(["dictionary", "both concepts carried somewhere, ground truth",
+                       "both concepts carried somewhere, DnD labels"],
+                      [[b, _pct(sum(all(x["anywhere"][b]["truth_carriers"]) for x in neurons), n),
+                        _pct(sum(all(x["anywhere"][b]["label_carriers"]) for x in neurons), n)]
+                       for b in (neurons[0]["anywhere"] if neurons else {})])
     lines += ["", "Per neuron: its concepts, ground truth and Label 1, then per dictionary "
               "and criterion the features found (`#unit (weight or r)`: its ground truth "
               "with AP, its AP for each of the neuron's concepts, its Label 1) and the "
@@ -390,7 +389,7 @@ def dictionary_bench_lines(r: Mapping, command: str) -> list[str]:
                        f"{'split' if s['by_label'] else 'not split'}")
             detail.append([head, key.replace("/", ", "), cells, verdict])
             head = ""
-    lines += _md(["neuron", "dictionary, criterion", f"top {TOP} features", "verdict"], detail)
+    lines += md_table(["neuron", "dictionary, criterion", f"top {TOP} features", "verdict"], detail)
     lines += ["", "## What this shows", "", *findings(r)]
     return lines
 

@@ -11,11 +11,11 @@ records and the activations, Ray's scheduling, the driver's record writes). Labe
 compared with the local run's.
 
 The estimate (:func:`estimate_hours`) is arithmetic, not a measurement: the per-GPU stage
-rates of the paper's models (``--gpu-rates``; by default assumed figures for one
-A100-class GPU, since this bench runs without one: measure yours with ``dnd bench
-paper-scale``) give each stage's hours for one GPU (:func:`dnd.bench_paper.project_hours`);
-with N GPUs the per-unit stages divide by N, the activation pass (one GPU, in the driver)
-does not, and the measured overhead per chunk and an actor start are added.
+rates of the paper's models (``--gpu-rates``; by default assumed figures for one A100-class
+GPU, since this bench runs without one: measure yours with ``dnd bench paper-scale``) give
+each stage's hours for one GPU (:func:`dnd.benchmarks.paper_scale.project_hours`); with N
+GPUs the per-unit stages divide by N, the activation pass (one GPU, in the driver) does not,
+and the measured overhead per chunk and an actor start are added.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from dnd.bench import _machine, write_table
-from dnd.bench_paper import CANDIDATES_PER_UNIT, IMAGES_PER_CONCEPT, Rates, project_hours
+from dnd.benchmarks.common import machine, write_table
+from dnd.benchmarks.paper_scale import CANDIDATES_PER_UNIT, IMAGES_PER_CONCEPT, Rates, project_hours
 
 # Assumed throughput of one A100-class GPU for the paper's models (items/s): ResNet-50
 # fp32 forward with image decoding (2,000/s), BLIP base captions of 32 tokens (100/s),
@@ -46,9 +46,9 @@ def bench_ray(n_probe: int = 1000, units: str = "all", chunk_units: int = 8,
               actors: tuple[int, ...] = (1, 2), work_dir: str | Path | None = None) -> dict:
     """Describe toy ``fc`` ``units`` locally and on Ray with each of ``actors`` actors;
     returns {"runs": [...], "cluster_start_s", "n_probe", "units", "chunk_units"}."""
+    from dnd.api import describe
     from dnd.config import load_config
     from dnd.executor import import_ray
-    from dnd.pipeline import describe
     from dnd.store import RunStore
     from dnd.toyworld.probe import clear_render_cache
 
@@ -97,7 +97,7 @@ def estimate_hours(n_gpus: int, rates: Rates, *, overhead_per_chunk_s: float,
                    actor_start_s: float = ASSUMED_ACTOR_START_S) -> dict[str, float]:
     """Hours to describe ``units`` units on ``n_gpus`` GPUs (one actor each), by part.
 
-    One-GPU stage hours from :func:`dnd.bench_paper.project_hours` (the paper's work per
+    One-GPU stage hours from :func:`dnd.benchmarks.paper_scale.project_hours` (the paper's work per
     unit, no reuse of generated images across units: an upper bound); the per-unit stages
     (everything but the activation pass, which the driver runs on one GPU) divide by
     ``n_gpus``, LLM requests included (each actor sends its own; an API's rate limit can
@@ -117,7 +117,7 @@ def estimate_hours(n_gpus: int, rates: Rates, *, overhead_per_chunk_s: float,
 def ray_bench_lines(r: dict, command: str, rates: Rates, rates_source: str) -> list[str]:
     local = r["runs"][0]
     lines = [
-        f"# Ray executor on a local cluster ({_machine()})", "",
+        f"# Ray executor on a local cluster ({machine()})", "",
         f"Regenerate: `{command}`", "",
         f"`toyworld` preset, layer `fc`, units `{r['units']}` ({local['n_units']} units), "
         f"{r['n_probe']:,} probing renders, consensus summariser (no LLM), "
@@ -171,7 +171,7 @@ def ray_bench_lines(r: dict, command: str, rates: Rates, rates_source: str) -> l
                      f"{h['Ray coordination']:.5f} | **{h['total']:.2f}** |")
     lines += ["", "Generation dominates the per-unit stages; they divide by the GPUs "
               "because each actor takes whole chunks. Hours for other settings: "
-              "`dnd.bench_ray.estimate_hours`."]
+              "`dnd.benchmarks.ray_executor.estimate_hours`."]
     return lines
 
 
@@ -183,4 +183,4 @@ def write_ray_bench(out_dir: str | Path = "results", *, command: str,
               "assumed A100-class figures, not measured here: no GPU; "
               "`dnd bench paper-scale` measures them")
     lines = ray_bench_lines(r, command, rates or ASSUMED_GPU_RATES, source)
-    return write_table(Path(out_dir) / f"bench-ray-toyworld-{_machine()}.md", lines)
+    return write_table(Path(out_dir) / f"bench-ray-toyworld-{machine()}.md", lines)

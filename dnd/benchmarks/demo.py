@@ -9,37 +9,22 @@ each description against ground truth:
   precision, :mod:`dnd.toyworld.groundtruth`); units without a clear concept are counted
   but not judged.
 
-The judge is a keyword match: a label agrees with a concept when it names every word of
-the concept, each word through any of its synonyms in :data:`dnd.toyworld.world.SYNONYMS`
-("crimson disc" agrees with "red circle").
+The judge is a keyword match (:func:`dnd.toyworld.groundtruth.mentions`): a label agrees
+with a concept when it names every word of the concept, each word through any of its
+synonyms in :data:`dnd.toyworld.world.SYNONYMS` ("crimson disc" agrees with "red circle").
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from dnd.config import load_config
+from dnd.benchmarks.common import describe_toy_layers, layer_truths
 from dnd.io import atomic_write_json, atomic_write_text
-from dnd.pipeline import describe
 from dnd.record import UnitRecord
 from dnd.store import RunStore
-from dnd.toyworld.probe import TOY_PROBE_START
-
-
-def mentions(label: str, concept: str) -> bool:
-    """True if ``label`` names every word of ``concept`` (synonyms allowed, whole words)."""
-    from dnd.toyworld.world import SYNONYMS
-
-    text = f" {' '.join(re.findall(r'[a-z]+', label.lower()))} "
-    for word in concept.split():
-        names = SYNONYMS.get(word, [word])
-        if not any(f" {n} " in text for n in names):
-            return False
-    return True
+from dnd.toyworld.groundtruth import mentions
+from dnd.toyworld.probe import probe_scenes
 
 
 @dataclass(frozen=True)
@@ -77,43 +62,6 @@ def _agreement(layer: str, records: list[UnitRecord], truths: dict[int, str | No
                           sum(r["top3_agrees"] for r in judged)), rows
 
 
-def describe_toy_layers(root: Path, n_probe: int, layers: list[tuple[str, str]],
-                        overrides: dict | None = None, progress: bool = True) -> dict:
-    """Run the ``toyworld`` preset on each (layer, units) under ``root/<layer>``; the
-    models (an LLM included) are loaded once for all layers."""
-    from dnd.backends.base import resolve_device
-    from dnd.backends.factory import load_llm, load_models
-
-    results, models = {}, None
-    for layer, units in layers:
-        config = load_config(preset="toyworld", overrides={
-            "layer": layer, "units": units, "probe": [f"toyworld:{n_probe}"],
-            **(overrides or {})})
-        if models is None:
-            models = load_models(config, resolve_device(config.device), load_llm(config))
-        results[layer] = describe(config, root / layer, models=models, progress=progress)
-    return results
-
-
-def layer_truths(layer: str, result, scenes) -> dict[int, str | None]:
-    """Ground-truth concept of each described unit (None: no clear concept)."""
-    from dnd.toyworld.groundtruth import unit_ground_truth
-    from dnd.toyworld.target import CLASS_NAMES
-
-    if layer == "fc":
-        return {u: CLASS_NAMES[u] for u in result.units}
-    acts = np.asarray(result.activations.values[:, result.units], dtype=np.float32)
-    gt = unit_ground_truth(acts, scenes)
-    return {u: t.concept if t.clear else None for u, t in zip(result.units, gt)}
-
-
-def probe_scenes(n_probe: int) -> list:
-    """The scenes of the ``toyworld:N`` probing set, with their annotations."""
-    from dnd.toyworld.render import render_batch
-
-    return render_batch(range(TOY_PROBE_START, TOY_PROBE_START + n_probe))
-
-
 def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_layer: str = "conv4",
              hidden_units: str = "0-31", progress: bool = True) -> list[LayerAgreement]:
     """Describe the toy CNN's fc layer and ``hidden_units`` of ``hidden_layer``; judge them.
@@ -143,7 +91,7 @@ def run_demo(root: str | Path = "runs/demo", *, n_probe: int = 2000, hidden_laye
           "toyworld_benchmark` also measures "
           "an LLM summariser.\n\n"
           + "\n".join(lines) + "\n")
-    from dnd.toyworld.planted_benchmark import planted_demo
+    from dnd.benchmarks.planted import planted_demo
 
     md += "\n" + "\n".join(planted_demo(root / "planted", n_probe, progress=progress)) + "\n"
     atomic_write_text(root / "agreement.md", md)
@@ -162,7 +110,8 @@ def write_top_page(root: Path, table: list[LayerAgreement], details: dict[str, l
     they name it), each unit linking to its page. Static, opens from file://."""
     from urllib.parse import quote
 
-    from dnd.report.build import comparison_page, esc
+    from dnd.report.compare import comparison_page
+    from dnd.report.html import esc
     from dnd.store import safe_name
 
     rows = []

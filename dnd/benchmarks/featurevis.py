@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnd.bench import write_table
+from dnd.benchmarks.common import write_table
 from dnd.config import DictionaryConfig
 from dnd.featurevis import ColourBasis, FeatureVisConfig, start_images, visualize
 
@@ -56,8 +56,8 @@ def featurevis_bench(n_probe: int = 2000, configs: dict[str, FeatureVisConfig] |
         embed_texts,
         load_toy_clip,
     )
-    from dnd.toyworld.demo import probe_scenes
     from dnd.toyworld.groundtruth import unit_ground_truth
+    from dnd.toyworld.probe import probe_scenes
     from dnd.toyworld.render import images_array
     from dnd.toyworld.target import CLASS_NAMES, preprocess
     from dnd.toyworld.world import BACKGROUND_KINDS, COLOURS, SHAPES
@@ -132,7 +132,8 @@ def _dictionary_row(target, n_probe: int, maps: torch.Tensor, dc: DictionaryConf
                     cfg: FeatureVisConfig, colour: ColourBasis) -> dict:
     """Fit ``dc`` on conv4's positions over ``toyworld:n_probe`` as a run does (``maps``
     [n_probe, C, h, w]: conv4 on those renders) and visualise every feature."""
-    from dnd.dictionary import attach, fit_dictionary, sample_positions
+    from dnd.dictionary.attach import attach
+    from dnd.dictionary.fit import fit_dictionary, sample_positions
     from dnd.probe import open_probe
 
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def featurevis_bench_lines(r: dict, command: str) -> list[str]:
         "# Feature visualization on the toy world", "",
         f"Regenerate: `{command}`", "",
         "Target `toyworld-cnn`; every image judged by an independent model, the toy CLIP, "
-        "zero-shot (`dnd.toyworld.featurevis_benchmark`). `fc`: the 64 class units, judged "
+        "zero-shot (`dnd.benchmarks.featurevis`). `fc`: the 64 class units, judged "
         "among the 64 class prompts (class, and its colour and shape). "
         f"`{HIDDEN}`: the {n_hidden} units with a clear ground-truth concept other than "
         f"text (average precision over {r['n_probe']:,} probing renders), right when the "

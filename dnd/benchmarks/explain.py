@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dnd.bench import write_table
-from dnd.explain import (
-    Explainer,
+from dnd.benchmarks.common import write_table
+from dnd.blocks import (
     SemanticDictionary,
     channel_attribution,
     class_output,
@@ -43,6 +42,7 @@ from dnd.explain import (
     semantic_dictionary,
     spatial_attribution,
 )
+from dnd.explain import Explainer
 
 LAYER = "conv4"
 SEED_START = 3_000_000  # past the probing renders (2,000,000 + n) and the training seeds
@@ -117,7 +117,7 @@ def _first(top: tuple) -> str | None:
 
 
 def _names(label: str | None, obj) -> tuple[bool, bool]:
-    from dnd.toyworld.demo import mentions
+    from dnd.toyworld.groundtruth import mentions
 
     if not label:
         return False, False
@@ -128,7 +128,9 @@ def explain_bench(root: str | Path, n_probe: int = 2000, per_class: int = 2, top
                   permutations: int = 20, steps: int = 50, seed: int = 0) -> dict:
     """Run the benchmark of the module docstring with the ``conv4`` run in ``root/conv4``
     (a re-run reuses it); returns counts per measure and a few example sentences."""
-    from dnd.toyworld.demo import describe_toy_layers, layer_truths, mentions, probe_scenes
+    from dnd.benchmarks.common import describe_toy_layers, layer_truths
+    from dnd.toyworld.groundtruth import mentions
+    from dnd.toyworld.probe import probe_scenes
 
     root = Path(root)
     t0 = time.perf_counter()
@@ -242,7 +244,7 @@ def explain_bench_lines(r: dict, command: str) -> list[str]:
         f"the {r['judged']} units with a clear ground-truth concept, Label 1 names it for "
         f"{_pct(r['label_ok'], r['judged'])}). Then {n} renders with one object "
         f"({r['per_class']} per colour-shape pair, random place and background, no text; "
-        "`dnd.toyworld.explain_benchmark`). Semantic dictionary: at the object's positions "
+        "`dnd.benchmarks.explain`). Semantic dictionary: at the object's positions "
         f"of `{LAYER}` (8 x 8 cells, those at least half on the object) the label most of "
         "the positions' top labelled units carry; a hit when it names the object's colour "
         "or shape (keyword match with synonyms). Baselines: the units' labels randomly "

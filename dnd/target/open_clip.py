@@ -103,15 +103,23 @@ def open_clip_target(spec: str, weights: str = "DEFAULT") -> Target:
                           ) from err
         wid = _open_clip_default_weights_id(arch, tag)
     else:
-        # pretrained_text=False: a hub text tower's own weights would be downloaded otherwise.
-        with _without_random_init_warning():
-            model = open_clip.create_model(arch, pretrained=None, load_weights=False,
-                                           pretrained_text=False, **kwargs)
+        model = _unloaded_open_clip(arch, kwargs)
         if weights.lower() == "none":
             wid = "random"
         else:
             wid = _load_open_clip_weights(model, weights)
     return open_clip_image_target(model, name=name, weights_id=wid)
+
+
+def _unloaded_open_clip(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """open_clip's ``arch`` with no weights loaded (the caller loads its own or keeps random
+    ones)."""
+    import open_clip
+
+    # pretrained_text=False: a hub text tower's own weights would be downloaded otherwise.
+    with _without_random_init_warning():
+        return open_clip.create_model(arch, pretrained=None, load_weights=False,
+                                      pretrained_text=False, **kwargs)
 
 
 @contextlib.contextmanager
@@ -313,9 +321,7 @@ def whole_open_clip(spec: str, weights: str = "DEFAULT", *, name: str,
                           f"checkpoint with --weights FILE): {err}") from err
         wid = weights_id or _open_clip_default_weights_id(arch, tag)
     else:
-        with _without_random_init_warning():
-            model = open_clip.create_model(arch, pretrained=None, load_weights=False,
-                                           pretrained_text=False, **kwargs)
+        model = _unloaded_open_clip(arch, kwargs)
         if weights.lower() == "none":
             wid = "random"
         else:

@@ -237,6 +237,22 @@ def test_tables_from_judged_units():
         planted_tables({"a": full, "ablation": worse[:2]}, ["conv4"], n_probe=1)
 
 
+def test_calibration_pools_the_rows_with_a_confidence():
+    """A row whose Labels 1 are all right has no AUROC; pooled with a row that has wrong
+    ones, the confidence is ranked over both (a paper-rule row, without one, stays out)."""
+    full = _fixture()
+    right = [Judged(j.truth, (" ".join(j.truth.concepts) if j.truth.kind == "compositional"
+                              else j.truth.concepts[0],), 0.5, 0.9) for j in full]
+    wrong = [Judged(j.truth, ("nothing",), 0.5, 0.2) for j in full]
+    paper = [Judged(j.truth, ("nothing",), 0.5) for j in full]
+    text = "\n".join(planted_tables({"a": right, "b": wrong, "paper": paper},
+                                    ["conv3", "conv4"], n_probe=1, n_boot=50,
+                                    dnd_rows=("a", "b", "paper")))
+    assert "| a | - (5/5 correct) | - (6/6 correct) |" in text
+    assert "| pooled: the 2 rows above with a confidence | 1.00 [1.00, 1.00] (5/10 correct) " \
+           "| 1.00 [1.00, 1.00] (6/12 correct) |" in text
+
+
 def test_tables_say_which_rows_differ_beyond_resampling_noise():
     full = _fixture() * 4  # 20 planted units, 12 of them right (strict)
     worse = [Judged(j.truth, ("nothing",)) for j in full]

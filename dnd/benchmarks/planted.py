@@ -582,7 +582,7 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
               "Confidence (`UnitRecord.scoring.confidence`, the evidence rule's: response x "
               "coverage of Label 1) is not defined under the paper's rule; the "
               "interpretability score is the paper's (mean similarity of the top images).", ""]
-    rows = []
+    rows, pooled = [], []
     for m in dnd_rows:
         if m not in judged:
             continue
@@ -590,6 +590,16 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
         rows.append([m, *(calibration(js, STRICT, n_boot, seed, score).cell()
                           for score in ("confidence", "interpretability")
                           for js in (planted_js, judged[m]))])
+        if any(j.confidence is not None for j in judged[m]):
+            pooled.append(m)
+    if len(pooled) > 1:
+        # A row whose Labels 1 are nearly all right has too few wrong ones to measure an
+        # AUROC well; pooled, the rows above give the confidence more errors to rank.
+        js = [j for m in pooled for j in judged[m]]
+        planted_js = subset(js, lambda j: j.truth.kind != FREE)
+        rows.append([f"pooled: the {len(pooled)} rows above with a confidence", *(
+            calibration(part, STRICT, n_boot, seed, score).cell()
+            for score in ("confidence", "interpretability") for part in (planted_js, js))])
     lines += md_table(["method", "confidence, planted units", "confidence, all judged units",
                        "interpretability, planted units", "interpretability, all judged units"],
                       rows)

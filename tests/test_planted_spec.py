@@ -248,3 +248,18 @@ def test_planted_benchmark_runs_get_a_folder_per_spec_and_weights(tmp_path):
                           ) == first
     (weights / f"{PLANTED_STEM}.safetensors").write_bytes(b"two")  # retrained: a new run
     assert _planted_cache(tmp_path, "eval/mine.yaml", str(weights)) != first
+
+
+def test_the_planted_benchmark_judges_every_free_channel_or_the_first_ones():
+    from dnd.benchmarks.planted import _unit_spec
+    from dnd.benchmarks.tables import _free_units
+
+    planted, free = _unit_spec("conv2", None)
+    assert planted == [0, 1, 2, 3, 4, 5] and free == list(range(6, 32))  # conv2: 32 channels
+    assert _unit_spec("conv2", 3)[1] == [6, 7, 8]
+    with pytest.raises(ValueError, match="conv2 has 26 free channels, asked for 27"):
+        _unit_spec("conv2", 27)
+    assert _free_units("all") is None and _free_units(0) == 0
+    for bad in (-1, "16", 2.5, True):
+        with pytest.raises(ValueError, match="free_units must be a count >= 0 or 'all'"):
+            _free_units(bad)

@@ -93,22 +93,23 @@ AT_MOST = frozenset({"over-specific", "generated_images", "captioned_images", "l
 # ----------------------------------------------------------------------------- runner
 
 
-def _unit_spec(layer: str, free_units: int, units: Sequence[PlantedUnit] = PLANTED
+def _unit_spec(layer: str, free_units: int | None, units: Sequence[PlantedUnit] = PLANTED
                ) -> tuple[list[int], list[int]]:
     """(planted channels among ``units``, the first ``free_units`` other channels) of
-    ``layer``."""
-    from dnd.toyworld.planted import units_of
+    ``layer``; ``free_units`` None: every other channel."""
+    from dnd.toyworld.planted import LAYERS, units_of
+    from dnd.toyworld.target import DEFAULT_WIDTHS
 
     planted = [u.unit for u in units_of(layer, units)]
     if not planted:
         raise ValueError(f"layer {layer!r} has no planted unit; planted layers: "
                          f"{', '.join(_planted_layers(units))}")
-    taken, free, u = set(planted), [], 0
-    while len(free) < free_units:
-        if u not in taken:
-            free.append(u)
-        u += 1
-    return planted, free
+    width = dict(zip(LAYERS, DEFAULT_WIDTHS, strict=True))[layer]
+    free = [u for u in range(width) if u not in set(planted)]
+    if free_units is not None and free_units > len(free):
+        raise ValueError(f"layer {layer} has {len(free)} free channels, asked for "
+                         f"{free_units}; ask for fewer or for all (free_units: all)")
+    return planted, free[:free_units]
 
 
 def _planted_layers(units: Sequence[PlantedUnit] = PLANTED) -> list[str]:
@@ -157,11 +158,13 @@ def check_trained_for_planted(weights: str | Path = "DEFAULT",
 
 
 def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
-                          layers: Sequence[str] | None = None, free_units: int = 16,
+                          layers: Sequence[str] | None = None,
+                          free_units: int | None = None,
                           llm: str | None = None, n_boot: int = 2000, seed: int = 0,
                           weights: str | Path = "DEFAULT", spec: str | Path | None = None,
                           progress: bool = False) -> list[str]:
-    """Describe the planted units (and the first ``free_units`` free channels) of each of
+    """Describe the planted units and the first ``free_units`` free channels (None: every
+    one; its units with a clear AP truth are judged too) of each of
     ``layers`` (default: every planted layer) of ``toyworld-planted`` on ``n_probe``
     probing renders with every method, judge them and return the tables (markdown lines).
 
@@ -189,7 +192,7 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     units = load_spec(spec) if spec is not None else PLANTED
     weights = str(weights)
     layers = list(layers or _planted_layers(units))
-    if free_units < 0 or n_probe < 1:
+    if (free_units is not None and free_units < 0) or n_probe < 1:
         raise ValueError(f"need free_units >= 0 and n_probe >= 1, got {free_units}, "
                          f"{n_probe}")
     check_trained_for_planted(weights, units)
@@ -580,7 +583,7 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
               "correct Label 1 (strict judge)", "",
               "AUROC with its 95% bootstrap interval; units without a score are left out. "
               "Confidence (`UnitRecord.scoring.confidence`, the evidence rule's: response x "
-              "coverage of Label 1) is not defined under the paper's rule; the "
+              "coverage x selectivity of Label 1) is not defined under the paper's rule; the "
               "interpretability score is the paper's (mean similarity of the top images).", ""]
     rows, pooled = [], []
     for m in dnd_rows:

@@ -421,6 +421,16 @@ def _planted_cache(cache_dir: Path, spec: str | None, weights: str) -> Path:
     return cache_dir / name
 
 
+def _free_units(value: Any) -> int | None:
+    """The planted table's ``free_units`` option: a count, or ``all`` (None)."""
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"toyworld_planted: free_units must be a count >= 0 or 'all', "
+                         f"got {value!r}")
+    return value
+
+
 def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) -> list[str]:
     from dnd.benchmarks.planted import run_planted_benchmark
 
@@ -432,7 +442,8 @@ def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) 
     weights = str(o.get("weights", "DEFAULT"))
     return run_planted_benchmark(_planted_cache(Path(cache_dir), o.get("spec"), weights),
                                  n_probe=int(o.get("n_probe", 2000)),
-                                 free_units=int(o.get("free_units", 16)), llm=o.get("llm"),
+                                 free_units=_free_units(o.get("free_units", "all")),
+                                 llm=o.get("llm"),
                                  n_boot=int(o.get("n_boot", 2000)), seed=int(o.get("seed", 0)),
                                  weights=weights, spec=o.get("spec"), progress=progress)
 

@@ -364,8 +364,7 @@ def unit_body(rec: UnitRecord, images: ReportImages, up: str,
         parts.append(f"<p id=interp>Interpretability score: {num(interp)}</p>")
     if scoring.confidence is not None:
         parts.append(f"<p id=confidence>Confidence in Label 1: {num(scoring.confidence)} "
-                     "(0-1: its images fire the unit, its top images show it, and no alternative "
-                     "fires the unit as strongly)</p>")
+                     "(0-1: how far the evidence supports it)</p>")
     for reason in rec.fallbacks:
         parts.append(f"<p class=lowwarn id=fallback><span class=fallback-badge>fallback"
                      f"</span> {esc(reason)}.</p>")

@@ -33,7 +33,6 @@ from dnd.stages.base import RunContext
 from dnd.stages.crop import attention_scale
 from dnd.stages.select import (
     deduplicate_labels,
-    evidence_confidence,
     evidence_order,
     interpretability_score,
     normalized_response,
@@ -210,8 +209,7 @@ class ConceptScorer:
             scaled = ([np.array([feats[k]["scaled"][SCALES.index(u.scale)][u.unit]
                                  for k in keys[c]]) for c in kept] if u.scale > 1 else None)
             sel = self._by_evidence(sel, u, gen_acts, scaled)
-            confidence = evidence_confidence(sel.candidates, sel.responses, sel.coverage,
-                                             sel.order[0])
+            confidence = float(sel.final_scores[sel.order[0]])
         t = np.asarray(text_emb)[[list(u.candidates).index(c) for c in kept]]
         evidence = (secondary_evidence(sel, u.captions, cfg.secondary_min_response,
                                        cfg.secondary_min_coverage) if sel.rule == "evidence"

@@ -16,9 +16,7 @@ Two rules order the candidates (``ScoreConfig.selection``):
   an estimate of precision times recall of the concept as a detector of the unit, like the
   IoU of Network Dissection. A specific concept ("red star") has at most the coverage of a
   general one ("red"), so the general one wins whenever its images fire the unit about as
-  well; ``margin`` makes "about" explicit. Its confidence (:func:`evidence_confidence`)
-  is R x S x the selectivity of Label 1 against the candidates that are not its
-  generalisations or specialisations.
+  well; ``margin`` makes "about" explicit.
 
 Generated-image layout used throughout: D_gen is the concatenation of the candidates'
 images in candidate order, so ``gen_acts[0]`` covers columns ``0 .. len(gen_acts[0]) - 1``
@@ -160,26 +158,6 @@ def evidence_order(candidates: Sequence[str], responses: Sequence[float],
             break
         best = general[0]
     return scores, (best, *(i for i in by_score if i != best))
-
-
-def evidence_confidence(candidates: Sequence[str], responses: Sequence[float],
-                        coverage: Sequence[float], best: int) -> float:
-    """How far the evidence supports ``candidates[best]`` (Label 1) as what the unit responds
-    to, in [0, 1]: its response R x its coverage S x its **selectivity**, 1 minus the highest
-    response among its *alternatives*. An alternative is a candidate that is neither a
-    generalisation nor a specialisation of Label 1 (for "blue ring": "yellow ring" or
-    "cross", not "ring" or "blue ring on a black background"). R and S say that Label 1's
-    images fire the unit and that its top images show it; a unit that fires as strongly for
-    an alternative is not explained by Label 1 alone (it may respond to rings of any colour,
-    or to two things), so Label 1 is less likely to be the description a reader needs.
-    ``responses`` and ``coverage``: [C] in [0, 1], as for :func:`evidence_order`."""
-    from dnd.stages.words import content_words
-
-    words = [content_words(c) for c in candidates]
-    mine = words[best]
-    rivals = [float(r) for r, w in zip(responses, words, strict=True)
-              if not (w <= mine or mine <= w)]
-    return float(responses[best]) * float(coverage[best]) * (1.0 - max(rivals, default=0.0))
 
 
 def rank_images(acts: np.ndarray) -> np.ndarray:

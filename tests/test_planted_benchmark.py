@@ -318,3 +318,24 @@ def test_demo_short_version_describes_and_judges_the_planted_units(tmp_path):
     # the polysemantic units are named by a working pipeline
     assert int(rows[0].split("|")[3].strip().split("/")[0]) >= 3
     assert planted_demo(tmp_path, n_probe=300) == lines  # resumed from the records
+
+
+def test_the_reference_settings_on_every_channel_get_their_section_and_goals():
+    """The every-channel run is judged on more units than the rows (no pairing needed) and
+    its confidence AUROC and over-specific share are goals of their own."""
+    full = _fixture()
+    wrong_free = Judged(Truth("conv4", 40, FREE, ("dotted",)), ("red star",), 0.5, 0.1)
+    every = [Judged(j.truth, j.labels, 0.5, 0.9 if j.correct() else 0.3) for j in full]
+    every += [wrong_free, Judged(Truth("conv4", 41, FREE, ("ring",)), ("ring",), 0.5, 0.8)]
+    text = "\n".join(planted_tables({"DnD (consensus summariser)": full}, ["conv3", "conv4"],
+                                    n_probe=1, every=every, every_described=9))
+    assert "### DnD (consensus summariser), every channel of the layers" in text
+    assert "on all 9 channels of conv3, conv4" in text
+    # 4 of 8 right: 3 planted, the ring; "red star" and "circle" name what the unit lacks
+    assert "| 8 | 3/5 (60%) | 1/3 (33%) | 2/8 (25%) | 1.00 [1.00, 1.00] (4/8 correct) |" in text
+    assert ("| confidence AUROC (all judged units) (DnD (consensus summariser), every channel "
+            "of the layers) | >= 0.85 | 1.00 [1.00, 1.00] (4/8 correct) | yes |") in text
+    assert "| Label 1 over-specific (DnD (consensus summariser), every channel of the layers)" \
+        in text
+    assert "every channel" not in "\n".join(planted_tables(
+        {"DnD (consensus summariser)": full}, ["conv3", "conv4"], n_probe=1))

@@ -53,6 +53,9 @@ NO_CROPS = "DnD, no attention crops"
 PAPER_RULE = "DnD, the paper's selection rule (candidates at every level)"
 PHRASES = "DnD, whole phrases as candidates (evidence rule)"
 WITH_TRUTH = "DnD, the true concepts among the candidates (selection alone)"
+# The reference row's settings on every channel of the layers: more free units, so more
+# wrong Labels 1 for the confidence's AUROC to rank.
+EVERY = "DnD (consensus summariser), every channel of the layers"
 # The DnD rows without an LLM: overrides of the toyworld preset, and their run folders.
 ROWS: dict[str, dict[str, Any]] = {
     FULL: {},
@@ -62,7 +65,8 @@ ROWS: dict[str, dict[str, Any]] = {
     PHRASES: {"candidates": "phrases"},
 }
 ROW_FOLDERS = {FULL: "dnd", PAPER: "dnd-paper", NO_CROPS: "dnd-nocrops",
-               PAPER_RULE: "dnd-paper-rule", PHRASES: "dnd-phrases", WITH_TRUTH: "dnd-truth"}
+               PAPER_RULE: "dnd-paper-rule", PHRASES: "dnd-phrases", WITH_TRUTH: "dnd-truth",
+               EVERY: "dnd-every-channel"}
 NO_SELECTION = "DnD, no best-concept selection"
 RANK_ONLY = "DnD, activation rank only (no image-product weight)"
 NO_SUMMARISER = "DnD, no summariser (top images' captions)"
@@ -82,6 +86,8 @@ GOALS = (("Label 1 correct, all planted units", "planted", 0.85, None),
          ("Label 1 over-specific", "over-specific", 0.15, None),
          ("Labels 2-3 precision", "precision", 0.85, None),
          ("confidence AUROC (all judged units)", "confidence", 0.85, None),
+         ("confidence AUROC (all judged units)", "confidence", 0.85, EVERY),
+         ("Label 1 over-specific", "over-specific", 0.15, EVERY),
          ("selection given the true concepts", "planted", 0.95, WITH_TRUTH),
          ("generated images per unit", "generated_images", 20, None),
          ("captioned images per unit", "captioned_images", 20, None),
@@ -159,14 +165,15 @@ def check_trained_for_planted(weights: str | Path = "DEFAULT",
 
 def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
                           layers: Sequence[str] | None = None,
-                          free_units: int | None = None,
+                          free_units: int | None = 16,
                           llm: str | None = None, n_boot: int = 2000, seed: int = 0,
                           weights: str | Path = "DEFAULT", spec: str | Path | None = None,
                           progress: bool = False) -> list[str]:
     """Describe the planted units and the first ``free_units`` free channels (None: every
-    one; its units with a clear AP truth are judged too) of each of
+    one) of each of
     ``layers`` (default: every planted layer) of ``toyworld-planted`` on ``n_probe``
-    probing renders with every method, judge them and return the tables (markdown lines).
+    probing renders with every method, judge them and return the tables (markdown lines);
+    the reference row's settings also describe every channel of the layers (:data:`EVERY`).
 
     ``llm``: LLM backend of the (slower) LLM-summariser rows; None leaves them out.
     ``n_boot`` resamples (seeded with ``seed``) for every interval. ``weights``: the
@@ -179,7 +186,7 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     ``<root>/units.json`` (every unit's Labels 1-3 and verdicts per method).
     """
     from dnd.baselines.clip_dissect import clip_dissect
-    from dnd.benchmarks.common import layer_truths
+    from dnd.benchmarks.common import describe_toy_layers, layer_truths
     from dnd.benchmarks.toyworld import concept_set, llm_rows_note
     from dnd.probe import open_probe
     from dnd.report.compare import comparison_page
@@ -204,6 +211,12 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     runs[WITH_TRUTH] = with_true_concepts(root, n_probe, specs, base,
                                           [u for u in units if u.layer in layers],
                                           progress=progress)
+    every = {layer: _unit_spec(layer, None, units) for layer in layers}
+    folder = root / ROW_FOLDERS[EVERY]
+    every_run = describe_toy_layers(
+        folder, n_probe,
+        [(layer, ",".join(map(str, sorted(p + f)))) for layer, (p, f) in every.items()],
+        progress=progress, overrides={**base, "image_bank": str(folder / "bank")})
     scenes = probe_scenes(n_probe)
     encoder = _toy_encoder()
     probe = open_probe(f"toyworld:{n_probe}")
@@ -262,9 +275,17 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
              f"`{weights}`, trained by `{train_command(spec, out)}`.", ""] if spec else []
     dnd_rows = [m for m in runs if m != WITH_TRUTH]
     work = {m: row_work(runs[m]) for m in dnd_rows}
+    every_js = []
+    for layer, (_, free_u) in every.items():
+        ap = layer_truths(layer, every_run[layer], scenes)
+        recs = {r.unit: r for r in RunStore(every_run[layer].run_dir).records(layer)}
+        truths = [Truth.of_planted(u) for u in units_of(layer, units)]
+        truths += [Truth(layer, u, FREE, (ap[u],)) for u in free_u if ap.get(u)]
+        every_js += [judge_record(t, recs.get(t.unit)) for t in truths]
     lines += planted_tables(judged, layers, n_probe=n_probe, n_boot=n_boot, seed=seed,
                             free_described=free_described, dnd_rows=dnd_rows, work=work,
-                            llm_rows=llm_rows)
+                            llm_rows=llm_rows, every=every_js,
+                            every_described=sum(len(p) + len(f) for p, f in every.values()))
     lines += ["", f"### Attention crops in {FULL}", "",
               "Crops made from the units' activation maps (ALGORITHM.md Step 1), and how many "
               "of them were captioned beside the top images: each top image's crop where "
@@ -440,13 +461,15 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
                    n_boot: int = 2000, seed: int = 0, free_described: int = 0,
                    dnd_rows: Sequence[str] = (FULL,),
                    work: Mapping[str, Mapping[str, float]] | None = None,
-                   llm_rows: Sequence[str] = ()) -> list[str]:
+                   llm_rows: Sequence[str] = (), every: Sequence[Judged] = (),
+                   every_described: int = 0) -> list[str]:
     """The benchmark's markdown from judged units: ``judged`` maps each method to its
     units, every method holding the same truths in the same order (paired differences
     need it); ``dnd_rows``: the methods with interpretability scores and confidences;
     ``work``: per DnD row, its work per unit (:func:`row_work`); ``llm_rows``: the rows
-    whose summariser is an LLM. The first row of ``judged`` is the reference of the
-    differences and the goals."""
+    whose summariser is an LLM; ``every``: the reference row's settings on every channel of
+    the layers (:data:`EVERY`), of which ``every_described`` were described. The first row
+    of ``judged`` is the reference of the differences and the goals."""
     methods = list(judged)
     ref = methods[0]
     units = judged[ref]
@@ -621,9 +644,28 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
                             f"{w['prompt_tokens'] + w['completion_tokens']:.0f}"]
                            for m, w in work.items()])
 
+    if every:
+        free_js = [j for j in every if j.truth.kind == FREE]
+        lines += ["", f"### {EVERY}", "",
+                  f"The {ref} row's settings on all {every_described} channels of "
+                  f"{', '.join(layers)} (a run of its own, with its own image bank): the "
+                  f"{sum(j.truth.kind != FREE for j in every)} planted units and the "
+                  f"{len(free_js)} free ones whose AP ground truth is clear. The tables above "
+                  "judge the first free channels of each layer only; with every one there are "
+                  "more wrong Labels 1 for the confidence's AUROC to rank.", ""]
+        lines += md_table(
+            ["units judged", "Label 1 correct, planted (strict)", "Label 1 correct, free",
+             "Label 1 over-specific", "confidence AUROC, all judged units",
+             "interpretability AUROC, all judged units"],
+            [[str(len(every)), rate([j.correct(STRICT) for j in every if j.truth.kind != FREE]
+                                    ).cell(), rate([j.correct(STRICT) for j in free_js]).cell(),
+              rate([j.over_specific for j in every]).cell(),
+              *(calibration(every, STRICT, n_boot, seed, s).cell()
+                for s in ("confidence", "interpretability"))]])
     lines += ["", f"### Goals of issue 31 ({ref} unless named)", ""]
     lines += md_table(["goal", "target", "reached", "met"],
-                      _goal_rows(judged, work or {}, n_boot, seed, llm_rows))
+                      _goal_rows({**judged, **({EVERY: every} if every else {})}, work or {},
+                                 n_boot, seed, llm_rows))
     for row in llm_rows:
         alone = rate([j.correct() for j in judged[row] if j.truth.kind != FREE])
         lines.append(f"| {row}: Label 1 correct, all planted units | "

@@ -442,7 +442,7 @@ def _toyworld_planted(spec: TableSpec, resolve, embedders, cache_dir, progress) 
     weights = str(o.get("weights", "DEFAULT"))
     return run_planted_benchmark(_planted_cache(Path(cache_dir), o.get("spec"), weights),
                                  n_probe=int(o.get("n_probe", 2000)),
-                                 free_units=_free_units(o.get("free_units", "all")),
+                                 free_units=_free_units(o.get("free_units", 16)),
                                  llm=o.get("llm"),
                                  n_boot=int(o.get("n_boot", 2000)), seed=int(o.get("seed", 0)),
                                  weights=weights, spec=o.get("spec"), progress=progress)

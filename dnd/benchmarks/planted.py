@@ -606,7 +606,7 @@ def planted_tables(judged: dict[str, list[Judged]], layers: Sequence[str], *, n_
               "correct Label 1 (strict judge)", "",
               "AUROC with its 95% bootstrap interval; units without a score are left out. "
               "Confidence (`UnitRecord.scoring.confidence`, the evidence rule's: response x "
-              "coverage x selectivity of Label 1) is not defined under the paper's rule; the "
+              "coverage of Label 1) is not defined under the paper's rule; the "
               "interpretability score is the paper's (mean similarity of the top images).", ""]
     rows, pooled = [], []
     for m in dnd_rows:

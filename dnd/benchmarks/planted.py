@@ -192,7 +192,7 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     from dnd.report.compare import comparison_page
     from dnd.store import RunStore
     from dnd.toyworld.backends import _toy_encoder
-    from dnd.toyworld.planted import SUMMARY, load_spec, train_command, units_of
+    from dnd.toyworld.planted import SUMMARY, load_spec, train_command
     from dnd.toyworld.probe import probe_scenes
 
     root = Path(root)
@@ -229,11 +229,11 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     free_described = 0
     compare: dict[str, dict] = {}
     crops: dict[str, list[int]] = {}  # kind -> [crop boxes made, crops captioned, images]
+    # AP truths of every channel, once per layer (a unit's does not depend on the others)
+    ap = {layer: layer_truths(layer, every_run[layer], scenes) for layer in layers}
     for layer, (_, free) in chosen.items():
         res = runs[FULL][layer]
-        ap = layer_truths(layer, res, scenes)
-        truths = [Truth.of_planted(u) for u in units_of(layer, units)]
-        truths += [Truth(layer, u, FREE, (ap[u],)) for u in free if ap.get(u)]
+        truths = _truths(layer, units, free, ap[layer])
         free_described += len(free)
         recs = {m: {r.unit: r for r in RunStore(run[layer].run_dir).records(layer)}
                 for m, run in runs.items()}
@@ -277,11 +277,9 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
     work = {m: row_work(runs[m]) for m in dnd_rows}
     every_js = []
     for layer, (_, free_u) in every.items():
-        ap = layer_truths(layer, every_run[layer], scenes)
         recs = {r.unit: r for r in RunStore(every_run[layer].run_dir).records(layer)}
-        truths = [Truth.of_planted(u) for u in units_of(layer, units)]
-        truths += [Truth(layer, u, FREE, (ap[u],)) for u in free_u if ap.get(u)]
-        every_js += [judge_record(t, recs.get(t.unit)) for t in truths]
+        every_js += [judge_record(t, recs.get(t.unit))
+                     for t in _truths(layer, units, free_u, ap[layer])]
     lines += planted_tables(judged, layers, n_probe=n_probe, n_boot=n_boot, seed=seed,
                             free_described=free_described, dnd_rows=dnd_rows, work=work,
                             llm_rows=llm_rows, every=every_js,
@@ -364,6 +362,16 @@ def with_true_concepts(root: Path, n_probe: int, specs: list[tuple[str, str]], b
                                                  scoring=None))
     return describe_toy_layers(folder, n_probe, specs, progress=progress,
                                overrides={**base, "image_bank": str(folder / "bank")})
+
+
+def _truths(layer: str, units: Sequence[PlantedUnit], free: Sequence[int],
+            ap: Mapping[int, str | None]) -> list[Truth]:
+    """The truths judged on ``layer``: its planted units among ``units``, then its ``free``
+    channels whose AP ground truth (``ap``, :func:`layer_truths`) is clear."""
+    from dnd.toyworld.planted import units_of
+
+    return ([Truth.of_planted(u) for u in units_of(layer, units)]
+            + [Truth(layer, u, FREE, (ap[u],)) for u in free if ap.get(u)])
 
 
 def judge_record(truth: Truth, rec: UnitRecord | None) -> Judged:

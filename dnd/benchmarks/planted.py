@@ -111,7 +111,8 @@ def _unit_spec(layer: str, free_units: int | None, units: Sequence[PlantedUnit] 
         raise ValueError(f"layer {layer!r} has no planted unit; planted layers: "
                          f"{', '.join(_planted_layers(units))}")
     width = dict(zip(LAYERS, DEFAULT_WIDTHS, strict=True))[layer]
-    free = [u for u in range(width) if u not in set(planted)]
+    taken = set(planted)
+    free = [u for u in range(width) if u not in taken]
     if free_units is not None and free_units > len(free):
         raise ValueError(f"layer {layer} has {len(free)} free channels, asked for "
                          f"{free_units}; ask for fewer or for all (free_units: all)")
@@ -170,10 +171,10 @@ def run_planted_benchmark(root: str | Path, n_probe: int = 2000, *,
                           weights: str | Path = "DEFAULT", spec: str | Path | None = None,
                           progress: bool = False) -> list[str]:
     """Describe the planted units and the first ``free_units`` free channels (None: every
-    one) of each of
-    ``layers`` (default: every planted layer) of ``toyworld-planted`` on ``n_probe``
-    probing renders with every method, judge them and return the tables (markdown lines);
-    the reference row's settings also describe every channel of the layers (:data:`EVERY`).
+    one) of each of ``layers`` (default: every planted layer) of ``toyworld-planted`` on
+    ``n_probe`` probing renders with every method, judge them and return the tables
+    (markdown lines); the reference row's settings also describe every channel of the
+    layers (:data:`EVERY`).
 
     ``llm``: LLM backend of the (slower) LLM-summariser rows; None leaves them out.
     ``n_boot`` resamples (seeded with ``seed``) for every interval. ``weights``: the
